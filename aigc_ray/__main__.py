@@ -1,0 +1,3 @@
+from aigc_ray.cli import main
+
+raise SystemExit(main())

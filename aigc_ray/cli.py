@@ -1,0 +1,135 @@
+"""`aigc-ray <command> [CONFIG] [key=value ...]`: each command maps to one plain function."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Optional
+
+from aigc_ray.config import DEFAULT_CONFIG, ConfigError, load_config, shipped_configs, to_yaml
+
+CONFIG_HELP = (f"CONFIG is a YAML file or a shipped config name ({', '.join(sorted(shipped_configs()))}; "
+               f"default {DEFAULT_CONFIG}); key=value pairs override it, e.g. train.lr=3e-4 "
+               "scaling.num_workers=4")
+
+
+def _split_args(args: list[str]) -> tuple[Optional[str], list[str]]:
+    """[CONFIG] [key=value ...] → (config or None, overrides)."""
+    if args and "=" not in args[0]:
+        return args[0], args[1:]
+    return None, args
+
+
+def _config(ns: argparse.Namespace):
+    path, overrides = _split_args(ns.args)
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"{bad[0]!r} is not key=value; only the first argument may name a config")
+    return load_config(path, overrides)
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    print(to_yaml(_config(ns)), end="")
+    return 0
+
+
+def cmd_data(ns: argparse.Namespace) -> int:
+    from aigc_ray.cluster import start_ray
+    from aigc_ray.data import check_config, corpus_statistics, format_statistics
+    from aigc_ray.model import resolve_model_path
+
+    cfg = _config(ns)
+    files = check_config(cfg)  # before Ray starts
+    start_ray()
+    tokenizer_path = resolve_model_path(cfg)
+    print(format_statistics(cfg, corpus_statistics(cfg, tokenizer_path), files))
+    return 0
+
+
+def cmd_sample_data(ns: argparse.Namespace) -> int:
+    from aigc_ray.sample_data import write_sample_corpus
+
+    written = write_sample_corpus(ns.dir, num_pairs=ns.pairs, seed=ns.seed)
+    print(f"wrote {written['pairs']} support question/answer pairs to {written['jsonl']} "
+          f"and {written['text']}")
+    return 0
+
+
+def not_built(issue: int) -> Callable[[argparse.Namespace], int]:
+    def command(ns: argparse.Namespace) -> int:
+        print(f"error: `aigc-ray {ns.command}` is not built yet (tracked in issue {issue})",
+              file=sys.stderr)
+        return 2
+
+    return command
+
+
+COMMANDS = {
+    # name: (help, handler, takes CONFIG)
+    "train": ("fine-tune a causal LM on Ray Train workers (DDP)", not_built(3), True),
+    "tune": ("search hyperparameters with Ray Tune", not_built(4), True),
+    "serve": ("serve a checkpoint with Ray Serve over an OpenAI-style HTTP API", not_built(5), True),
+    "generate": ("batch generation over a Ray Data dataset", not_built(7), True),
+    "eval": ("perplexity, ROUGE-L and BLEU of a checkpoint", not_built(7), True),
+    "submit": ("submit a job spec to a Ray cluster", not_built(6), False),
+    "jobs": ("list, follow or stop submitted jobs", not_built(6), False),
+    "config": ("print the resolved config as YAML", cmd_config, True),
+    "data": ("run the data pipeline once and print corpus statistics", cmd_data, True),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aigc-ray",
+        description="Fine-tune and serve generative language models on a Ray cluster.",
+        epilog=CONFIG_HELP,
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help_text, handler, takes_config) in COMMANDS.items():
+        command = sub.add_parser(name, help=help_text, description=help_text, epilog=CONFIG_HELP
+                                 if takes_config else None)
+        command.set_defaults(handler=handler)
+        if takes_config:
+            command.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+        else:
+            command.add_argument("args", nargs="*")
+    sample = sub.add_parser("sample-data", help="write the sample customer-support corpus",
+                            description="Write support.jsonl (prompt/completion pairs) and "
+                            "support.txt (one document a line) to DIR.")
+    sample.add_argument("dir", metavar="DIR")
+    sample.add_argument("--pairs", type=int, default=4000, help="question/answer pairs (4000)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (0)")
+    sample.set_defaults(handler=cmd_sample_data)
+    return parser
+
+
+def _user_error(exc: BaseException) -> Optional[str]:
+    """The one-line message of a user-fixable error, even when Ray wrapped it on the way."""
+    from aigc_ray.data import DataError
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, (ConfigError, DataError)):
+            return str(exc)
+        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+    return None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ns = build_parser().parse_args(argv)
+    try:
+        return ns.handler(ns)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        message = _user_error(exc)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,28 @@
+"""Connecting to Ray: the cluster in RAY_ADDRESS when set, else a local one started on demand."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Optional
+
+
+def start_ray(num_cpus: Optional[int] = None) -> None:
+    """`ray.init` once. Honours RAY_ADDRESS like Ray itself; a local cluster keeps Ray's token
+    authentication on (the token lives in ~/.ray/auth_token, where Ray's clients find it)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS")
+    ray.init(address=address, num_cpus=None if address else num_cpus,
+             logging_level=logging.WARNING, configure_logging=True,
+             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    from ray.data import DataContext
+    from transformers.utils import logging as hf_logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    hf_logging.disable_progress_bar()
+
+    # Our own progress lines say what a user needs; Ray Data's bars would interleave with them.
+    DataContext.get_current().enable_progress_bars = False

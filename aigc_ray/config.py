@@ -1,0 +1,292 @@
+"""The one config schema. A YAML file plus `key=value` overrides become a validated `Config`.
+
+Every default lives here, with the reason for it beside it. Errors a user can cause become a
+`ConfigError` whose message names the dotted key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+DEFAULT_CONFIG = "tiny_cpu"
+
+
+class ConfigError(ValueError):
+    """A config problem the user can fix; its message is one line that says what to change."""
+
+
+class Section(BaseModel):
+    # Unknown keys are typos far more often than intent: refuse them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BuiltinTiny(Section):
+    vocab_size: int = Field(4096, ge=256)  # enough for English support text, small enough for CPU
+    n_layer: int = Field(4, ge=1)  # deep enough to learn phrasing, fast on 2 cores
+    n_head: int = Field(4, ge=1)
+    n_embd: int = Field(192, ge=16)  # ~2.6M parameters with the defaults above
+    tokenizer_docs: int = Field(20000, ge=10)  # documents read to train the BPE tokenizer
+
+
+class Model(Section):
+    # `builtin:tiny` needs no network; a hub id or a local HF folder works the same way.
+    name_or_path: str = "builtin:tiny"
+    builtin: BuiltinTiny = BuiltinTiny()
+    # Never run code from a model repo unless the user says so.
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _known_builtin(self) -> "Model":
+        if self.name_or_path.startswith("builtin:") and self.name_or_path != "builtin:tiny":
+            raise ValueError(f"model.name_or_path {self.name_or_path!r} is not a built-in model "
+                             "(built-in: builtin:tiny)")
+        return self
+
+
+class Data(Section):
+    # The sample corpus `aigc-ray sample-data data/sample` writes.
+    path: Union[str, list[str]] = "data/sample/support.jsonl"
+    format: Literal["text", "jsonl", "parquet", "hf"] = "jsonl"
+    text_field: str = "text"  # the column holding documents for plain causal-LM training
+    # Set both to train on prompt/completion pairs with loss on the completion only.
+    prompt_field: Optional[str] = None
+    completion_field: Optional[str] = None
+    hf_split: str = "train"  # which split of a `datasets` name or save_to_disk folder to read
+    block_size: int = Field(512, ge=8)  # tokens per training sequence; GPT-2 allows up to 1024
+    val_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # held out by document hash
+    strict: bool = False  # fail on the first bad row instead of skipping and counting it
+    tokenize_batch_size: int = Field(256, ge=1)  # documents per tokenizer call
+    tokenizer_actors: int = Field(1, ge=1)  # one tokenizer actor per spare core is plenty
+
+    @property
+    def supervised(self) -> bool:
+        """True when training on prompt/completion pairs (loss on the completion only)."""
+        return self.prompt_field is not None
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.path] if isinstance(self.path, str) else list(self.path)
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> "Data":
+        if (self.prompt_field is None) != (self.completion_field is None):
+            raise ValueError("data.prompt_field and data.completion_field must be set together")
+        if self.format == "text" and self.supervised:
+            raise ValueError(
+                "data.format text has no fields; use jsonl or parquet for prompt/completion pairs"
+            )
+        if isinstance(self.path, list) and not self.path:
+            raise ValueError("data.path must name at least one file, got []")
+        return self
+
+
+class Lora(Section):
+    enabled: bool = False
+    r: int = Field(8, ge=1)  # rank 8 is the common starting point (LoRA paper, peft docs)
+    alpha: int = Field(16, ge=1)  # alpha = 2r keeps the update scale familiar
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+
+
+class Train(Section):
+    max_steps: Optional[int] = Field(None, ge=1)  # when set, ends the run (wins over epochs)
+    epochs: int = Field(1, ge=1)  # passes over the training split when max_steps is unset
+    batch_size: int = Field(8, ge=1)  # sequences per worker per micro-step
+    grad_accum_steps: int = Field(1, ge=1)  # micro-steps per optimizer step
+    lr: float = Field(3e-4, gt=0)  # peak learning rate; 3e-4 is a safe AdamW default
+    min_lr_ratio: float = Field(0.1, ge=0.0, le=1.0)  # decay to 10% of peak, as in nanoGPT
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    warmup_steps: int = Field(20, ge=0)  # linear warmup avoids early AdamW blow-ups
+    weight_decay: float = Field(0.1, ge=0.0)  # not applied to biases and norms
+    max_grad_norm: float = Field(1.0, gt=0)  # clip to keep rare large batches harmless
+    seed: int = 42
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    gradient_checkpointing: bool = False  # trade compute for memory on big models
+    freeze_layers: int = Field(0, ge=0)  # freeze embeddings and the bottom N blocks when > 0
+    lora: Lora = Lora()
+    eval_every: int = Field(50, ge=1)  # optimizer steps between validation passes
+    eval_batches: Optional[int] = Field(None, ge=1)  # cap per worker; None: the whole split
+    log_every: int = Field(10, ge=1)  # optimizer steps between progress lines
+    keep_checkpoints: int = Field(2, ge=1)  # best K by validation loss
+    early_stopping_patience: Optional[int] = Field(None, ge=1)  # evals without improvement
+    sample_prompts: list[str] = []  # generated from at each evaluation, written to the log
+
+
+class Scaling(Section):
+    num_workers: int = Field(2, ge=1)  # data-parallel training workers
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, gt=0)  # used only when use_gpu is true
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
+    max_failures: int = Field(0, ge=-1)  # worker-group restarts; -1 retries forever
+
+
+class Tune(Section):
+    num_samples: int = Field(4, ge=1)
+    metric: str = "val_loss"
+    mode: Literal["min", "max"] = "min"
+    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    search_alg: Literal["random", "optuna"] = "random"
+    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    search_space: dict[str, Any] = {}
+
+
+class Serve(Section):
+    host: str = "127.0.0.1"  # loopback unless the user opens it up
+    port: int = Field(8000, ge=1, le=65535)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.01, ge=0)
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    max_new_tokens: int = Field(64, ge=1)
+
+
+class Run(Section):
+    output_dir: str = "runs"  # on a multi-node cluster, shared storage every node can read
+    name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+
+    @property
+    def dir(self) -> Path:
+        """The run folder: `{output_dir}/{name}`."""
+        return Path(self.output_dir).expanduser().resolve() / self.name
+
+
+class Config(Section):
+    model: Model = Model()
+    data: Data = Data()
+    train: Train = Train()
+    scaling: Scaling = Scaling()
+    tune: Tune = Tune()
+    serve: Serve = Serve()
+    run: Run = Run()
+
+
+def shipped_configs() -> dict[str, Path]:
+    """The YAML files shipped in `aigc_ray/configs/`, by name without `.yaml`."""
+    folder = resources.files("aigc_ray") / "configs"
+    return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
+
+
+def resolve_config_path(name_or_path: Optional[str]) -> Path:
+    """A file path, or the name of a shipped config (`tiny_cpu`); None means the default."""
+    name_or_path = name_or_path or DEFAULT_CONFIG
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    if name_or_path in shipped:
+        return shipped[name_or_path]
+    raise ConfigError(
+        f"config {name_or_path!r} is neither a file nor a shipped config "
+        f"(shipped: {', '.join(sorted(shipped))})"
+    )
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
+    """`train.lr=3e-4` → (["train", "lr"], 0.0003); values are read as YAML scalars/lists."""
+    parsed = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r} must look like section.key=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        parsed.append((key.split("."), value))
+    return parsed
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Patch a raw config dict with `key=value` overrides."""
+    for keys, value in parse_overrides(overrides):
+        node = raw
+        for depth, key in enumerate(keys[:-1]):
+            child = node.setdefault(key, {})
+            if not isinstance(child, dict):
+                dotted = ".".join(keys[: depth + 1])
+                raise ConfigError(f"{dotted} is a value, not a section; cannot set {'.'.join(keys)}")
+            node = child
+        node[keys[-1]] = value
+    return raw
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def _describe(error: dict) -> str:
+    loc = tuple(error["loc"])
+    key = ".".join(str(p) for p in loc) or "config"
+    kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
+    if kind == "extra_forbidden":
+        known = _known_keys(Config, loc)
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        hint = f"; did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}?" if close else ""
+        return f"{key} is not a known key (known here: {', '.join(known)}){hint}"
+    if kind == "missing":
+        return f"{key} is required"
+    if kind == "value_error":
+        return str(ctx.get("error", error["msg"]))
+    bounds = {"greater_than": "> {gt}", "greater_than_equal": ">= {ge}",
+              "less_than": "< {lt}", "less_than_equal": "<= {le}"}
+    if kind in bounds:
+        what = "must be " + bounds[kind].format(**ctx)
+    elif kind == "literal_error":
+        what = f"must be one of {ctx.get('expected')}"
+    elif kind in ("int_parsing", "int_type", "int_from_float"):
+        what = "must be a whole number"
+    elif kind in ("float_parsing", "float_type"):
+        what = "must be a number"
+    elif kind in ("bool_parsing", "bool_type"):
+        what = "must be true or false"
+    elif kind == "model_type":
+        what = "must be a section (key: value pairs)"
+    else:
+        what = error["msg"][0].lower() + error["msg"][1:]
+    return f"{key} {what}, got {got!r}"
+
+
+def validate(raw: dict) -> Config:
+    """Build a `Config` from a raw dict, or raise a one-line `ConfigError`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as exc:
+        errors = exc.errors()
+        more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+        raise ConfigError(_describe(errors[0]) + more) from None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+    """Read a YAML config (a file or a shipped name; None → tiny_cpu) and apply overrides."""
+    config_path = resolve_config_path(path)
+    try:
+        raw = yaml.safe_load(config_path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{config_path}{where} is not valid YAML: {exc.__class__.__name__}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path} must hold a mapping of sections, got {type(raw).__name__}")
+    return validate(apply_overrides(raw, overrides or []))
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML, in schema order."""
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

@@ -1,0 +1,475 @@
+"""The Ray Data pipeline: read → validate and split → clean and tokenize → pack into blocks.
+
+Nothing here collects the corpus into the driver. Files are read as streams by Ray Data read
+tasks (through pyarrow filesystems, so local paths and s3://, gs://, file:// URIs take the same
+code); each row is validated where it is read, so a bad row is skipped and counted (or, in strict
+mode, fails with its file and line); documents go to train or validation by a hash of their text;
+tokenizer actors clean, tokenize and pack. Counts flow to a small `DataStats` actor.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import unicodedata
+from collections import Counter
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from aigc_ray.config import Config, ConfigError, Data
+
+IGNORE_INDEX = -100  # label value the HF loss ignores: prompt tokens and padding
+ROWS_PER_BLOCK = 4096  # rows per Ray Data block out of a read task
+READ_CHUNK_BYTES = 1 << 20
+SKIP_REASONS = ("invalid_json", "missing_field", "wrong_type", "empty_text", "undecodable",
+                "prompt_too_long")
+GLOB_CHARS = set("*?[")
+
+
+class DataError(ValueError):
+    """A corpus problem the user can fix (a missing file, a bad row in strict mode)."""
+
+
+# ── 1. Files ────────────────────────────────────────────────────────────────────────────────
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _expand_uri_glob(pattern: str) -> list[str]:
+    import fnmatch
+
+    from pyarrow import fs as pafs
+
+    filesystem, fs_path = pafs.FileSystem.from_uri(pattern.split("*")[0].rsplit("/", 1)[0] + "/")
+    scheme = pattern.split("://", 1)[0]
+    selector = pafs.FileSelector(fs_path.rstrip("/"), recursive=True)
+    pattern_path = pattern.split("://", 1)[1]
+    return sorted(f"{scheme}://{info.path}" for info in filesystem.get_file_info(selector)
+                  if info.type == pafs.FileType.File and fnmatch.fnmatch(info.path, pattern_path))
+
+
+def _hf_files(path: str, split: str) -> list[str]:
+    """Arrow files of a `save_to_disk` folder, or of a hub dataset once `datasets` caches it."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        if (folder / split / "state.json").exists():  # a DatasetDict: one folder per split
+            folder = folder / split
+        files = sorted(str(p) for p in folder.glob("data-*.arrow"))
+        if not files:
+            raise DataError(f"data.path {path} holds no data-*.arrow files; is it a "
+                            "datasets save_to_disk folder?")
+        return files
+    import datasets
+
+    try:
+        dataset = datasets.load_dataset(path, split=split)
+    except Exception as exc:  # the hub is unreachable, the name is wrong, the split is missing
+        raise DataError(f"data.path {path!r}: datasets could not load it "
+                        f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return [entry["filename"] for entry in dataset.cache_files]
+
+
+def resolve_files(data: Data) -> list[str]:
+    """Expand `data.path` (files, directories, globs, URIs) into a sorted list of files.
+
+    Local paths are checked here, before Ray starts; object-store URIs are listed by Ray Data.
+    """
+    files: list[str] = []
+    for path in data.paths:
+        if data.format == "hf":
+            files += _hf_files(path, data.hf_split)
+        elif _is_uri(path):
+            files += _expand_uri_glob(path) if GLOB_CHARS & set(path) else [path]
+        elif GLOB_CHARS & set(path):
+            matches = sorted(p for p in glob.glob(str(Path(path).expanduser()), recursive=True)
+                             if Path(p).is_file())
+            if not matches:
+                raise DataError(f"data.path {path!r} matches no files")
+            files += matches
+        else:
+            local = Path(path).expanduser()
+            if local.is_dir():
+                found = sorted(str(p) for p in local.rglob("*")
+                               if p.is_file() and not p.name.startswith((".", "_")))
+                if not found:
+                    raise DataError(f"data.path {path} is an empty directory")
+                files += found
+            elif local.is_file():
+                files.append(str(local))
+            else:
+                hint = ("; write the sample corpus with `aigc-ray sample-data data/sample`"
+                        if "data/sample" in path else "")
+                raise DataError(f"data.path {path} does not exist{hint}")
+    return files
+
+
+# ── 2. Read, validate, split ────────────────────────────────────────────────────────────────
+
+
+def split_of(document: str, val_fraction: float) -> str:
+    """'val' or 'train', decided by a hash of the document alone: stable across runs."""
+    digest = hashlib.blake2b(document.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return "val" if int.from_bytes(digest, "big") / 2**64 < val_fraction else "train"
+
+
+def _iter_lines(f) -> Iterator[tuple[int, bytes]]:
+    """(line number from 1, raw bytes) for each line of a byte stream, read in chunks."""
+    pending, number = b"", 0
+    while True:
+        chunk = f.read(READ_CHUNK_BYTES)
+        if not chunk:
+            break
+        lines = (pending + chunk).split(b"\n")
+        pending = lines.pop()
+        for line in lines:
+            number += 1
+            yield number, line
+    if pending:
+        yield number + 1, pending
+
+
+def _iter_records(f, data: Data) -> Iterator[tuple[int, object]]:
+    """(row number from 1, record) where a record is a dict, or a skip reason string."""
+    if data.format in ("text", "jsonl"):
+        for number, raw in _iter_lines(f):
+            try:
+                line = raw.rstrip(b"\r").decode("utf-8")
+            except UnicodeDecodeError:
+                yield number, "undecodable"
+                continue
+            if data.format == "text":
+                yield number, {data.text_field: line}
+                continue
+            if not line.strip():
+                yield number, "empty_text"
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                yield number, "invalid_json"
+                continue
+            yield number, record if isinstance(record, dict) else "invalid_json"
+        return
+    if data.format == "parquet":
+        import pyarrow.parquet as pq
+
+        batches = pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK)
+    else:  # hf: datasets' arrow files are Arrow IPC streams
+        batches = pa.ipc.open_stream(f)
+    number = 0
+    for batch in batches:
+        for record in batch.to_pylist():
+            number += 1
+            yield number, record
+
+
+def _field(record: dict, name: str) -> object:
+    """The field's text, or a skip reason string."""
+    if name not in record or record[name] is None:
+        return "missing_field"
+    value = record[name]
+    if not isinstance(value, str):
+        return "wrong_type"
+    return value if value.strip() else "empty_text"
+
+
+def document_text(row: dict, data: Data) -> str:
+    """The text that identifies a document (for the split hash and the tokenizer corpus)."""
+    if data.supervised:
+        return row[data.prompt_field] + row[data.completion_field]
+    return row[data.text_field]
+
+
+def validate_record(record: object, data: Data) -> object:
+    """A clean row dict with the fields training needs, or a skip reason string."""
+    if isinstance(record, str):
+        return record
+    fields = [data.prompt_field, data.completion_field] if data.supervised else [data.text_field]
+    row = {}
+    for name in fields:
+        value = _field(record, name)
+        if value in SKIP_REASONS:
+            return value
+        row[name] = value
+    return row
+
+
+class CorpusDatasource:
+    """Factory for the Ray Data datasource; built lazily so importing needs no Ray cluster."""
+
+    @staticmethod
+    def create(files: list[str], data: Data, split: Optional[str], stats):
+        from ray.data.datasource import FileBasedDatasource
+
+        class _Corpus(FileBasedDatasource):
+            def _open_input_source(self, filesystem, path, **open_args):
+                if data.format == "parquet":  # parquet needs random access
+                    return filesystem.open_input_file(path)
+                return super()._open_input_source(filesystem, path, **open_args)
+
+            def _read_stream(self, f, path: str) -> Iterator:
+                yield from read_documents(f, path, data, split, stats)
+
+        return _Corpus(files)
+
+
+def read_documents(f, path: str, data: Data, split: Optional[str], stats) -> Iterator[pa.Table]:
+    """Yield blocks of valid documents from one file (only `split`'s when given).
+
+    Every block's counts go to `stats` under a key naming the file and first row, so re-reading
+    a file (a second split, a second epoch, a retried task) never counts twice.
+    """
+    rows: list[dict] = []
+    counts: Counter = Counter()
+    first = 1
+    for number, record in _iter_records(f, data):
+        row = validate_record(record, data)
+        if isinstance(row, str):
+            if data.strict:
+                raise DataError(f"{path} line {number}: {row.replace('_', ' ')} "
+                                f"(data.strict is true; set it false to skip and count bad rows)")
+            counts[f"skipped.{row}"] += 1
+        else:
+            side = split_of(document_text(row, data), data.val_fraction)
+            counts[f"documents.{side}"] += 1
+            if split is None or side == split:
+                rows.append(row)
+        if number - first + 1 >= ROWS_PER_BLOCK:
+            yield from _flush(rows, counts, stats, path, first, data)
+            rows, counts, first = [], Counter(), number + 1
+    yield from _flush(rows, counts, stats, path, first, data)
+
+
+def _flush(rows, counts, stats, path, first, data: Data) -> Iterator[pa.Table]:
+    if stats is not None and counts:
+        ray_get(stats.record.remote(f"read:{path}:{first}", dict(counts)))
+    if rows:
+        names = ([data.prompt_field, data.completion_field] if data.supervised
+                 else [data.text_field])
+        yield pa.table({name: [row[name] for row in rows] for name in names})
+
+
+# ── 3. Clean, tokenize, pack ────────────────────────────────────────────────────────────────
+
+
+def clean(text: str) -> str:
+    """Normalize Unicode (NFC) and line endings; strip NULs that confuse tokenizers."""
+    return unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\x00", "")
+
+
+class TokenizeAndPack:
+    """Ray Data callable class: each actor loads the tokenizer once, then packs batches.
+
+    Causal-LM text: documents joined with EOS and cut into `block_size` blocks; the tail of a
+    batch becomes one last padded block rather than being dropped. Prompt/completion: one
+    sequence per pair, labels -100 over the prompt and the padding; too-long pairs are
+    truncated and counted, and pairs whose prompt alone fills the block are skipped and counted.
+    """
+
+    def __init__(self, tokenizer_path: str, data: dict, split: str, stats=None,
+                 trust_remote_code: bool = False):
+        from aigc_ray.model import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+        self.data = Data.model_validate(data)
+        self.split, self.stats = split, stats
+        self.block_size = self.data.block_size
+        self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+
+    def _ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+        return self.tokenizer([clean(t) for t in texts], add_special_tokens=add_special_tokens,
+                              verbose=False)["input_ids"]
+
+    def __call__(self, batch: dict) -> dict:
+        counts: Counter = Counter()
+        if self.data.supervised:
+            out = self._pairs(list(batch[self.data.prompt_field]),
+                              list(batch[self.data.completion_field]), counts)
+            key_text = str(batch[self.data.prompt_field][0])
+        else:
+            out = self._packed(list(batch[self.data.text_field]), counts)
+            key_text = str(batch[self.data.text_field][0])
+        if self.stats is not None:
+            digest = hashlib.blake2b(key_text.encode(), digest_size=8).hexdigest()
+            key = f"tokenize:{self.split}:{digest}:{len(next(iter(batch.values())))}"
+            ray_get(self.stats.record.remote(key, dict(counts)))
+        return out
+
+    def _empty(self) -> dict:
+        shape = (0, self.block_size)
+        return {"input_ids": np.zeros(shape, np.int32), "attention_mask": np.zeros(shape, np.int8),
+                "labels": np.zeros(shape, np.int32)}
+
+    def _packed(self, texts: list[str], counts: Counter) -> dict:
+        stream: list[int] = []
+        for ids in self._ids(texts, add_special_tokens=True):
+            stream += ids if ids and ids[-1] == self.eos else ids + [self.eos]
+        if not stream:
+            return self._empty()
+        block = self.block_size
+        num_blocks = -(-len(stream) // block)
+        padding = num_blocks * block - len(stream)
+        input_ids = np.array(stream + [self.pad] * padding, np.int32).reshape(num_blocks, block)
+        attention_mask = np.ones_like(input_ids, np.int8)
+        if padding:
+            attention_mask[-1, block - padding:] = 0
+        labels = np.where(attention_mask == 1, input_ids, IGNORE_INDEX).astype(np.int32)
+        counts.update({f"tokens.{self.split}": len(stream), f"blocks.{self.split}": num_blocks,
+                       f"padding.{self.split}": padding})
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+    def _pairs(self, prompts: list[str], completions: list[str], counts: Counter) -> dict:
+        block = self.block_size
+        rows_ids, rows_labels = [], []
+        prompt_ids = self._ids(prompts, add_special_tokens=True)
+        completion_ids = self._ids(completions, add_special_tokens=False)
+        for prompt, completion in zip(prompt_ids, completion_ids):
+            if not completion or completion[-1] != self.eos:
+                completion = completion + [self.eos]
+            if len(prompt) >= block:
+                counts["skipped.prompt_too_long"] += 1
+                continue
+            if len(prompt) + len(completion) > block:
+                counts[f"truncated.{self.split}"] += 1
+                completion = completion[: block - len(prompt)]
+            rows_ids.append(prompt + completion)
+            rows_labels.append([IGNORE_INDEX] * len(prompt) + completion)
+        if not rows_ids:
+            return self._empty()
+        input_ids = np.full((len(rows_ids), block), self.pad, np.int32)
+        labels = np.full((len(rows_ids), block), IGNORE_INDEX, np.int32)
+        attention_mask = np.zeros((len(rows_ids), block), np.int8)
+        for i, (ids, lab) in enumerate(zip(rows_ids, rows_labels)):
+            input_ids[i, : len(ids)], labels[i, : len(lab)], attention_mask[i, : len(ids)] = ids, lab, 1
+        real = int(attention_mask.sum())
+        counts.update({f"tokens.{self.split}": real, f"blocks.{self.split}": len(rows_ids),
+                       f"padding.{self.split}": len(rows_ids) * block - real,
+                       f"target_tokens.{self.split}": int((labels != IGNORE_INDEX).sum())})
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def ray_get(ref):
+    """Wait for a stats update, so totals read afterwards include it."""
+    import ray
+
+    return ray.get(ref)
+
+
+# ── 4. Assemble ─────────────────────────────────────────────────────────────────────────────
+
+
+def _stats_actor_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class DataStats:
+        """Counts from read tasks and tokenizer actors, keyed so a re-read never counts twice."""
+
+        def __init__(self):
+            self.by_key: dict[str, dict] = {}
+
+        def record(self, key: str, counts: dict) -> None:
+            self.by_key[key] = counts
+
+        def totals(self) -> dict:
+            total: Counter = Counter()
+            for counts in self.by_key.values():
+                total.update(counts)
+            return dict(total)
+
+    return DataStats
+
+
+def create_stats():
+    """A `DataStats` actor handle; pass it to `build_datasets` and read `totals()` later."""
+    return _stats_actor_class().remote()
+
+
+def read_corpus(cfg: Config, split: Optional[str] = None, stats=None, files=None):
+    """The validated documents of one split ('train', 'val', or None for all) as a Dataset."""
+    import ray
+
+    files = files if files is not None else resolve_files(cfg.data)
+    return ray.data.read_datasource(CorpusDatasource.create(files, cfg.data, split, stats))
+
+
+def build_datasets(cfg: Config, tokenizer_path: str, stats=None) -> dict:
+    """{'train': Dataset, 'val': Dataset} of packed blocks, ready for `get_dataset_shard`.
+
+    Each has columns `input_ids`, `attention_mask`, `labels` ([block_size] int arrays).
+    The validation Dataset is absent when `data.val_fraction` is 0.
+    """
+    import ray
+
+    files = resolve_files(cfg.data)
+    splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
+    datasets = {}
+    for split in splits:
+        documents = read_corpus(cfg, split, stats, files)
+        datasets[split] = documents.map_batches(
+            TokenizeAndPack,
+            fn_constructor_kwargs={"tokenizer_path": tokenizer_path,
+                                   "data": cfg.data.model_dump(), "split": split, "stats": stats,
+                                   "trust_remote_code": cfg.model.trust_remote_code},
+            batch_size=cfg.data.tokenize_batch_size,
+            compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenizer_actors),
+            batch_format="numpy",
+        )
+    return datasets
+
+
+def corpus_sample(cfg: Config, limit: int) -> Iterator[str]:
+    """Up to `limit` documents of the training split, streamed (for training a tokenizer)."""
+    for batch in read_corpus(cfg, "train").limit(limit).iter_batches(batch_format="pyarrow"):
+        for row in batch.to_pylist():
+            yield document_text(row, cfg.data)
+
+
+def check_config(cfg: Config) -> list[str]:
+    """Checks that need the filesystem but not Ray; raises ConfigError before Ray starts."""
+    try:
+        return resolve_files(cfg.data)
+    except DataError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def corpus_statistics(cfg: Config, tokenizer_path: str) -> dict:
+    """Run the whole pipeline once, streaming, and return its counts (nothing is kept)."""
+    import ray
+
+    stats = create_stats()
+    for dataset in build_datasets(cfg, tokenizer_path, stats).values():
+        for _ in dataset.iter_batches(batch_size=1024, batch_format="numpy"):
+            pass
+    totals = ray.get(stats.totals.remote())
+    ray.kill(stats)
+    return totals
+
+
+def format_statistics(cfg: Config, totals: dict, files: list[str]) -> str:
+    """A small table a user reads before spending a GPU hour on a corpus."""
+    def get(name: str, split: str = "") -> int:
+        return int(totals.get(f"{name}.{split}" if split else name, 0))
+
+    mode = "prompt/completion" if cfg.data.supervised else "causal-LM text"
+    lines = [f"corpus      {len(files)} file(s), {cfg.data.format}, {mode}, "
+             f"block_size {cfg.data.block_size}"]
+    for split in ("train", "val"):
+        tokens, blocks, padding = get("tokens", split), get("blocks", split), get("padding", split)
+        slots = blocks * cfg.data.block_size
+        line = (f"{split:<11} {get('documents', split):,} documents, {tokens:,} tokens, "
+                f"{blocks:,} blocks, {100 * padding / slots if slots else 0:.0f}% padding")
+        if cfg.data.supervised:
+            line += (f", {get('target_tokens', split):,} completion tokens, "
+                     f"{get('truncated', split):,} truncated")
+        lines.append(line)
+    skipped = {reason: get(f"skipped.{reason}") for reason in SKIP_REASONS}
+    detail = ", ".join(f"{reason} {n:,}" for reason, n in skipped.items() if n) or "none"
+    lines.append(f"skipped     {sum(skipped.values()):,} rows ({detail})")
+    return "\n".join(lines)

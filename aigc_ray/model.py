@@ -1,0 +1,111 @@
+"""Build models and tokenizers: a hub id, a local HF folder, or the built-in tiny model.
+
+The built-in tiny model is materialized once as an ordinary HF folder (GPT-2 architecture and a
+byte-level BPE tokenizer trained on the corpus), so everything downstream only sees HF folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from aigc_ray.config import Config
+
+BUILTIN_PREFIX = "builtin:"
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+log = logging.getLogger(__name__)
+
+
+def is_builtin(name_or_path: str) -> bool:
+    return name_or_path.startswith(BUILTIN_PREFIX)
+
+
+def builtin_model_dir(cfg: Config) -> Path:
+    """Where the built-in model for this config lives: keyed by its settings and its corpus."""
+    key = json.dumps(
+        {"model": cfg.model.builtin.model_dump(), "block_size": cfg.data.block_size,
+         "data": cfg.data.model_dump(include={"path", "format", "text_field", "prompt_field",
+                                              "completion_field", "hf_split"})},
+        sort_keys=True,
+    )
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cfg.run.dir.parent / ".builtin" / f"tiny-{digest}"
+
+
+def build_tokenizer(texts: Iterable[str], vocab_size: int):
+    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers tokenizer."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
+                            special_tokens=[EOS_TOKEN, PAD_TOKEN], show_progress=False)
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
+                                   unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+
+
+def build_tiny_model(cfg: Config, tokenizer):
+    """A freshly initialized GPT-2-architecture model sized by `model.builtin`."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tiny = cfg.model.builtin
+    torch.manual_seed(cfg.train.seed)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=max(cfg.data.block_size, 128),
+        n_embd=tiny.n_embd, n_layer=tiny.n_layer, n_head=tiny.n_head,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def materialize_builtin(cfg: Config, texts: Iterable[str]) -> Path:
+    """Create the built-in tiny model folder (if missing) from corpus `texts`; return its path."""
+    folder = builtin_model_dir(cfg)
+    if (folder / "config.json").exists():
+        return folder
+    tokenizer = build_tokenizer(texts, cfg.model.builtin.vocab_size)
+    model = build_tiny_model(cfg, tokenizer)
+    staging = folder.with_name(folder.name + ".tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    tokenizer.save_pretrained(staging)
+    model.save_pretrained(staging)
+    staging.rename(folder)  # atomic: a half-written folder never looks finished
+    log.info("built-in tiny model (%.1fM parameters) written to %s",
+             model.num_parameters() / 1e6, folder)
+    return folder
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """A tokenizer with a pad token (EOS when the model has none) and EOS appended by us."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(path: str, trust_remote_code: bool = False, dtype=None):
+    """A causal LM from an HF folder or hub id."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                dtype=dtype)
+
+
+def resolve_model_path(cfg: Config) -> str:
+    """The HF folder or hub id to load; builds the built-in tiny model on first use (needs Ray)."""
+    name = cfg.model.name_or_path
+    if is_builtin(name):
+        from aigc_ray.data import corpus_sample
+
+        return str(materialize_builtin(cfg, corpus_sample(cfg, cfg.model.builtin.tokenizer_docs)))
+    local = Path(name).expanduser()
+    return str(local.resolve()) if local.exists() else name

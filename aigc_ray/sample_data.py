@@ -1,0 +1,108 @@
+"""The sample corpus: customer-support questions and their best answers, made by our own code.
+
+Questions vary in wording; the answer depends on the product and the topic only, so a model
+that learns the structure predicts answers far better than it did before fine-tuning.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+PRODUCTS = {
+    "Nimbus Drive": "the Nimbus app",
+    "Acme Router X2": "the Acme Home app",
+    "Orbit Watch": "the Orbit companion app",
+    "Pulse Earbuds": "the Pulse Sound app",
+    "Vega Laptop": "Vega Control Center",
+    "Harbor Bank card": "Harbor online banking",
+}
+
+# topic: (question wordings, answer template)
+TOPICS = {
+    "password": (
+        ["How do I reset my password for {p}?", "I forgot my {p} password.",
+         "Can't log in to {p}, how do I change my password?", "Password reset for {p} please."],
+        "Open {app}, choose Sign in, then Forgot password. We email a reset link that works "
+        "for 30 minutes. Pick a new password of at least 12 characters.",
+    ),
+    "refund": (
+        ["I want a refund for my {p}.", "How do I get my money back for {p}?",
+         "Can I return my {p} for a refund?", "Refund request: {p}."],
+        "You can return {p} within 30 days. Start the return in {app} under Orders, print the "
+        "label, and the refund reaches your card 5 to 7 days after we receive it.",
+    ),
+    "shipping": (
+        ["Where is my {p} order?", "My {p} has not arrived yet.",
+         "How long does shipping take for {p}?", "Track my {p} delivery."],
+        "Orders of {p} ship within 2 business days. The tracking number is in {app} under "
+        "Orders. If it shows delivered but you have nothing, tell us within 14 days.",
+    ),
+    "cancel": (
+        ["How do I cancel my {p} subscription?", "Stop billing me for {p}.",
+         "I want to cancel {p}.", "Cancel plan for {p}."],
+        "Go to {app}, open Account, then Subscription, and choose Cancel. You keep access to "
+        "{p} until the end of the paid period and are not charged again.",
+    ),
+    "billing": (
+        ["How do I update my card for {p}?", "Change payment method on {p}.",
+         "My {p} payment failed.", "Update billing details for {p}."],
+        "In {app}, open Account, then Billing, and choose Update card. If a payment failed, "
+        "we retry it within 24 hours after you save the new card.",
+    ),
+    "damaged": (
+        ["My {p} arrived damaged.", "{p} came broken in the box.",
+         "The {p} I received is cracked.", "Damaged {p} on delivery."],
+        "We are sorry. Send a photo of the damaged {p} through {app} under Orders, then Report "
+        "a problem. We ship a replacement the same day at no cost.",
+    ),
+    "two_factor": (
+        ["How do I turn on two-factor login for {p}?", "Enable 2FA on {p}.",
+         "Set up two-step verification for {p}.", "Secure my {p} account with a code."],
+        "Open {app}, choose Security, then Two-factor login. Scan the code with an "
+        "authenticator app and save the backup codes somewhere safe.",
+    ),
+    "locked": (
+        ["My {p} account is locked.", "{p} says my account is suspended.",
+         "Locked out of {p}.", "Why is my {p} account blocked?"],
+        "Accounts lock after 5 failed sign-ins. Wait 15 minutes, or reset your password in "
+        "{app} to unlock {p} at once.",
+    ),
+}
+
+OPENERS = ["", "Hi, ", "Hello, ", "Hey there. ", "Good morning. ", "Quick question: "]
+CLOSERS = ["", " Thanks!", " Thank you.", " Please help.", " Any advice?"]
+
+
+def make_pairs(num_pairs: int, seed: int = 0) -> list[dict]:
+    """`num_pairs` prompt/completion dicts, the same for the same seed."""
+    rng = random.Random(seed)
+    products, topics = list(PRODUCTS), list(TOPICS)
+    pairs = []
+    for index in range(num_pairs):
+        product, topic = rng.choice(products), rng.choice(topics)
+        wordings, answer = TOPICS[topic]
+        question = rng.choice(OPENERS) + rng.choice(wordings).format(p=product) + rng.choice(CLOSERS)
+        pairs.append({
+            "id": index,
+            "topic": topic,
+            "prompt": f"Customer: {question}\nAgent:",
+            "completion": " " + answer.format(p=product, app=PRODUCTS[product]),
+        })
+    return pairs
+
+
+def write_sample_corpus(out_dir: str | Path, num_pairs: int = 4000, seed: int = 0) -> dict:
+    """Write `support.jsonl` (prompt/completion pairs) and `support.txt` (one document a line)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    pairs = make_pairs(num_pairs, seed)
+    jsonl, text = out / "support.jsonl", out / "support.txt"
+    with jsonl.open("w") as f:
+        for pair in pairs:
+            f.write(json.dumps(pair) + "\n")
+    with text.open("w") as f:
+        for pair in pairs:
+            f.write((pair["prompt"] + pair["completion"]).replace("\n", " ") + "\n")
+    return {"jsonl": str(jsonl), "text": str(text), "pairs": len(pairs)}
