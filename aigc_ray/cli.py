@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 from aigc_ray.config import DEFAULT_CONFIG, ConfigError, load_config, shipped_configs, to_yaml
 
@@ -13,7 +13,7 @@ CONFIG_HELP = (f"CONFIG is a YAML file or a shipped config name ({', '.join(sort
                "scaling.num_workers=4")
 
 
-def _split_args(args: list[str]) -> tuple[Optional[str], list[str]]:
+def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
     """[CONFIG] [key=value ...] → (config or None, overrides)."""
     if args and "=" not in args[0]:
         return args[0], args[1:]
@@ -46,6 +46,16 @@ def cmd_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(ns: argparse.Namespace) -> int:
+    from aigc_ray.train import run_train
+
+    summary = run_train(_config(ns))
+    for sample in summary.samples:
+        print(f"sample reply  {sample['prompt']!r}\n           → {sample['reply']!r}")
+    print(summary.line())
+    return 0
+
+
 def cmd_sample_data(ns: argparse.Namespace) -> int:
     from aigc_ray.sample_data import write_sample_corpus
 
@@ -66,7 +76,8 @@ def not_built(issue: int) -> Callable[[argparse.Namespace], int]:
 
 COMMANDS = {
     # name: (help, handler, takes CONFIG)
-    "train": ("fine-tune a causal LM on Ray Train workers (DDP)", not_built(3), True),
+    "train": ("fine-tune a causal LM on Ray Train workers (DDP); rerun to resume", cmd_train,
+              True),
     "tune": ("search hyperparameters with Ray Tune", not_built(4), True),
     "serve": ("serve a checkpoint with Ray Serve over an OpenAI-style HTTP API", not_built(5), True),
     "generate": ("batch generation over a Ray Data dataset", not_built(7), True),
@@ -103,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(exc: BaseException) -> Optional[str]:
+def _user_error(exc: BaseException) -> str | None:
     """The one-line message of a user-fixable error, even when Ray wrapped it on the way."""
     from aigc_ray.data import DataError
 
@@ -116,7 +127,7 @@ def _user_error(exc: BaseException) -> Optional[str]:
     return None
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.handler(ns)

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Optional
 
 
-def start_ray(num_cpus: Optional[int] = None) -> None:
+def start_ray(num_cpus: int | None = None) -> None:
     """`ray.init` once. Honours RAY_ADDRESS like Ray itself; a local cluster keeps Ray's token
     authentication on (the token lives in ~/.ray/auth_token, where Ray's clients find it)."""
     import ray

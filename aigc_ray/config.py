@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -42,7 +42,7 @@ class Model(Section):
     trust_remote_code: bool = False
 
     @model_validator(mode="after")
-    def _known_builtin(self) -> "Model":
+    def _known_builtin(self) -> Model:
         if self.name_or_path.startswith("builtin:") and self.name_or_path != "builtin:tiny":
             raise ValueError(f"model.name_or_path {self.name_or_path!r} is not a built-in model "
                              "(built-in: builtin:tiny)")
@@ -51,12 +51,12 @@ class Model(Section):
 
 class Data(Section):
     # The sample corpus `aigc-ray sample-data data/sample` writes.
-    path: Union[str, list[str]] = "data/sample/support.jsonl"
+    path: str | list[str] = "data/sample/support.jsonl"
     format: Literal["text", "jsonl", "parquet", "hf"] = "jsonl"
     text_field: str = "text"  # the column holding documents for plain causal-LM training
     # Set both to train on prompt/completion pairs with loss on the completion only.
-    prompt_field: Optional[str] = None
-    completion_field: Optional[str] = None
+    prompt_field: str | None = None
+    completion_field: str | None = None
     hf_split: str = "train"  # which split of a `datasets` name or save_to_disk folder to read
     block_size: int = Field(512, ge=8)  # tokens per training sequence; GPT-2 allows up to 1024
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # held out by document hash
@@ -74,7 +74,7 @@ class Data(Section):
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
     @model_validator(mode="after")
-    def _fields_agree(self) -> "Data":
+    def _fields_agree(self) -> Data:
         if (self.prompt_field is None) != (self.completion_field is None):
             raise ValueError("data.prompt_field and data.completion_field must be set together")
         if self.format == "text" and self.supervised:
@@ -91,11 +91,11 @@ class Lora(Section):
     r: int = Field(8, ge=1)  # rank 8 is the common starting point (LoRA paper, peft docs)
     alpha: int = Field(16, ge=1)  # alpha = 2r keeps the update scale familiar
     dropout: float = Field(0.05, ge=0.0, lt=1.0)
-    target_modules: Optional[list[str]] = None  # None: peft's default for the architecture
+    target_modules: list[str] | None = None  # None: peft's default for the architecture
 
 
 class Train(Section):
-    max_steps: Optional[int] = Field(None, ge=1)  # when set, ends the run (wins over epochs)
+    max_steps: int | None = Field(None, ge=1)  # when set, ends the run (wins over epochs)
     epochs: int = Field(1, ge=1)  # passes over the training split when max_steps is unset
     batch_size: int = Field(8, ge=1)  # sequences per worker per micro-step
     grad_accum_steps: int = Field(1, ge=1)  # micro-steps per optimizer step
@@ -111,10 +111,10 @@ class Train(Section):
     freeze_layers: int = Field(0, ge=0)  # freeze embeddings and the bottom N blocks when > 0
     lora: Lora = Lora()
     eval_every: int = Field(50, ge=1)  # optimizer steps between validation passes
-    eval_batches: Optional[int] = Field(None, ge=1)  # cap per worker; None: the whole split
+    eval_batches: int | None = Field(None, ge=1)  # cap per worker; None: the whole split
     log_every: int = Field(10, ge=1)  # optimizer steps between progress lines
     keep_checkpoints: int = Field(2, ge=1)  # best K by validation loss
-    early_stopping_patience: Optional[int] = Field(None, ge=1)  # evals without improvement
+    early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement
     sample_prompts: list[str] = []  # generated from at each evaluation, written to the log
 
 
@@ -133,7 +133,7 @@ class Tune(Section):
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
     search_alg: Literal["random", "optuna"] = "random"
-    max_concurrent_trials: Optional[int] = Field(None, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
     search_space: dict[str, Any] = {}
 
 
@@ -175,7 +175,7 @@ def shipped_configs() -> dict[str, Path]:
     return {Path(p.name).stem: Path(str(p)) for p in folder.iterdir() if p.name.endswith(".yaml")}
 
 
-def resolve_config_path(name_or_path: Optional[str]) -> Path:
+def resolve_config_path(name_or_path: str | None) -> Path:
     """A file path, or the name of a shipped config (`tiny_cpu`); None means the default."""
     name_or_path = name_or_path or DEFAULT_CONFIG
     path = Path(name_or_path).expanduser()
@@ -273,7 +273,7 @@ def validate(raw: dict) -> Config:
         raise ConfigError(_describe(errors[0]) + more) from None
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> Config:
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Read a YAML config (a file or a shipped name; None → tiny_cpu) and apply overrides."""
     config_path = resolve_config_path(path)
     try:

@@ -14,8 +14,8 @@ import hashlib
 import json
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -204,7 +204,7 @@ class CorpusDatasource:
     """Factory for the Ray Data datasource; built lazily so importing needs no Ray cluster."""
 
     @staticmethod
-    def create(files: list[str], data: Data, split: Optional[str], stats):
+    def create(files: list[str], data: Data, split: str | None, stats):
         from ray.data.datasource import FileBasedDatasource
 
         class _Corpus(FileBasedDatasource):
@@ -219,7 +219,7 @@ class CorpusDatasource:
         return _Corpus(files)
 
 
-def read_documents(f, path: str, data: Data, split: Optional[str], stats) -> Iterator[pa.Table]:
+def read_documents(f, path: str, data: Data, split: str | None, stats) -> Iterator[pa.Table]:
     """Yield blocks of valid documents from one file (only `split`'s when given).
 
     Every block's counts go to `stats` under a key naming the file and first row, so re-reading
@@ -391,7 +391,7 @@ def create_stats():
     return _stats_actor_class().remote()
 
 
-def read_corpus(cfg: Config, split: Optional[str] = None, stats=None, files=None):
+def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
     """The validated documents of one split ('train', 'val', or None for all) as a Dataset."""
     import ray
 

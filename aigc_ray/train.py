@@ -1,0 +1,511 @@
+"""Distributed fine-tuning: `train_loop_per_worker` runs on every Ray Train worker (DDP);
+`run_train(cfg)` builds the data, fits a `TorchTrainer`, exports `final/` and the loss curve.
+
+The loss is the mean over every target token of the global batch (all workers, all
+accumulation micro-steps), so 1 worker and N workers follow the same curve for the same global
+batch, however many completion tokens each sequence holds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from aigc_ray.config import Config
+
+TRAINING_STATE = "training_state.pt"
+CONFIG_FILE = "config.yaml"
+METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "val_loss", "val_perplexity")
+
+log = logging.getLogger(__name__)
+
+
+# ── pieces the loop uses (module level so tests can import them) ────────────────────────────
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
+              min_ratio: float) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then the decay."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    decay = 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress
+    return min_ratio + (1 - min_ratio) * decay
+
+
+def decay_groups(model, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: weight decay on matrices, none on biases and norms."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+
+
+def transformer_blocks(model):
+    """The model's list of transformer blocks, found by shape so any HF causal LM works."""
+    import torch
+
+    depth = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
+            return module
+    raise ValueError(f"cannot find the {depth} transformer blocks of {type(model).__name__}")
+
+
+def freeze_bottom(model, num_layers: int) -> None:
+    """Freeze the embeddings and the bottom `num_layers` blocks (tied heads freeze with them)."""
+    blocks = transformer_blocks(model)
+    if num_layers > len(blocks):
+        raise ValueError(f"train.freeze_layers is {num_layers} but the model has "
+                         f"{len(blocks)} blocks")
+    frozen = [model.get_input_embeddings(), *list(blocks)[:num_layers]]
+    position = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2 style
+    if position is not None:
+        frozen.append(position)
+    for module in frozen:
+        for param in module.parameters():
+            param.requires_grad_(False)
+
+
+def add_lora(model, cfg: Config, adapter_dir: str | None = None):
+    """Wrap the model with trainable LoRA adapters (new, or restored from `adapter_dir`)."""
+    try:
+        from peft import LoraConfig, PeftModel, get_peft_model
+    except ImportError:
+        raise ValueError("train.lora.enabled needs peft: pip install 'aigc-ray[lora]'") from None
+    if adapter_dir:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
+    lora = cfg.train.lora
+    return get_peft_model(model, LoraConfig(r=lora.r, lora_alpha=lora.alpha,
+                                            lora_dropout=lora.dropout,
+                                            target_modules=lora.target_modules,
+                                            task_type="CAUSAL_LM"))
+
+
+def token_loss_sum(model, batch: dict):
+    """(sum of next-token cross-entropy over target tokens, number of target tokens)."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+                           targets.reshape(-1), ignore_index=-100, reduction="sum")
+    return loss, (targets != -100).sum()
+
+
+def trim_padding(batch: dict) -> dict:
+    """Cut the columns past the longest real sequence: padding costs compute, not accuracy."""
+    length = int(batch["attention_mask"].sum(dim=1).max())
+    length = max(length, 2)
+    return {key: value[:, :length].long() for key, value in batch.items()}
+
+
+def all_reduce_sum(*values: float, device=None) -> list[float]:
+    """Sum floats over all workers (a no-op with one)."""
+    import torch
+    import torch.distributed as dist
+
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+def export_model(model, tokenizer, folder: Path) -> None:
+    """Save an HF folder (safetensors) that plain transformers loads; LoRA merged in."""
+    import copy
+
+    model = unwrap(model)
+    if hasattr(model, "merge_and_unload"):  # peft: merge a copy, keep training the adapters
+        model = copy.deepcopy(model).merge_and_unload()
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def generate_samples(model, tokenizer, prompts: list[str], device, max_new_tokens: int = 40):
+    """Greedy replies to fixed prompts, for the log."""
+    import torch
+
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    replies = []
+    with torch.no_grad():
+        for prompt in prompts:
+            ids = tokenizer(prompt, return_tensors="pt").to(device)
+            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            replies.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+                                            skip_special_tokens=True).strip())
+    model.train(was_training)
+    return replies
+
+
+# ── the worker loop ─────────────────────────────────────────────────────────────────────────
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: set up → loop → evaluate → report/checkpoint."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from aigc_ray.model import load_model, load_tokenizer
+
+    # 1. Set up: config, device, model (from the latest checkpoint when resuming), optimizer.
+    cfg = Config.model_validate(loop_config["config"])
+    run_dir, model_path = Path(loop_config["run_dir"]), loop_config["model_path"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(cfg.train.seed)
+    use_bf16 = cfg.train.mixed_precision == "bf16" or (
+        cfg.train.mixed_precision == "auto" and device.type == "cuda")
+
+    checkpoint = ray.train.get_checkpoint()
+    state, restore_dir = None, None
+    if checkpoint:
+        restore_dir = tempfile.mkdtemp(prefix="aigc-ray-restore-")
+        checkpoint.to_directory(restore_dir)
+        state = torch.load(Path(restore_dir) / TRAINING_STATE, weights_only=True)
+    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
+    lora = cfg.train.lora.enabled
+    # LoRA resumes from the base model plus the saved adapters; full fine-tuning from the
+    # checkpoint's own weights.
+    model = load_model(restore_dir if restore_dir and not lora else model_path,
+                       cfg.model.trust_remote_code)
+    if cfg.train.freeze_layers:
+        freeze_bottom(model, cfg.train.freeze_layers)
+    if lora:
+        model = add_lora(model, cfg, str(Path(restore_dir) / "adapter") if restore_dir else None)
+    if cfg.train.gradient_checkpointing:
+        unwrap(model).gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = ray.train.torch.prepare_model(model)
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+    total_steps = loop_config["total_steps"]
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total_steps, cfg.train.warmup_steps, cfg.train.lr_schedule, cfg.train.min_lr_ratio))
+
+    step, epoch, batches_done, best_val, evals_without_gain = 0, 0, 0, math.inf, 0
+    if state:
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
+        best_val, evals_without_gain = state["best_val_loss"], state["evals_without_gain"]
+        torch.set_rng_state(state["rng"])
+        shutil.rmtree(restore_dir, ignore_errors=True)
+    metrics_file = run_dir / "metrics.jsonl"
+    if rank == 0:
+        _truncate_metrics(metrics_file, after_step=step)
+        print(f"[aigc-ray] {'resuming at step ' + str(step) if state else 'starting'}: "
+              f"{world_size} worker(s) on {device.type}, {total_steps} steps, "
+              f"global batch {cfg.train.batch_size * cfg.train.grad_accum_steps * world_size} "
+              f"sequences", flush=True)
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+    def evaluate() -> dict | None:
+        if val_shard is None:
+            return None
+        model.eval()
+        loss_sum, tokens = 0.0, 0
+        with torch.no_grad(), autocast:
+            batches = val_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device)
+            for index, batch in enumerate(batches):
+                if cfg.train.eval_batches and index >= cfg.train.eval_batches:
+                    break
+                batch_loss, batch_tokens = token_loss_sum(model, trim_padding(batch))
+                loss_sum, tokens = loss_sum + float(batch_loss), tokens + int(batch_tokens)
+        model.train()
+        loss_sum, tokens = all_reduce_sum(loss_sum, tokens, device=device)
+        val_loss = loss_sum / max(tokens, 1)
+        return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
+
+    def save_and_report(metrics: dict, with_checkpoint: bool) -> None:
+        if rank != 0 or not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory(prefix="aigc-ray-ckpt-") as folder:
+            export_model(model, tokenizer, Path(folder))
+            if lora:
+                unwrap(model).save_pretrained(Path(folder) / "adapter")
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "step": step, "epoch": epoch, "batches_in_epoch": batches_done,
+                        "best_val_loss": best_val, "evals_without_gain": evals_without_gain,
+                        "rng": torch.get_rng_state()}, Path(folder) / TRAINING_STATE)
+            shutil.copy(run_dir / CONFIG_FILE, Path(folder) / CONFIG_FILE)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+    def write_metrics(row: dict) -> None:
+        if rank == 0:
+            with metrics_file.open("a") as f:
+                f.write(json.dumps({key: row.get(key) for key in METRIC_KEYS}) + "\n")
+
+    # 2. The perplexity before training, so the end of the run can say how much it gained.
+    if step == 0:
+        before = evaluate()
+        if before:
+            write_metrics({"step": 0, "epoch": 0, "lr": 0.0, **before})
+            if rank == 0:
+                print(f"[aigc-ray] step 0 | val_loss {before['val_loss']:.4f} | "
+                      f"val_perplexity {before['val_perplexity']:.2f}", flush=True)
+
+    # 3. The loop: accumulate micro-batches, normalize by the global target-token count, step.
+    model.train()
+    interval_loss, interval_tokens, interval_seen, interval_start = 0.0, 0, 0, time.perf_counter()
+    finished = step >= total_steps
+    while not finished:
+        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device,
+                                                 drop_last=True, local_shuffle_buffer_size=None)
+        micro: list[dict] = []
+        for index, batch in enumerate(batches):
+            if index < batches_done:  # resuming mid-epoch: skip what the checkpoint saw
+                continue
+            micro.append(trim_padding(batch))
+            if len(micro) < cfg.train.grad_accum_steps:
+                continue
+            targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+            (global_targets,) = all_reduce_sum(targets, device=device)
+            for position, micro_batch in enumerate(micro):
+                sync = position == len(micro) - 1
+                with (model.no_sync() if not sync and world_size > 1 else contextlib.nullcontext()):
+                    with autocast:
+                        loss_sum, _ = token_loss_sum(model, micro_batch)
+                    # DDP averages gradients over workers; scale so the result is the mean over
+                    # every target token of the global batch.
+                    (loss_sum * world_size / max(global_targets, 1)).backward()
+                interval_loss += float(loss_sum)
+                interval_seen += int(micro_batch["attention_mask"].sum())
+            interval_tokens += targets
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            micro, step, batches_done = [], step + 1, index + 1
+
+            row = None
+            if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 \
+                    or step == total_steps:
+                loss_sum_all, tokens_all, seen_all = all_reduce_sum(
+                    interval_loss, interval_tokens, interval_seen, device=device)
+                elapsed = time.perf_counter() - interval_start
+                row = {"step": step, "epoch": epoch, "loss": loss_sum_all / max(tokens_all, 1),
+                       "lr": scheduler.get_last_lr()[0], "tokens_per_second": seen_all / elapsed}
+                interval_loss, interval_tokens, interval_seen = 0.0, 0, 0
+            evaluating = step % cfg.train.eval_every == 0 or step == total_steps
+            if evaluating:
+                row.update(evaluate() or {})
+                improved = row.get("val_loss", -math.inf) < best_val
+                if "val_loss" in row:
+                    best_val = min(best_val, row["val_loss"])
+                    evals_without_gain = 0 if improved else evals_without_gain + 1
+                if rank == 0 and cfg.train.sample_prompts:
+                    replies = generate_samples(model, tokenizer, cfg.train.sample_prompts, device)
+                    with (run_dir / "samples.jsonl").open("a") as f:
+                        for prompt, reply in zip(cfg.train.sample_prompts, replies):
+                            print(f"[aigc-ray] sample | {prompt!r} → {reply!r}", flush=True)
+                            f.write(json.dumps({"step": step, "prompt": prompt,
+                                                "reply": reply}) + "\n")
+            if row:
+                write_metrics(row)
+                if rank == 0:
+                    print(progress_line(row, total_steps), flush=True)
+            if evaluating:
+                save_and_report(row, with_checkpoint=True)
+                interval_start = time.perf_counter()  # evaluation time is not training time
+            elif row:
+                interval_start = time.perf_counter()
+            patience = cfg.train.early_stopping_patience
+            if patience and evals_without_gain >= patience:
+                if rank == 0:
+                    print(f"[aigc-ray] early stop at step {step}: val_loss has not improved in "
+                          f"{patience} evaluations", flush=True)
+                finished = True
+            if step >= total_steps:
+                finished = True
+            if finished:
+                break
+        if not finished:
+            epoch, batches_done = epoch + 1, 0
+            if loop_config["epochs_bound"] and epoch >= cfg.train.epochs:
+                finished = True
+
+
+def progress_line(row: dict, total_steps: int) -> str:
+    """One readable line per logging interval."""
+    parts = [f"step {row['step']}/{total_steps}", f"epoch {row['epoch']}",
+             f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
+             f"{row['tokens_per_second']:,.0f} tokens/s"]
+    if row.get("val_loss") is not None:
+        parts += [f"val_loss {row['val_loss']:.4f}", f"val_perplexity {row['val_perplexity']:.2f}"]
+    return "[aigc-ray] " + " | ".join(parts)
+
+
+def _truncate_metrics(path: Path, after_step: int) -> None:
+    """Drop metric lines a restarted run will write again (steps past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines()
+            if line.strip() and json.loads(line)["step"] <= after_step]
+    path.write_text("".join(line + "\n" for line in keep))
+
+
+# ── the driver ──────────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class TrainSummary:
+    run_dir: Path
+    final_dir: Path
+    steps: int
+    val_perplexity_before: float | None
+    val_perplexity_after: float | None
+    samples: list[dict]
+
+    def line(self) -> str:
+        if self.val_perplexity_before is None or self.val_perplexity_after is None:
+            return f"trained {self.steps} steps; final model in {self.final_dir}"
+        return (f"val_perplexity {self.val_perplexity_before:.2f} → "
+                f"{self.val_perplexity_after:.2f} after {self.steps} steps; "
+                f"final model in {self.final_dir}")
+
+
+def count_steps(cfg: Config, train_dataset, world_size: int) -> tuple[int, bool]:
+    """(total optimizer steps, whether epochs bound the run). Epochs need one counting pass."""
+    if cfg.train.max_steps:
+        return cfg.train.max_steps, False
+    blocks = train_dataset.count()
+    per_worker_batches = blocks // world_size // cfg.train.batch_size
+    steps_per_epoch = per_worker_batches // cfg.train.grad_accum_steps
+    if steps_per_epoch < 1:
+        raise ValueError(f"the training split has {blocks} blocks: too few for one step of "
+                         f"{world_size} worker(s) × train.batch_size {cfg.train.batch_size}; "
+                         "lower train.batch_size or add data")
+    return steps_per_epoch * cfg.train.epochs, True
+
+
+def run_train(cfg: Config) -> TrainSummary:
+    """Fit a `TorchTrainer` from the config; resumes when `run.name` already has checkpoints."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from aigc_ray.cluster import start_ray
+    from aigc_ray.config import to_yaml
+    from aigc_ray.data import build_datasets, check_config
+    from aigc_ray.model import resolve_model_path
+
+    check_config(cfg)  # files exist: fail before Ray starts
+    start_ray()
+    run_dir = cfg.run.dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    model_path = resolve_model_path(cfg)
+    datasets = build_datasets(cfg, model_path)
+    if "val" in datasets:
+        # Read at every evaluation: keep the small validation split in the object store once.
+        datasets["val"] = datasets["val"].materialize()
+    total_steps, epochs_bound = count_steps(cfg, datasets["train"], cfg.scaling.num_workers)
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": cfg.model_dump(), "model_path": model_path,
+                           "run_dir": str(run_dir), "total_steps": total_steps,
+                           "epochs_bound": epochs_bound, "has_val": "val" in datasets},
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                     use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.scaling.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_loss" if "val" in datasets else "step",
+                checkpoint_score_order="min" if "val" in datasets else "max"),
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+
+    final_dir = run_dir / "final"
+    best = _best_checkpoint(result, "val" in datasets)
+    if final_dir.exists():
+        shutil.rmtree(final_dir)
+    best.to_directory(str(final_dir))
+    (final_dir / TRAINING_STATE).unlink(missing_ok=True)
+    shutil.rmtree(final_dir / "adapter", ignore_errors=True)
+
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    plot_loss_curve(rows, run_dir / "loss_curve.png")
+    val_rows = [r for r in rows if r.get("val_perplexity") is not None]
+    summary = TrainSummary(
+        run_dir=run_dir, final_dir=final_dir, steps=max((r["step"] for r in rows), default=0),
+        val_perplexity_before=val_rows[0]["val_perplexity"] if val_rows else None,
+        val_perplexity_after=min((r["val_perplexity"] for r in val_rows), default=None),
+        samples=_last_samples(run_dir / "samples.jsonl"),
+    )
+    return summary
+
+
+def _best_checkpoint(result, has_val: bool):
+    if has_val and result.best_checkpoints:
+        return min(result.best_checkpoints, key=lambda pair: pair[1].get("val_loss", math.inf))[0]
+    return result.checkpoint
+
+
+def _last_samples(path: Path) -> list[dict]:
+    rows = read_metrics(path)
+    last = max((r["step"] for r in rows), default=None)
+    return [r for r in rows if r["step"] == last]
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(rows: list[dict], out: Path) -> None:
+    """Training and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(out.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+

@@ -1,0 +1,66 @@
+"""Shared fixtures: a real local Ray cluster, the sample corpus and the built-in tiny model.
+
+All three are session-scoped and reusable by any test (data, training, serving): Ray starts once
+per test session, the corpus is written once and the tiny model folder is built once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import pytest
+
+from aigc_ray.config import validate
+from aigc_ray.data import document_text
+from aigc_ray.model import materialize_builtin
+from aigc_ray.sample_data import write_sample_corpus
+
+# Workers inherit this; forked tokenizers with threads on 2 cores only slow each other down.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+TINY_MODEL = {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "tokenizer_docs": 400}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Unit tests first: they are fast, and some assert that no Ray cluster is running yet."""
+    items.sort(key=lambda item: 0 if f"{os.sep}unit{os.sep}" in str(item.fspath) else 1)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real local Ray cluster (2 CPUs, no dashboard) for the whole session; yields `ray`."""
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+    # The same settings `aigc_ray.cluster.start_ray` applies after connecting.
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    yield ray
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def sample_corpus(tmp_path_factory) -> dict:
+    """The sample support corpus (400 pairs): {'jsonl': path, 'text': path, 'pairs': 400}."""
+    return write_sample_corpus(tmp_path_factory.mktemp("sample"), num_pairs=400)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, sample_corpus) -> str:
+    """A built-in tiny model folder (GPT-2 architecture, 512-token BPE trained on the sample
+    corpus): an ordinary HF folder that `from_pretrained` and `load_tokenizer` read."""
+    cfg = validate({
+        "model": {"name_or_path": "builtin:tiny", "builtin": dict(TINY_MODEL)},
+        "data": {"path": sample_corpus["jsonl"], "format": "jsonl", "prompt_field": "prompt",
+                 "completion_field": "completion", "block_size": 128},
+        "run": {"output_dir": str(tmp_path_factory.mktemp("runs")), "name": "tests"},
+    })
+    with open(sample_corpus["jsonl"], encoding="utf-8") as f:
+        texts = [document_text(json.loads(line), cfg.data) for line in f]
+    return str(materialize_builtin(cfg, texts))

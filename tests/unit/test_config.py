@@ -1,0 +1,352 @@
+"""Config schema, CLI error handling and the pure (Ray-free) parts of the data pipeline.
+
+Nothing here starts Ray: these run in a second and guard the promise that a user's mistake
+fails early with one line that says what to change.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pyarrow as pa
+import pytest
+import ray
+import yaml
+
+import aigc_ray.cluster
+import aigc_ray.data as data_module
+from aigc_ray.cli import main
+from aigc_ray.config import (
+    Config,
+    ConfigError,
+    load_config,
+    shipped_configs,
+    to_yaml,
+    validate,
+)
+from aigc_ray.data import (
+    DataError,
+    read_documents,
+    resolve_files,
+    split_of,
+    validate_record,
+)
+
+# ── Config ──────────────────────────────────────────────────────────────────────────────────
+
+
+def test_ships_the_three_documented_configs():
+    assert set(shipped_configs()) >= {"tiny_cpu", "tiny_text", "gpt2_gpu"}
+
+
+@pytest.mark.parametrize("name", sorted(shipped_configs()))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    # Each starts with the command that runs it, as the design asks.
+    first_line = shipped_configs()[name].read_text().splitlines()[0]
+    assert first_line.startswith("# aigc-ray ") and name in first_line
+    # The resolved YAML is itself a valid config that resolves to the same thing.
+    assert validate(yaml.safe_load(to_yaml(cfg))) == cfg
+
+
+def test_default_config_is_tiny_cpu():
+    assert load_config(None) == load_config("tiny_cpu")
+    assert load_config(None).model.name_or_path == "builtin:tiny"
+
+
+def test_overrides_patch_nested_keys_with_yaml_types():
+    cfg = load_config(None, ["train.lr=0.01", "scaling.num_workers=4", "data.strict=true",
+                             "train.sample_prompts=[a, b]", "model.builtin.n_layer=3"])
+    assert cfg.train.lr == 0.01
+    assert cfg.scaling.num_workers == 4
+    assert cfg.data.strict is True
+    assert cfg.train.sample_prompts == ["a", "b"]
+    assert cfg.model.builtin.n_layer == 3
+
+
+def _error(overrides: list[str], path: str | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    message = str(info.value)
+    assert "\n" not in message, "a config error is one line"
+    return message
+
+
+def test_negative_lr_names_the_key_and_the_bound():
+    message = _error(["train.lr=-1"])
+    assert message.startswith("train.lr must be > 0")
+    assert message.endswith("got -1")
+
+
+def test_unknown_key_suggests_the_closest_one():
+    message = _error(["train.lrr=1"])
+    assert "train.lrr is not a known key" in message
+    assert "did you mean train.lr?" in message
+    message = _error(["trian.lr=1"])
+    assert "trian is not a known key" in message and "did you mean train?" in message
+
+
+def test_unknown_key_in_yaml_file_is_refused(tmp_path):
+    path = tmp_path / "cfg.yaml"
+    path.write_text("data:\n  block_sise: 64\n")
+    message = _error([], str(path))
+    assert "data.block_sise is not a known key" in message
+    assert "did you mean data.block_size?" in message
+
+
+def test_bad_literal_lists_the_choices():
+    message = _error(["data.format=csv"])
+    assert message.startswith("data.format must be one of")
+    assert "'jsonl'" in message and "'parquet'" in message and message.endswith("got 'csv'")
+
+
+def test_wrong_type_says_what_is_expected():
+    assert _error(["train.batch_size=abc"]) == "train.batch_size must be a whole number, got 'abc'"
+    assert _error(["train.lr=abc"]) == "train.lr must be a number, got 'abc'"
+    assert _error(["data.strict=maybe"]) == "data.strict must be true or false, got 'maybe'"
+
+
+def test_prompt_field_without_completion_field():
+    with pytest.raises(ConfigError, match="^data.prompt_field and data.completion_field must be "
+                                          "set together$"):
+        validate({"data": {"format": "jsonl", "prompt_field": "prompt"}})
+    # The same through an override that removes one of the pair from a shipped config.
+    message = _error(["data.completion_field=null"])
+    assert message == "data.prompt_field and data.completion_field must be set together"
+
+
+def test_text_format_cannot_have_prompt_fields():
+    message = _error(["data.format=text"])  # tiny_cpu sets prompt/completion fields
+    assert message.startswith("data.format text has no fields")
+    assert "jsonl or parquet" in message
+
+
+def test_unknown_builtin_model():
+    message = _error(["model.name_or_path=builtin:huge"])
+    assert message == ("model.name_or_path 'builtin:huge' is not a built-in model "
+                       "(built-in: builtin:tiny)")
+
+
+@pytest.mark.parametrize("override", ["train.lr", "=3", "train..lr=3", ".lr=3"])
+def test_malformed_override(override):
+    assert _error([override]) == f"override {override!r} must look like section.key=value"
+
+
+def test_override_into_a_value_is_refused():
+    assert _error(["train.lr.x=1"]) == "train.lr is a value, not a section; cannot set train.lr.x"
+
+
+def test_yaml_that_is_not_a_mapping(tmp_path):
+    path = tmp_path / "list.yaml"
+    path.write_text("- train\n- lr\n")
+    assert _error([], str(path)) == f"{path} must hold a mapping of sections, got list"
+    with pytest.raises(ConfigError, match="^a config must be a mapping of sections, got list$"):
+        validate(["train"])
+
+
+def test_invalid_yaml_names_the_file_and_line(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("train:\n  lr: 0.1\n  batch_size: [8\n")
+    message = _error([], str(path))
+    assert message.startswith(f"{path} line ")
+    assert "is not valid YAML" in message
+
+
+def test_unknown_config_name_lists_shipped_ones():
+    message = _error([], "no_such_config")
+    assert message.startswith("config 'no_such_config' is neither a file nor a shipped config")
+    assert "tiny_cpu" in message
+
+
+def test_empty_yaml_file_means_all_defaults(tmp_path):
+    path = tmp_path / "empty.yaml"
+    path.write_text("")
+    assert load_config(str(path)) == Config()
+
+
+def test_several_problems_are_counted_in_one_line():
+    message = _error(["train.lr=-1", "train.batch_size=0"])
+    assert message.endswith("(and 1 more problem(s))")
+
+
+# ── CLI ─────────────────────────────────────────────────────────────────────────────────────
+
+
+def test_cli_config_error_is_one_line_on_stderr(capsys):
+    assert main(["config", "train.lr=-1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("\n") == 1 and err.endswith("\n")
+    assert err.startswith("error: train.lr must be > 0")
+
+
+def test_cli_config_prints_resolved_yaml(capsys):
+    assert main(["config", "train.lr=0.01"]) == 0
+    out, err = capsys.readouterr()
+    resolved = yaml.safe_load(out)
+    assert resolved["train"]["lr"] == 0.01
+    assert resolved["model"]["name_or_path"] == "builtin:tiny"
+    assert validate(resolved) == load_config(None, ["train.lr=0.01"])
+
+
+def test_cli_config_takes_a_named_config(capsys):
+    assert main(["config", "tiny_text", "train.max_steps=7"]) == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["data"]["format"] == "text" and resolved["train"]["max_steps"] == 7
+
+
+def test_cli_argument_after_config_must_be_key_value(capsys):
+    assert main(["config", "tiny_cpu", "train.lr"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("error: 'train.lr' is not key=value; only the first argument may name a "
+                   "config\n")
+
+
+def test_cli_data_with_missing_file_fails_before_ray_starts(capsys, monkeypatch):
+    calls = []
+    monkeypatch.setattr(aigc_ray.cluster, "start_ray", lambda *a, **k: calls.append(a))
+    was_running = ray.is_initialized()
+    assert main(["data", "data.path=/nonexistent/x.jsonl"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: data.path /nonexistent/x.jsonl does not exist\n"
+    assert calls == []
+    assert ray.is_initialized() is was_running
+    if not was_running:  # the normal case: unit tests run before any fixture starts Ray
+        assert ray.is_initialized() is False
+
+
+def test_cli_missing_sample_corpus_says_how_to_write_it(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no data/sample here
+    assert main(["data"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "data.path data/sample/support.jsonl does not exist" in err
+    assert "aigc-ray sample-data data/sample" in err
+
+
+# ── Data: split ─────────────────────────────────────────────────────────────────────────────
+
+
+def test_split_is_deterministic_and_roughly_the_fraction():
+    documents = [f"document number {i}: some text" for i in range(10_000)]
+    first = [split_of(doc, 0.1) for doc in documents]
+    assert first == [split_of(doc, 0.1) for doc in documents]
+    val = first.count("val")
+    assert 900 <= val <= 1100  # 10% of 10k, ± more than 3 standard deviations (30)
+    assert set(first) == {"train", "val"}
+
+
+def test_split_grows_val_without_moving_documents_back_to_train():
+    documents = [f"doc {i}" for i in range(5_000)]
+    small = {doc for doc in documents if split_of(doc, 0.05) == "val"}
+    large = {doc for doc in documents if split_of(doc, 0.2) == "val"}
+    assert small < large
+    assert 150 <= len(small) <= 350 and 850 <= len(large) <= 1150
+
+
+def test_split_edges():
+    documents = [f"doc {i}" for i in range(2_000)]
+    assert {split_of(doc, 0.0) for doc in documents} == {"train"}
+    assert split_of("héllo wörld ✓", 0.5) == split_of("héllo wörld ✓", 0.5)
+    split_of("lone surrogate \ud800", 0.5)  # must not raise on text json.loads can produce
+
+
+# ── Data: files ─────────────────────────────────────────────────────────────────────────────
+
+
+def _data(**fields):
+    return validate({"data": {"format": "jsonl", "prompt_field": None,
+                              "completion_field": None, **fields}}).data
+
+
+def test_resolve_a_single_file(tmp_path):
+    path = tmp_path / "a.jsonl"
+    path.write_text("{}\n")
+    assert resolve_files(_data(path=str(path))) == [str(path)]
+
+
+def test_resolve_a_directory_recursively_sorted_without_hidden_files(tmp_path):
+    (tmp_path / "sub").mkdir()
+    for name in ["b.jsonl", "a.jsonl", "sub/c.jsonl", ".hidden.jsonl", "_SUCCESS"]:
+        (tmp_path / name).write_text("{}\n")
+    assert resolve_files(_data(path=str(tmp_path))) == [
+        str(tmp_path / "a.jsonl"), str(tmp_path / "b.jsonl"), str(tmp_path / "sub" / "c.jsonl")]
+
+
+def test_resolve_a_glob(tmp_path):
+    for name in ["part-1.jsonl", "part-0.jsonl", "notes.txt"]:
+        (tmp_path / name).write_text("{}\n")
+    files = resolve_files(_data(path=str(tmp_path / "part-*.jsonl")))
+    assert files == [str(tmp_path / "part-0.jsonl"), str(tmp_path / "part-1.jsonl")]
+
+
+def test_resolve_a_list_of_paths_keeps_their_order(tmp_path):
+    for name in ["x.jsonl", "y.jsonl"]:
+        (tmp_path / name).write_text("{}\n")
+    paths = [str(tmp_path / "y.jsonl"), str(tmp_path / "x.jsonl")]
+    assert resolve_files(_data(path=paths)) == paths
+
+
+def test_resolve_missing_paths_say_what_is_wrong(tmp_path):
+    with pytest.raises(DataError, match=r"^data.path .*nope.jsonl does not exist$"):
+        resolve_files(_data(path=str(tmp_path / "nope.jsonl")))
+    with pytest.raises(DataError, match="matches no files"):
+        resolve_files(_data(path=str(tmp_path / "*.parquet")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="is an empty directory"):
+        resolve_files(_data(path=str(tmp_path / "empty")))
+    with pytest.raises(DataError, match="holds no data-\\*.arrow files"):
+        resolve_files(_data(path=str(tmp_path / "empty"), format="hf"))
+
+
+# ── Data: records ───────────────────────────────────────────────────────────────────────────
+
+
+def test_validate_record_for_text():
+    data = _data(text_field="body")
+    assert validate_record({"body": "hello", "id": 3}, data) == {"body": "hello"}
+    assert validate_record({"text": "hello"}, data) == "missing_field"
+    assert validate_record({"body": None}, data) == "missing_field"
+    assert validate_record({"body": 3}, data) == "wrong_type"
+    assert validate_record({"body": ["a"]}, data) == "wrong_type"
+    assert validate_record({"body": ""}, data) == "empty_text"
+    assert validate_record({"body": " \n\t"}, data) == "empty_text"
+    assert validate_record("invalid_json", data) == "invalid_json"  # reasons pass through
+
+
+def test_validate_record_for_pairs():
+    data = _data(prompt_field="q", completion_field="a")
+    assert validate_record({"q": "Hi?", "a": " Hello.", "id": 1}, data) == {"q": "Hi?",
+                                                                           "a": " Hello."}
+    assert validate_record({"q": "Hi?"}, data) == "missing_field"
+    assert validate_record({"q": 1, "a": "x"}, data) == "wrong_type"
+    assert validate_record({"q": "Hi?", "a": "  "}, data) == "empty_text"
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 5, 7, 64])
+def test_iter_lines_across_chunk_boundaries(monkeypatch, chunk):
+    monkeypatch.setattr(data_module, "READ_CHUNK_BYTES", chunk)
+    raw = b"first line\n\nthird, a longer line than any chunk\r\n\xff\xfe\nlast without newline"
+    lines = list(data_module._iter_lines(io.BytesIO(raw)))
+    assert lines == list(enumerate(raw.split(b"\n"), start=1))
+    # A trailing newline ends the last line; it does not start an empty one.
+    assert list(data_module._iter_lines(io.BytesIO(b"a\nb\n"))) == [(1, b"a"), (2, b"b")]
+    assert list(data_module._iter_lines(io.BytesIO(b""))) == []
+
+
+def test_read_documents_counts_and_strict_line_numbers(tmp_path):
+    """The read step alone (no Ray: stats=None), on every kind of bad row."""
+    lines = [json.dumps({"text": "good one"}).encode(), b"{not json", json.dumps([1]).encode(),
+             json.dumps({"other": "x"}).encode(), json.dumps({"text": 5}).encode(),
+             json.dumps({"text": " "}).encode(), b"", b'{"text": "caf\xff"}',
+             json.dumps({"text": "good two"}).encode()]
+    raw = b"\n".join(lines) + b"\n"
+    data = _data(val_fraction=0.0)
+    tables = list(read_documents(io.BytesIO(raw), "corpus.jsonl", data, None, None))
+    assert pa.concat_tables(tables).column("text").to_pylist() == ["good one", "good two"]
+
+    strict = _data(val_fraction=0.0, strict=True)
+    with pytest.raises(DataError, match=r"^corpus.jsonl line 2: invalid json \(data.strict"):
+        list(read_documents(io.BytesIO(raw), "corpus.jsonl", strict, None, None))
