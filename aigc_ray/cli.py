@@ -121,9 +121,13 @@ def _user_error(exc: BaseException) -> str | None:
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
-        if isinstance(exc, (ConfigError, DataError)):
-            return str(exc)
-        exc = getattr(exc, "cause", None) or exc.__cause__ or exc.__context__
+        # Ray re-raises a task's error as RayTaskError(DataError): a DataError too, but its str
+        # is the remote traceback; the original is its `cause`.
+        cause = getattr(exc, "cause", None)
+        if isinstance(exc, (ConfigError, DataError)) and cause is None:
+            # Ray Data appends retry advice to the message as further lines; ours is the first.
+            return str(exc).splitlines()[0]
+        exc = cause or exc.__cause__ or exc.__context__
     return None
 
 

@@ -63,6 +63,9 @@ class Data(Section):
     strict: bool = False  # fail on the first bad row instead of skipping and counting it
     tokenize_batch_size: int = Field(256, ge=1)  # documents per tokenizer call
     tokenizer_actors: int = Field(1, ge=1)  # one tokenizer actor per spare core is plenty
+    # Logical CPUs per read task and tokenizer actor: light work that interleaves with training,
+    # so a fraction leaves whole CPUs to the trainers (with 0 spare CPUs, reads would never run).
+    cpus_per_task: float = Field(0.25, gt=0)
 
     @property
     def supervised(self) -> bool:

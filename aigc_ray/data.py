@@ -28,6 +28,7 @@ READ_CHUNK_BYTES = 1 << 20
 SKIP_REASONS = ("invalid_json", "missing_field", "wrong_type", "empty_text", "undecodable",
                 "prompt_too_long")
 GLOB_CHARS = set("*?[")
+ROW_COLUMN = "_aigc_row"  # "path:line" of each document: keys tokenizer counts per batch
 
 
 class DataError(ValueError):
@@ -239,7 +240,7 @@ def read_documents(f, path: str, data: Data, split: str | None, stats) -> Iterat
             side = split_of(document_text(row, data), data.val_fraction)
             counts[f"documents.{side}"] += 1
             if split is None or side == split:
-                rows.append(row)
+                rows.append({**row, ROW_COLUMN: f"{path}:{number}"})
         if number - first + 1 >= ROWS_PER_BLOCK:
             yield from _flush(rows, counts, stats, path, first, data)
             rows, counts, first = [], Counter(), number + 1
@@ -251,7 +252,7 @@ def _flush(rows, counts, stats, path, first, data: Data) -> Iterator[pa.Table]:
         ray_get(stats.record.remote(f"read:{path}:{first}", dict(counts)))
     if rows:
         names = ([data.prompt_field, data.completion_field] if data.supervised
-                 else [data.text_field])
+                 else [data.text_field]) + [ROW_COLUMN]
         yield pa.table({name: [row[name] for row in rows] for name in names})
 
 
@@ -291,13 +292,13 @@ class TokenizeAndPack:
         if self.data.supervised:
             out = self._pairs(list(batch[self.data.prompt_field]),
                               list(batch[self.data.completion_field]), counts)
-            key_text = str(batch[self.data.prompt_field][0])
         else:
             out = self._packed(list(batch[self.data.text_field]), counts)
-            key_text = str(batch[self.data.text_field][0])
         if self.stats is not None:
-            digest = hashlib.blake2b(key_text.encode(), digest_size=8).hexdigest()
-            key = f"tokenize:{self.split}:{digest}:{len(next(iter(batch.values())))}"
+            # The batch's first row and length name it: unique in a pass even when documents
+            # repeat, and the same when a retried task sends it again.
+            rows = batch[ROW_COLUMN]
+            key = f"tokenize:{self.split}:{rows[0]}:{len(rows)}"
             ray_get(self.stats.record.remote(key, dict(counts)))
         return out
 
@@ -396,7 +397,8 @@ def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
     import ray
 
     files = files if files is not None else resolve_files(cfg.data)
-    return ray.data.read_datasource(CorpusDatasource.create(files, cfg.data, split, stats))
+    return ray.data.read_datasource(CorpusDatasource.create(files, cfg.data, split, stats),
+                                    ray_remote_args={"num_cpus": cfg.data.cpus_per_task})
 
 
 def build_datasets(cfg: Config, tokenizer_path: str, stats=None) -> dict:
@@ -419,6 +421,7 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None) -> dict:
                                    "trust_remote_code": cfg.model.trust_remote_code},
             batch_size=cfg.data.tokenize_batch_size,
             compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenizer_actors),
+            num_cpus=cfg.data.cpus_per_task,
             batch_format="numpy",
         )
     return datasets

@@ -406,18 +406,12 @@ def test_cli_strict_mode_exits_2_naming_file_and_line(strict_cli_run):
     assert f"{path} line 3: undecodable (data.strict is true" in err
 
 
-@pytest.mark.xfail(strict=True, reason="bug in aigc_ray.cli._user_error: a DataError raised in a "
-                   "Ray task arrives as RayTaskError(DataError), itself a DataError whose str is "
-                   "the remote traceback; and Ray Data appends retry advice lines to the message")
 def test_cli_strict_mode_error_is_one_line(strict_cli_run):
     _, _, err, path = strict_cli_run
     assert err == (f"error: {path} line 3: undecodable (data.strict is true; set it false to skip "
                    "and count bad rows)\n")
 
 
-@pytest.mark.xfail(strict=True, reason="bug in TokenizeAndPack: stats are keyed by the batch's "
-                   "first text and length, so two batches starting with the same document "
-                   "overwrite each other's counts")
 def test_duplicate_documents_are_all_counted(tmp_path, tiny_model_dir, tokenizer):
     docs = ["Thanks!", "A first, longer document with many words.", "Thanks!", "Short."]
     path = tmp_path / "dup.txt"
