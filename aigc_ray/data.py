@@ -398,7 +398,7 @@ def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
 
     files = files if files is not None else resolve_files(cfg.data)
     return ray.data.read_datasource(CorpusDatasource.create(files, cfg.data, split, stats),
-                                    ray_remote_args={"num_cpus": cfg.data.cpus_per_task})
+                                    num_cpus=cfg.data.cpus_per_task)
 
 
 def build_datasets(cfg: Config, tokenizer_path: str, stats=None) -> dict:
