@@ -401,7 +401,7 @@ def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
                                     num_cpus=cfg.data.cpus_per_task)
 
 
-def build_datasets(cfg: Config, tokenizer_path: str, stats=None) -> dict:
+def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> dict:
     """{'train': Dataset, 'val': Dataset} of packed blocks, ready for `get_dataset_shard`.
 
     Each has columns `input_ids`, `attention_mask`, `labels` ([block_size] int arrays).
@@ -409,7 +409,7 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None) -> dict:
     """
     import ray
 
-    files = resolve_files(cfg.data)
+    files = files if files is not None else resolve_files(cfg.data)  # listed once per run
     splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
     datasets = {}
     for split in splits:

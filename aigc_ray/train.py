@@ -410,13 +410,13 @@ def run_train(cfg: Config) -> TrainSummary:
     from aigc_ray.data import build_datasets, check_config
     from aigc_ray.model import resolve_model_path
 
-    check_config(cfg)  # files exist: fail before Ray starts
+    files = check_config(cfg)  # files exist: fail before Ray starts
     start_ray()
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
     model_path = resolve_model_path(cfg)
-    datasets = build_datasets(cfg, model_path)
+    datasets = build_datasets(cfg, model_path, files=files)
     if "val" in datasets:
         # Read at every evaluation: keep the small validation split in the object store once.
         datasets["val"] = datasets["val"].materialize()
