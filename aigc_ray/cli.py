@@ -65,6 +65,22 @@ def cmd_sample_data(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from aigc_ray.serve import run_serve, serve_config, write_serve_config
+
+    path, cfg = serve_config(ns.checkpoint, ns.overrides)  # before Ray starts
+    if ns.build:
+        print(f"wrote {write_serve_config(path, cfg, ns.build)} "
+              f"(serve deploy {ns.build}, or a RayService's serveConfigV2)")
+        return 0
+    reply = run_serve(path, cfg, once=ns.once)
+    if reply is not None:
+        choice = reply["choices"][0]
+        print(f"prompt {ns.once!r}\n     → {choice['text']!r}  ({choice['finish_reason']}, "
+              f"{reply['usage']['completion_tokens']} tokens from {reply['model']})")
+    return 0
+
+
 def not_built(issue: int) -> Callable[[argparse.Namespace], int]:
     def command(ns: argparse.Namespace) -> int:
         print(f"error: `aigc-ray {ns.command}` is not built yet (tracked in issue {issue})",
@@ -79,7 +95,6 @@ COMMANDS = {
     "train": ("fine-tune a causal LM on Ray Train workers (DDP); rerun to resume", cmd_train,
               True),
     "tune": ("search hyperparameters with Ray Tune", not_built(4), True),
-    "serve": ("serve a checkpoint with Ray Serve over an OpenAI-style HTTP API", not_built(5), True),
     "generate": ("batch generation over a Ray Data dataset", not_built(7), True),
     "eval": ("perplexity, ROUGE-L and BLEU of a checkpoint", not_built(7), True),
     "submit": ("submit a job spec to a Ray cluster", not_built(6), False),
@@ -111,6 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--pairs", type=int, default=4000, help="question/answer pairs (4000)")
     sample.add_argument("--seed", type=int, default=0, help="random seed (0)")
     sample.set_defaults(handler=cmd_sample_data)
+    serve = sub.add_parser(
+        "serve", help="serve a checkpoint with Ray Serve over an OpenAI-style HTTP API",
+        description="Deploy a Hugging Face causal-LM folder (a run's final/, a checkpoint, or "
+        "your own model) as a Ray Serve app answering /v1/completions, /v1/chat/completions, "
+        "/v1/models and /healthz. The folder's config.yaml serve section is the base.",
+        epilog="key=value pairs override serve.* settings, e.g. serve.port=8001 "
+        "serve.autoscaling.max_replicas=4 serve.max_batch_size=32")
+    serve.add_argument("checkpoint", metavar="CHECKPOINT")
+    serve.add_argument("overrides", nargs="*", metavar="serve.key=value")
+    serve.add_argument("--build", metavar="FILE",
+                       help="write a Ray Serve config file (serve deploy / KubeRay) and exit")
+    serve.add_argument("--once", metavar="PROMPT",
+                       help="deploy, answer PROMPT through the HTTP API, print it, shut down")
+    serve.set_defaults(handler=cmd_serve)
     return parser
 
 

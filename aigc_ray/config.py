@@ -140,16 +140,66 @@ class Tune(Section):
     search_space: dict[str, Any] = {}
 
 
+class Autoscaling(Section):
+    min_replicas: int = Field(1, ge=0)  # one warm replica: no cold start on the first request
+    max_replicas: int = Field(2, ge=1)  # two fit a 2-core laptop; raise it on a cluster
+    initial_replicas: int | None = Field(None, ge=0)  # None: start at min_replicas
+    # Requests in flight per replica that Serve aims for: one full batch keeps a replica busy.
+    target_ongoing_requests: float = Field(8, gt=0)
+    upscale_delay_s: float = Field(30.0, ge=0)  # Ray's default: sustained load, not a spike
+    downscale_delay_s: float = Field(600.0, ge=0)  # Ray's default: keep warm replicas a while
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Autoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"serve.autoscaling.min_replicas ({self.min_replicas}) must be <= "
+                             f"serve.autoscaling.max_replicas ({self.max_replicas})")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(f"serve.autoscaling.initial_replicas ({initial}) must lie between "
+                             f"min_replicas ({self.min_replicas}) and max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
 class Serve(Section):
-    host: str = "127.0.0.1"  # loopback unless the user opens it up
-    port: int = Field(8000, ge=1, le=65535)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    max_batch_size: int = Field(8, ge=1)
-    batch_wait_timeout_s: float = Field(0.01, ge=0)
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(2, ge=1)
-    max_new_tokens: int = Field(64, ge=1)
+    host: str = "127.0.0.1"  # loopback unless the user opens it up (0.0.0.0 on a cluster)
+    port: int = Field(8000, ge=1, le=65535)  # Ray Serve's usual port
+    app_name: str = Field("aigc-ray", min_length=1)  # the Serve application's name
+    route_prefix: str = Field("/", pattern=r"^/")  # the API lives at {route_prefix}v1/...
+    model_name: str | None = None  # the id clients send; None: the checkpoint's run/folder name
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 GPU, fp32 CPU
+    # int8 dynamic quantization of linear layers, CPU only; measure before turning it on.
+    quantize: Literal["none", "int8"] = "none"
+    cpus_per_replica: float = Field(1.0, gt=0)  # also the replica's torch threads (at least 1)
+    gpus_per_replica: float = Field(1.0, gt=0)  # used only when the device is cuda
+    max_batch_size: int = Field(16, ge=1)  # rows per forward pass; CPU steps cost ~flat to 16
+    batch_wait_timeout_s: float = Field(0.005, ge=0)  # what a lone request waits for company
+    autoscaling: Autoscaling = Autoscaling()
+    # In flight per replica: a running batch plus a full one waiting, so no step idles.
+    max_ongoing_requests: int = Field(32, ge=1)
+    # Waiting at the ingress for a free replica; past it a request gets 503 at once (-1: no cap).
+    max_queued_requests: int = Field(64, ge=-1)
+    retry_after_s: int = Field(1, ge=0)  # the Retry-After a 503 carries
+    default_max_tokens: int = Field(64, ge=1)  # when a request names no max_tokens
+    max_tokens: int = Field(1024, ge=1)  # the most one request may ask for: bounds its decode time
+    max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies get 413
+    # Requests must carry `Authorization: Bearer <key>` when set (or AIGC_RAY_API_KEY is set).
+    api_key: str | None = None
+    ingress_replicas: int = Field(1, ge=1)  # the HTTP layer is light: one keeps up with many models
+    health_check_period_s: float = Field(10.0, gt=0)  # Ray's default
+    health_check_timeout_s: float = Field(30.0, gt=0)  # Ray's default
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Serve:
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"serve.default_max_tokens ({self.default_max_tokens}) must be <= "
+                             f"serve.max_tokens ({self.max_tokens})")
+        if self.quantize == "int8" and self.device == "cuda":
+            raise ValueError("serve.quantize int8 runs on CPU only; set serve.device=cpu "
+                             "or serve.quantize=none")
+        return self
 
 
 class Run(Section):
