@@ -1,0 +1,384 @@
+"""The Serve app end to end: real Ray, real Serve, real HTTP, the tiny model.
+
+One app (module-scoped) answers the protocol tests; overload, autoscaling and replica-kill tests
+each deploy their own small app beside it with short delays and delete it afterwards.
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from transformers import AutoModelForCausalLM
+
+from aigc_ray.model import load_tokenizer
+from aigc_ray.serve import build_app, model_name_for, serve_config
+
+API_KEY = "test-key"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+PROMPTS = [
+    "Customer: I want a refund for my Orbit Watch.\nAgent:",
+    "Hi",
+    "Customer: How do I reset my password for Nimbus Drive? It keeps failing.\nAgent:",
+    "Customer: Where is my order?\nAgent:",
+]
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}Agent:{% endif %}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def serve_port(ray_cluster):
+    """Serve's HTTP proxy on a free port for this module; shut down after it."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield port
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a chat template in its tokenizer (so /v1/chat/completions works)."""
+    folder = tmp_path_factory.mktemp("chat") / "final"
+    shutil.copytree(tiny_model_dir, folder)
+    tokenizer = load_tokenizer(str(folder))
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def deploy(name: str, folder, port: int, *overrides: str) -> dict:
+    """Run an app under /{name}; returns its base URL (add /v1/... to it) and model id."""
+    from ray import serve
+
+    path, cfg = serve_config(str(folder), [
+        f"serve.app_name={name}", f"serve.route_prefix=/{name}", f"serve.port={port}",
+        "serve.cpus_per_replica=0.5", *overrides])
+    serve.run(build_app(path, cfg), name=name, route_prefix=f"/{name}")
+    return {"url": f"http://127.0.0.1:{port}/{name}", "model": model_name_for(path, cfg),
+            "path": path, "name": name}
+
+
+@pytest.fixture(scope="module")
+def app(serve_port, chat_model_dir):
+    from ray import serve
+
+    # A wide batch window makes concurrent test requests land in one batch reliably.
+    info = deploy("main", chat_model_dir, serve_port, f"serve.api_key={API_KEY}",
+                  "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05")
+    yield info
+    serve.delete("main")
+
+
+def complete(url: str, timeout: float = 60, **body) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json=body, headers=AUTH, timeout=timeout)
+
+
+def test_openai_client_completes_streams_chats_and_lists_models(app):
+    from openai import OpenAI
+
+    client = OpenAI(base_url=app["url"] + "/v1", api_key=API_KEY, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [app["model"]]
+
+    done = client.completions.create(model=app["model"], prompt=PROMPTS[0], max_tokens=8,
+                                     temperature=0)
+    tokenizer = load_tokenizer(str(app["path"]))
+    assert done.usage.prompt_tokens == len(tokenizer(PROMPTS[0])["input_ids"])
+    assert 1 <= done.usage.completion_tokens <= 8
+    assert done.choices[0].finish_reason in ("length", "stop")
+
+    chunks = list(client.completions.create(model=app["model"], prompt=PROMPTS[0], max_tokens=8,
+                                            temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == done.choices[0].text  # streaming returns the same greedy text
+    assert chunks[-1].usage.completion_tokens == done.usage.completion_tokens
+
+    chat = client.chat.completions.create(
+        model=app["model"], messages=[{"role": "user", "content": "Where is my order?"}],
+        max_tokens=6, temperature=0)
+    assert chat.choices[0].message.role == "assistant"
+    assert chat.usage.completion_tokens >= 1
+    streamed = client.chat.completions.create(
+        model=app["model"], messages=[{"role": "user", "content": "Where is my order?"}],
+        max_tokens=6, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == \
+        chat.choices[0].message.content
+
+
+def test_raw_stream_is_server_sent_events_ending_in_done(app):
+    with httpx.stream("POST", app["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                      json={"prompt": "Hi", "max_tokens": 5, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in events)
+    assert events[-1] == "data: [DONE]"
+    assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] is not None
+
+
+def test_greedy_output_equals_generate_single_and_batched(app):
+    tokenizer = load_tokenizer(str(app["path"]))
+    model = AutoModelForCausalLM.from_pretrained(app["path"]).eval()
+    expected = []
+    for prompt in PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt")
+        out = model.generate(**ids, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        expected.append(out[0, ids["input_ids"].shape[1]:].tolist())
+
+    def token_ids(prompt):
+        body = complete(app["url"], prompt=prompt, max_tokens=12, temperature=0,
+                        return_token_ids=True).json()
+        return body["choices"][0]["token_ids"]
+
+    assert token_ids(PROMPTS[0]) == expected[0]  # alone
+    with ThreadPoolExecutor(len(PROMPTS)) as pool:  # concurrent: batched on the replica
+        assert list(pool.map(token_ids, PROMPTS)) == expected
+    # One request with a list of prompts of different lengths: left-padded in one batch.
+    body = complete(app["url"], prompt=PROMPTS, max_tokens=12, temperature=0,
+                    return_token_ids=True).json()
+    assert [c["token_ids"] for c in body["choices"]] == expected
+    assert body["usage"]["prompt_tokens"] == sum(len(tokenizer(p)["input_ids"]) for p in PROMPTS)
+
+
+def test_seeded_sampling_repeats_and_n_choices_differ(app):
+    body = dict(prompt=PROMPTS[1], max_tokens=10, temperature=1.0, top_p=0.9, seed=7, n=2)
+    first, again = complete(app["url"], **body).json(), complete(app["url"], **body).json()
+    texts = [c["text"] for c in first["choices"]]
+    assert texts == [c["text"] for c in again["choices"]]
+    assert texts[0] != texts[1]  # choice j is seeded with seed + j
+    assert first["usage"]["completion_tokens"] <= 2 * 10
+    assert len(first["choices"]) == 2 and [c["index"] for c in first["choices"]] == [0, 1]
+
+
+def test_stop_string_cuts_the_text(app):
+    plain = complete(app["url"], prompt=PROMPTS[0], max_tokens=20, temperature=0).json()
+    text = plain["choices"][0]["text"]
+    stop = text[3:5]  # a piece of the greedy reply; the reply must end right before it
+    cut = complete(app["url"], prompt=PROMPTS[0], max_tokens=20, temperature=0,
+                   stop=[stop]).json()["choices"][0]
+    assert cut["finish_reason"] == "stop"
+    assert cut["text"] == text[:text.index(stop)]
+
+
+def metric_samples(name: str, app_name: str) -> list:
+    """Samples of one of our Prometheus metrics for one app, from the node's metrics export."""
+    import ray
+    from prometheus_client.parser import text_string_to_metric_families
+
+    node = ray.nodes()[0]
+    text = httpx.get(f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics",
+                     timeout=10).text
+    return [s for family in text_string_to_metric_families(text) for s in family.samples
+            if s.name.startswith(name) and s.labels.get("application") == app_name]
+
+
+def test_concurrent_requests_are_batched_per_metrics(app):
+    with ThreadPoolExecutor(8) as pool:
+        replies = list(pool.map(lambda p: complete(app["url"], prompt=p, max_tokens=16,
+                                                   temperature=0), PROMPTS * 2))
+    assert all(r.status_code == 200 for r in replies)
+    deadline = time.time() + 60  # Ray exports metrics every few seconds
+    while True:
+        batches = metric_samples("ray_aigc_ray_batch_size", "main")
+        count = sum(s.value for s in batches if s.name.endswith("_count"))
+        singles = sum(s.value for s in batches if s.name.endswith("_bucket")
+                      and s.labels["le"] == "1.0")
+        tokens = sum(s.value for s in metric_samples("ray_aigc_ray_tokens_generated", "main"))
+        ttft = metric_samples("ray_aigc_ray_time_to_first_token_seconds_count", "main")
+        tpot = metric_samples("ray_aigc_ray_time_per_output_token_seconds_count", "main")
+        if count - singles > 0 and tokens > 0 and ttft and tpot or time.time() > deadline:
+            break
+        time.sleep(2)
+    assert count - singles > 0, f"no batch of more than one request among {count} batches"
+    assert tokens >= 16 * 8 and ttft and tpot
+
+
+BAD_REQUESTS = [
+    # (what, body or raw bytes, headers, status, words the error message must contain)
+    ("empty prompt", {"prompt": ""}, AUTH, 400, "empty"),
+    ("max_tokens 0", {"prompt": "Hi", "max_tokens": 0}, AUTH, 400, "max_tokens"),
+    ("max_tokens too big", {"prompt": "Hi", "max_tokens": 5000}, AUTH, 400, "1024"),
+    ("prompt + max_tokens over the context", {"prompt": "Hi " * 60, "max_tokens": 100}, AUTH,
+     400, "128 tokens"),
+    ("not JSON", b"{oops", AUTH, 422, "JSON"),
+    ("prompt of the wrong type", {"prompt": 42}, AUTH, 422, "prompt"),
+    ("missing prompt", {"max_tokens": 3}, AUTH, 422, "prompt"),
+    ("oversized body", {"prompt": "x" * 1_100_000}, AUTH, 413, "larger than"),
+    ("no API key", {"prompt": "Hi"}, {}, 401, "API key"),
+    ("wrong API key", {"prompt": "Hi"}, {"Authorization": "Bearer nope"}, 401, "API key"),
+    ("unknown model", {"prompt": "Hi", "model": "gpt-9"}, AUTH, 404, "gpt-9"),
+]
+
+
+def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(app):
+    for what, body, headers, status, words in BAD_REQUESTS:
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        response = httpx.post(app["url"] + "/v1/completions", content=content, timeout=60,
+                              headers={"Content-Type": "application/json", **headers})
+        assert response.status_code == status, (what, response.text)
+        error = response.json()["error"]
+        assert words in error["message"] and error["type"], (what, error)
+    too_long = complete(app["url"], prompt="Hi " * 60, max_tokens=100).json()["error"]["message"]
+    assert "100" in too_long  # the message says the numbers
+    assert httpx.get(app["url"] + "/healthz", timeout=60).json()["status"] == "ok"
+    assert complete(app["url"], prompt="Hi", max_tokens=3).status_code == 200
+
+
+def test_overload_gets_fast_503s_and_loses_no_accepted_request(serve_port, chat_model_dir):
+    from ray import serve
+
+    app = deploy("overload", chat_model_dir, serve_port, "serve.max_ongoing_requests=2",
+                 "serve.max_queued_requests=2", "serve.max_batch_size=2", "serve.retry_after_s=2",
+                 "serve.autoscaling.max_replicas=1")
+    try:
+        def call(_):
+            start = time.time()
+            response = complete(app["url"], prompt="Hi", max_tokens=100, temperature=0)
+            return response, time.time() - start
+
+        with ThreadPoolExecutor(24) as pool:
+            results = list(pool.map(call, range(24)))
+        ok = [r for r, _ in results if r.status_code == 200]
+        rejected = [(r, s) for r, s in results if r.status_code == 503]
+        assert len(ok) + len(rejected) == 24, [r.status_code for r, _ in results]
+        assert len(ok) >= 2 and rejected
+        for response, seconds in rejected:
+            assert response.headers["Retry-After"] == "2"
+            assert response.json()["error"]["code"] == "overloaded"
+            assert seconds < 5  # answered at once, not after the queue drained
+        for response in ok:  # every accepted request ran to the end
+            assert response.json()["choices"][0]["finish_reason"] in ("length", "stop")
+        assert httpx.get(app["url"] + "/healthz", timeout=60).status_code == 200
+    finally:
+        serve.delete("overload")
+
+
+class Load:
+    """Background threads sending completions until stopped; counts outcomes."""
+
+    def __init__(self, url: str, threads: int, max_tokens: int = 40):
+        self.url, self.max_tokens = url, max_tokens
+        self.ok = self.failed = 0
+        self.stopped = threading.Event()
+        self.threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def _run(self):
+        while not self.stopped.is_set():
+            try:
+                response = complete(self.url, prompt="Hi", max_tokens=self.max_tokens,
+                                    timeout=30)
+                good = response.status_code == 200
+            except httpx.HTTPError:
+                good = False
+            if good:
+                self.ok += 1
+            else:
+                self.failed += 1
+
+    def stop(self):
+        self.stopped.set()
+        for thread in self.threads:
+            thread.join()
+
+
+def running_replicas(app_name: str) -> int:
+    from ray import serve
+
+    deployment = serve.status().applications[app_name].deployments["Generator"]
+    return deployment.replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, timeout: float, every: float = 0.5) -> bool:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(every)
+    return False
+
+
+@pytest.mark.slow
+def test_autoscaling_adds_a_replica_under_load_and_removes_it_after(serve_port, chat_model_dir):
+    from ray import serve
+
+    app = deploy("scale", chat_model_dir, serve_port, "serve.autoscaling.min_replicas=1",
+                 "serve.autoscaling.max_replicas=2", "serve.autoscaling.target_ongoing_requests=1",
+                 "serve.autoscaling.upscale_delay_s=1", "serve.autoscaling.downscale_delay_s=2",
+                 "serve.autoscaling.look_back_period_s=2")
+    try:
+        assert running_replicas("scale") == 1
+        load = Load(app["url"], threads=6)
+        try:
+            scaled_up = wait_for(lambda: running_replicas("scale") == 2, timeout=90)
+        finally:
+            load.stop()
+        assert scaled_up, "sustained load did not bring a second replica"
+        assert wait_for(lambda: running_replicas("scale") == 1, timeout=90), \
+            "the second replica stayed after the load stopped"
+        assert load.failed == 0 and load.ok > 0
+    finally:
+        serve.delete("scale")
+
+
+@pytest.mark.slow
+def test_killing_a_replica_under_load_recovers(serve_port, chat_model_dir):
+    from ray import serve
+
+    app = deploy("kill", chat_model_dir, serve_port, "serve.autoscaling.min_replicas=2",
+                 "serve.autoscaling.max_replicas=2")
+    handle = serve.get_deployment_handle("Generator", "kill")
+    try:
+        pids = set()
+        assert wait_for(lambda: pids.add(handle.pid.remote().result()) or len(pids) == 2, 30, 0)
+        load = Load(app["url"], threads=4)
+        try:
+            time.sleep(2)
+            victim = sorted(pids)[0]  # a replica process this test deployed
+            os.kill(victim, signal.SIGKILL)
+            replaced = wait_for(lambda: running_replicas("kill") == 2 and victim not in {
+                handle.pid.remote().result() for _ in range(4)}, timeout=90)
+            time.sleep(2)  # keep the load on the recovered app a little
+        finally:
+            load.stop()
+        total = load.ok + load.failed
+        share = load.failed / max(total, 1)
+        print(f"\nreplica {victim} killed under load: {load.failed}/{total} requests failed "
+              f"({share:.1%})")
+        assert replaced, "the killed replica was not replaced"
+        assert load.ok > 0 and share < 0.2
+        assert complete(app["url"], prompt="Hi", max_tokens=3).status_code == 200
+    finally:
+        serve.delete("kill")
+
+
+@pytest.mark.slow
+def test_cli_once_deploys_answers_over_http_and_shuts_down(chat_model_dir, tmp_path):
+    """`aigc-ray serve CHECKPOINT --once PROMPT`, what `make demo` runs, in its own process."""
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    result = subprocess.run(
+        [sys.executable, "-m", "aigc_ray", "serve", str(chat_model_dir), "--once", "Hi",
+         f"serve.port={free_port()}", "serve.cpus_per_replica=0.5", "serve.default_max_tokens=5"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "→" in result.stdout and "tokens from" in result.stdout
