@@ -40,7 +40,7 @@ def cmd_data(ns: argparse.Namespace) -> int:
 
     cfg = _config(ns)
     files = check_config(cfg)  # before Ray starts
-    start_ray()
+    start_ray(ray_logs=cfg.run.ray_logs)
     tokenizer_path = resolve_model_path(cfg)
     print(format_statistics(cfg, corpus_statistics(cfg, tokenizer_path), files))
     return 0

@@ -6,16 +6,21 @@ import logging
 import os
 
 
-def start_ray(num_cpus: int | None = None) -> None:
+def start_ray(num_cpus: int | None = None, ray_logs: bool = False) -> None:
     """`ray.init` once. Honours RAY_ADDRESS like Ray itself; a local cluster keeps Ray's token
-    authentication on (the token lives in ~/.ray/auth_token, where Ray's clients find it)."""
+    authentication on (the token lives in ~/.ray/auth_token, where Ray's clients find it).
+
+    `ray_logs` forwards every worker's output to this console as Ray does by default; off, our
+    driver prints one line per logging interval and Ray's worker logs stay in the session's log
+    folder (errors still reach the console through the exceptions they raise).
+    """
     import ray
 
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
     ray.init(address=address, num_cpus=None if address else num_cpus,
-             logging_level=logging.WARNING, configure_logging=True,
+             logging_level=logging.WARNING, configure_logging=True, log_to_driver=ray_logs,
              runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     from ray.data import DataContext
     from transformers.utils import logging as hf_logging

@@ -9,9 +9,9 @@ batch, however many completion tokens each sequence holds.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -19,10 +19,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aigc_ray.config import Config
+from aigc_ray.metrics import (
+    METRIC_KEYS,
+    METRICS_FILE,
+    SAMPLES_FILE,
+    WORKERS_DIR,
+    Follower,
+    append_jsonl,
+    plot_loss_curve,
+    read_jsonl,
+    truncate_after,
+)
 
 TRAINING_STATE = "training_state.pt"
 CONFIG_FILE = "config.yaml"
-METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "val_loss", "val_perplexity")
 
 log = logging.getLogger(__name__)
 
@@ -108,12 +118,13 @@ def trim_padding(batch: dict) -> dict:
     return {key: value[:, :length].long() for key, value in batch.items()}
 
 
-def all_reduce_sum(*values: float, device=None) -> list[float]:
-    """Sum floats over all workers (a no-op with one)."""
+def all_reduce_sum(*values, device=None) -> list[float]:
+    """Sum numbers or 0-d tensors over all workers (a no-op with one) in one collective."""
     import torch
     import torch.distributed as dist
 
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
+                          for v in values])
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(tensor)
     return tensor.tolist()
@@ -157,7 +168,11 @@ def generate_samples(model, tokenizer, prompts: list[str], device, max_new_token
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
-    """One Ray Train worker: set up → loop → evaluate → report/checkpoint."""
+    """One Ray Train worker: set up → loop → evaluate → report/checkpoint.
+
+    Rank 0 writes the run folder's `metrics.jsonl`, `samples.jsonl` and checkpoints; every rank
+    notes its start in `workers/rank-N.jsonl`; the driver prints from those files.
+    """
     import ray.train
     import ray.train.torch
     import torch
@@ -167,6 +182,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 1. Set up: config, device, model (from the latest checkpoint when resuming), optimizer.
     cfg = Config.model_validate(loop_config["config"])
     run_dir, model_path = Path(loop_config["run_dir"]), loop_config["model_path"]
+    total_steps = loop_config["total_steps"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -196,7 +212,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
-    total_steps = loop_config["total_steps"]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, total_steps, cfg.train.warmup_steps, cfg.train.lr_schedule, cfg.train.min_lr_ratio))
 
@@ -208,37 +223,42 @@ def train_loop_per_worker(loop_config: dict) -> None:
         best_val, evals_without_gain = state["best_val_loss"], state["evals_without_gain"]
         torch.set_rng_state(state["rng"])
         shutil.rmtree(restore_dir, ignore_errors=True)
-    metrics_file = run_dir / "metrics.jsonl"
     if rank == 0:
-        _truncate_metrics(metrics_file, after_step=step)
-        print(f"[aigc-ray] {'resuming at step ' + str(step) if state else 'starting'}: "
-              f"{world_size} worker(s) on {device.type}, {total_steps} steps, "
-              f"global batch {cfg.train.batch_size * cfg.train.grad_accum_steps * world_size} "
-              f"sequences", flush=True)
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            truncate_after(run_dir / name, step)
+    note_start(run_dir, rank, world_size, device, step, total_steps,
+               global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
+    def batches_of(shard, **options):
+        # Trim on the CPU, then move: the trim reads the mask, which on a GPU would be a sync.
+        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device="cpu",
+                                              **options):
+            yield {key: value.to(device, non_blocking=True)
+                   for key, value in trim_padding(batch).items()}
+
     def evaluate() -> dict | None:
         if val_shard is None:
             return None
         model.eval()
-        loss_sum, tokens = 0.0, 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        tokens = torch.zeros((), dtype=torch.float64, device=device)
         with torch.no_grad(), autocast:
-            batches = val_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device)
-            for index, batch in enumerate(batches):
+            for index, batch in enumerate(batches_of(val_shard)):
                 if cfg.train.eval_batches and index >= cfg.train.eval_batches:
                     break
-                batch_loss, batch_tokens = token_loss_sum(model, trim_padding(batch))
-                loss_sum, tokens = loss_sum + float(batch_loss), tokens + int(batch_tokens)
+                batch_loss, batch_tokens = token_loss_sum(model, batch)
+                loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
         model.train()
         loss_sum, tokens = all_reduce_sum(loss_sum, tokens, device=device)
         val_loss = loss_sum / max(tokens, 1)
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
 
-    def save_and_report(metrics: dict, with_checkpoint: bool) -> None:
-        if rank != 0 or not with_checkpoint:
+    def save_and_report(metrics: dict) -> None:
+        if rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="aigc-ray-ckpt-") as folder:
@@ -254,30 +274,26 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     def write_metrics(row: dict) -> None:
         if rank == 0:
-            with metrics_file.open("a") as f:
-                f.write(json.dumps({key: row.get(key) for key in METRIC_KEYS}) + "\n")
+            append_jsonl(run_dir / METRICS_FILE, {key: row.get(key) for key in METRIC_KEYS})
 
     # 2. The perplexity before training, so the end of the run can say how much it gained.
     if step == 0:
         before = evaluate()
         if before:
             write_metrics({"step": 0, "epoch": 0, "lr": 0.0, **before})
-            if rank == 0:
-                print(f"[aigc-ray] step 0 | val_loss {before['val_loss']:.4f} | "
-                      f"val_perplexity {before['val_perplexity']:.2f}", flush=True)
 
     # 3. The loop: accumulate micro-batches, normalize by the global target-token count, step.
     model.train()
-    interval_loss, interval_tokens, interval_seen, interval_start = 0.0, 0, 0, time.perf_counter()
+    # Interval sums stay on the device: reading them every micro-step would sync a GPU.
+    interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, tokens seen
+    interval_start = time.perf_counter()
     finished = step >= total_steps
     while not finished:
-        batches = train_shard.iter_torch_batches(batch_size=cfg.train.batch_size, device=device,
-                                                 drop_last=True, local_shuffle_buffer_size=None)
         micro: list[dict] = []
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(batches_of(train_shard, drop_last=True)):
             if index < batches_done:  # resuming mid-epoch: skip what the checkpoint saw
                 continue
-            micro.append(trim_padding(batch))
+            micro.append(batch)
             if len(micro) < cfg.train.grad_accum_steps:
                 continue
             targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
@@ -290,80 +306,65 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     # DDP averages gradients over workers; scale so the result is the mean over
                     # every target token of the global batch.
                     (loss_sum * world_size / max(global_targets, 1)).backward()
-                interval_loss += float(loss_sum)
-                interval_seen += int(micro_batch["attention_mask"].sum())
-            interval_tokens += targets
+                interval[0] += loss_sum.detach()
+                interval[2] += micro_batch["attention_mask"].sum()
+            interval[1] += targets
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             micro, step, batches_done = [], step + 1, index + 1
 
-            row = None
-            if step % cfg.train.log_every == 0 or step % cfg.train.eval_every == 0 \
-                    or step == total_steps:
-                loss_sum_all, tokens_all, seen_all = all_reduce_sum(
-                    interval_loss, interval_tokens, interval_seen, device=device)
-                elapsed = time.perf_counter() - interval_start
-                row = {"step": step, "epoch": epoch, "loss": loss_sum_all / max(tokens_all, 1),
-                       "lr": scheduler.get_last_lr()[0], "tokens_per_second": seen_all / elapsed}
-                interval_loss, interval_tokens, interval_seen = 0.0, 0, 0
             evaluating = step % cfg.train.eval_every == 0 or step == total_steps
-            if evaluating:
-                row.update(evaluate() or {})
-                improved = row.get("val_loss", -math.inf) < best_val
-                if "val_loss" in row:
-                    best_val = min(best_val, row["val_loss"])
-                    evals_without_gain = 0 if improved else evals_without_gain + 1
-                if rank == 0 and cfg.train.sample_prompts:
-                    replies = generate_samples(model, tokenizer, cfg.train.sample_prompts, device)
-                    with (run_dir / "samples.jsonl").open("a") as f:
+            if evaluating or step % cfg.train.log_every == 0:
+                loss_all, targets_all, seen_all = all_reduce_sum(*interval, device=device)
+                row = {"step": step, "epoch": epoch, "loss": loss_all / max(targets_all, 1),
+                       "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_second": seen_all / (time.perf_counter() - interval_start)}
+                interval.zero_()
+                if evaluating:
+                    row.update(evaluate() or {})
+                    if "val_loss" in row:
+                        improved = row["val_loss"] < best_val
+                        best_val = min(best_val, row["val_loss"])
+                        evals_without_gain = 0 if improved else evals_without_gain + 1
+                    if rank == 0 and cfg.train.sample_prompts:
+                        replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
+                                                   device)
                         for prompt, reply in zip(cfg.train.sample_prompts, replies):
-                            print(f"[aigc-ray] sample | {prompt!r} → {reply!r}", flush=True)
-                            f.write(json.dumps({"step": step, "prompt": prompt,
-                                                "reply": reply}) + "\n")
-            if row:
+                            append_jsonl(run_dir / SAMPLES_FILE,
+                                         {"step": step, "prompt": prompt, "reply": reply})
                 write_metrics(row)
-                if rank == 0:
-                    print(progress_line(row, total_steps), flush=True)
-            if evaluating:
-                save_and_report(row, with_checkpoint=True)
+                if evaluating:
+                    save_and_report(row)
                 interval_start = time.perf_counter()  # evaluation time is not training time
-            elif row:
-                interval_start = time.perf_counter()
             patience = cfg.train.early_stopping_patience
-            if patience and evals_without_gain >= patience:
-                if rank == 0:
-                    print(f"[aigc-ray] early stop at step {step}: val_loss has not improved in "
-                          f"{patience} evaluations", flush=True)
-                finished = True
-            if step >= total_steps:
-                finished = True
+            finished = step >= total_steps or bool(patience and evals_without_gain >= patience)
             if finished:
                 break
         if not finished:
             epoch, batches_done = epoch + 1, 0
-            if loop_config["epochs_bound"] and epoch >= cfg.train.epochs:
-                finished = True
+            finished = loop_config["epochs_bound"] and epoch >= cfg.train.epochs
 
 
-def progress_line(row: dict, total_steps: int) -> str:
-    """One readable line per logging interval."""
-    parts = [f"step {row['step']}/{total_steps}", f"epoch {row['epoch']}",
-             f"loss {row['loss']:.4f}", f"lr {row['lr']:.2e}",
-             f"{row['tokens_per_second']:,.0f} tokens/s"]
-    if row.get("val_loss") is not None:
-        parts += [f"val_loss {row['val_loss']:.4f}", f"val_perplexity {row['val_perplexity']:.2f}"]
-    return "[aigc-ray] " + " | ".join(parts)
+def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: int,
+               total_steps: int, global_batch: int) -> None:
+    """Append this worker's start to `workers/rank-N.jsonl`: where each rank ran, as which
+    process, and from which step (a restart after a failure shows up as a second line)."""
+    import socket
 
+    import ray
+    import torch.distributed as dist
 
-def _truncate_metrics(path: Path, after_step: int) -> None:
-    """Drop metric lines a restarted run will write again (steps past its checkpoint)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines()
-            if line.strip() and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in keep))
+    node_id = ray.get_runtime_context().get_node_id()
+    nodes = [node_id] * world_size
+    if dist.is_available() and dist.is_initialized():
+        dist.all_gather_object(nodes, node_id)
+    append_jsonl(run_dir / WORKERS_DIR / f"rank-{rank}.jsonl", {
+        "rank": rank, "pid": os.getpid(), "node_id": node_id, "host": socket.gethostname(),
+        "device": str(device), "start_step": start_step, "world_size": world_size,
+        "num_nodes": len(set(nodes)), "total_steps": total_steps, "global_batch": global_batch,
+        "time": time.time()})
 
 
 # ── the driver ──────────────────────────────────────────────────────────────────────────────
@@ -374,15 +375,19 @@ class TrainSummary:
     run_dir: Path
     final_dir: Path
     steps: int
+    total_steps: int
     val_perplexity_before: float | None
-    val_perplexity_after: float | None
+    val_perplexity_after: float | None  # of the exported model (the best checkpoint)
     samples: list[dict]
 
     def line(self) -> str:
+        steps = f"{self.steps} steps"
+        if self.steps < self.total_steps:
+            steps += f" (stopped early; {self.total_steps} planned)"
         if self.val_perplexity_before is None or self.val_perplexity_after is None:
-            return f"trained {self.steps} steps; final model in {self.final_dir}"
-        return (f"val_perplexity {self.val_perplexity_before:.2f} → "
-                f"{self.val_perplexity_after:.2f} after {self.steps} steps; "
+            return f"trained {steps}; final model in {self.final_dir}"
+        return (f"val_perplexity {self.val_perplexity_before:.2f} before training → "
+                f"{self.val_perplexity_after:.2f} after {steps}; "
                 f"final model in {self.final_dir}")
 
 
@@ -400,6 +405,29 @@ def count_steps(cfg: Config, train_dataset, world_size: int) -> tuple[int, bool]
     return steps_per_epoch * cfg.train.epochs, True
 
 
+def exact_validation_config():
+    """Ray Train's `DataConfig`, except that validation is split unevenly.
+
+    Training shards must be equal (every rank takes the same number of steps, or DDP hangs), so
+    Ray drops up to N-1 rows there. Validation sums losses and tokens over all ranks instead, so
+    its shards may differ in size and no validation row is dropped.
+    """
+    from ray.train import DataConfig
+
+    class ExactValidation(DataConfig):
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            val = datasets.get("val")
+            rest = {name: ds for name, ds in datasets.items() if name != "val"}
+            output = super().configure(rest, world_size, worker_handles, worker_node_ids,
+                                       **kwargs)
+            if val is not None:
+                for shard, split in zip(output, val.streaming_split(world_size, equal=False)):
+                    shard["val"] = split
+            return output
+
+    return ExactValidation()
+
+
 def run_train(cfg: Config) -> TrainSummary:
     """Fit a `TorchTrainer` from the config; resumes when `run.name` already has checkpoints."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -411,7 +439,7 @@ def run_train(cfg: Config) -> TrainSummary:
     from aigc_ray.model import resolve_model_path
 
     files = check_config(cfg)  # files exist: fail before Ray starts
-    start_ray()
+    start_ray(ray_logs=cfg.run.ray_logs)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
@@ -443,8 +471,10 @@ def run_train(cfg: Config) -> TrainSummary:
                 checkpoint_score_order="min" if "val" in datasets else "max"),
         ),
         datasets=datasets,
+        dataset_config=exact_validation_config(),
     )
-    result = trainer.fit()
+    with Follower(run_dir, total_steps):
+        result = trainer.fit()
     if result.error:
         raise result.error
 
@@ -456,16 +486,16 @@ def run_train(cfg: Config) -> TrainSummary:
     (final_dir / TRAINING_STATE).unlink(missing_ok=True)
     shutil.rmtree(final_dir / "adapter", ignore_errors=True)
 
-    rows = read_metrics(run_dir / "metrics.jsonl")
+    rows = read_jsonl(run_dir / METRICS_FILE)
     plot_loss_curve(rows, run_dir / "loss_curve.png")
-    val_rows = [r for r in rows if r.get("val_perplexity") is not None]
-    summary = TrainSummary(
+    before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r["val_perplexity"]]
+    after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r["val_perplexity"]]
+    return TrainSummary(
         run_dir=run_dir, final_dir=final_dir, steps=max((r["step"] for r in rows), default=0),
-        val_perplexity_before=val_rows[0]["val_perplexity"] if val_rows else None,
-        val_perplexity_after=min((r["val_perplexity"] for r in val_rows), default=None),
-        samples=_last_samples(run_dir / "samples.jsonl"),
+        total_steps=total_steps, val_perplexity_before=before[0] if before else None,
+        val_perplexity_after=min(after, default=None),
+        samples=_last_samples(run_dir / SAMPLES_FILE),
     )
-    return summary
 
 
 def _best_checkpoint(result, has_val: bool):
@@ -475,37 +505,6 @@ def _best_checkpoint(result, has_val: bool):
 
 
 def _last_samples(path: Path) -> list[dict]:
-    rows = read_metrics(path)
+    rows = read_jsonl(path)
     last = max((r["step"] for r in rows), default=None)
     return [r for r in rows if r["step"] == last]
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_loss_curve(rows: list[dict], out: Path) -> None:
-    """Training and validation loss against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
-    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    if train:
-        ax.plot(*zip(*train), label="train loss")
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(out.parent.name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-

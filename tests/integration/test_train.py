@@ -1,36 +1,216 @@
-"""A real 2-worker DDP fine-tune on the sample corpus (real local Ray, tiny model, fixed seed)."""
+"""Real DDP fine-tunes on the sample corpus: real local Ray, the built-in tiny model, fixed seeds.
 
-import json
+Each run takes 20-60 s on 2 cores, so runs are short (20-40 steps) and every test asserts what a
+user would check afterwards: the loss, the files in the run folder, the weights, the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.config import load_config
-from aigc_ray.train import METRIC_KEYS, run_train
+from aigc_ray.metrics import METRIC_KEYS, read_jsonl, worker_starts
+from aigc_ray.train import run_train
+
+pytestmark = pytest.mark.slow
 
 
-@pytest.mark.slow
-def test_two_worker_run_lowers_val_loss_and_exports_final(ray_cluster, sample_corpus,
-                                                          tiny_model_dir, tmp_path):
-    cfg = load_config("tiny_cpu", [
-        f"model.name_or_path={tiny_model_dir}", f"data.path={sample_corpus['jsonl']}",
-        "train.max_steps=30", "train.eval_every=15", "train.log_every=5", "train.seed=0",
-        f"run.output_dir={tmp_path}", "run.name=t2",
-    ])
+@pytest.fixture
+def train_args(sample_corpus, tiny_model_dir, tmp_path):
+    """The shipped default config pointed at the test corpus, tiny model and a temp run folder."""
+    return [f"model.name_or_path={tiny_model_dir}", f"data.path={sample_corpus['jsonl']}",
+            "train.seed=0", "train.log_every=5", f"run.output_dir={tmp_path}"]
+
+
+def metrics_of(run_dir: Path) -> list[dict]:
+    return read_jsonl(run_dir / "metrics.jsonl")
+
+
+def weights(folder) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def wait_for(condition, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "aigc_ray", *args]
+
+
+def test_two_worker_run_lowers_val_loss_and_exports_final(ray_cluster, train_args):
+    cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=30", "train.eval_every=15",
+                                   "run.name=t2"])
     summary = run_train(cfg)
 
-    rows = [json.loads(line) for line in (summary.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_of(summary.run_dir)
     assert all(set(METRIC_KEYS) <= set(row) for row in rows)
     val = [row["val_loss"] for row in rows if row["val_loss"] is not None]
-    assert rows[0]["step"] == 0 and rows[-1]["step"] == 30
+    assert [row["step"] for row in rows] == [0, 5, 10, 15, 20, 25, 30]
     assert val[-1] < val[0] - 1.0, val  # more than a nat per token: a clear margin, not noise
     assert summary.val_perplexity_after < summary.val_perplexity_before
+    assert "before training" in summary.line() and str(summary.final_dir) in summary.line()
     assert (summary.run_dir / "loss_curve.png").stat().st_size > 1000
+    assert [s["step"] for s in read_jsonl(summary.run_dir / "samples.jsonl")] == [15, 30]
+    starts = worker_starts(summary.run_dir)
+    assert sorted(s["rank"] for s in starts) == [0, 1]
+    assert all(s["start_step"] == 0 and s["global_batch"] == 16 for s in starts)
 
     final = summary.final_dir
     assert not (final / "training_state.pt").exists()
+    assert (final / "config.yaml").exists()  # serve/generate/eval need only this folder
     model = AutoModelForCausalLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
     ids = tokenizer("Customer: I want a refund for my Orbit Watch.\nAgent:", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_one_and_two_workers_follow_the_same_curve(ray_cluster, train_args):
+    """Same global batch (8 sequences) and seed: 1×8 and 2×4 give the same losses, within the
+    noise of which sequences land in which step (Ray Data's split hands blocks out as ready)."""
+    runs = {}
+    for workers, batch in ((1, 8), (2, 4)):
+        cfg = load_config("tiny_cpu", [*train_args, f"scaling.num_workers={workers}",
+                                       f"train.batch_size={batch}", "train.max_steps=20",
+                                       "train.eval_every=10", f"run.name=ddp{workers}"])
+        runs[workers] = metrics_of(run_train(cfg).run_dir)
+    one, two = runs[1], runs[2]
+    assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 10, 15, 20]
+    # Same model, same validation rows (none dropped by the 2-way split): the same loss.
+    assert one[0]["val_loss"] == pytest.approx(two[0]["val_loss"], rel=1e-5)
+    for a, b in zip(one[1:], two[1:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=0.03), (a, b)
+        if a["val_loss"] is not None:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.02), (a, b)
+    assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.5
+
+
+def test_freeze_layers_keeps_the_bottom_bit_identical(ray_cluster, train_args, tiny_model_dir):
+    cfg = load_config("tiny_cpu", [*train_args, "train.freeze_layers=1", "train.max_steps=10",
+                                   "train.eval_every=10", "run.name=frozen"])
+    before, after = weights(tiny_model_dir), weights(run_train(cfg).final_dir)
+    frozen = [k for k in before if k.startswith(("transformer.wte", "transformer.wpe",
+                                                 "transformer.h.0."))]
+    trained = [k for k in before if k.startswith(("transformer.h.1.", "transformer.ln_f"))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    changed = [k for k in trained if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(trained), set(trained) - set(changed)
+
+
+def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster, train_args,
+                                                                    tiny_model_dir):
+    cfg = load_config("tiny_cpu", [*train_args, "train.lora.enabled=true", "train.lora.r=4",
+                                   "train.max_steps=10", "train.eval_every=10",
+                                   "run.name=lora"])
+    summary = run_train(cfg)
+    final = summary.final_dir
+    assert not (final / "adapter_config.json").exists() and not (final / "adapter").exists()
+    before, after = weights(tiny_model_dir), weights(final)
+    assert set(after) == set(before)  # plain GPT-2 names: no lora_A/lora_B left over
+    # peft's default for GPT-2 adapts the attention projection `c_attn`; LoRA changes its weight
+    # (merged W + BA) and nothing else in the model.
+    adapted = [k for k in before if k.endswith("attn.c_attn.weight")]
+    assert adapted and all(not torch.equal(before[k], after[k]) for k in adapted)
+    assert all(torch.equal(before[k], after[k]) for k in before if k not in adapted)
+    assert summary.val_perplexity_after < summary.val_perplexity_before
+    # The export loads where peft cannot even be imported.
+    code = ("import sys; sys.modules['peft'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"AutoModelForCausalLM.from_pretrained({str(final)!r})\nprint('loaded')")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "loaded", loaded.stderr[-2000:]
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, train_args):
+    cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=40", "train.eval_every=10",
+                                   "scaling.max_failures=1", "run.name=fault"])
+    run_dir = cfg.run.dir
+    outcome: dict = {}
+
+    def fit():
+        try:
+            outcome["summary"] = run_train(cfg)
+        except BaseException as exc:  # surfaced by the assertions below
+            outcome["error"] = exc
+
+    trainer = threading.Thread(target=fit)
+    trainer.start()
+    # Step 15 is logged only after every rank passed the step-10 checkpoint report (a barrier).
+    wait_for(lambda: any(r["step"] >= 15 for r in metrics_of(run_dir)) or not trainer.is_alive(),
+             240, "step 15")
+    rank1 = [s for s in worker_starts(run_dir) if s["rank"] == 1][-1]
+    os.kill(rank1["pid"], signal.SIGKILL)
+    trainer.join(timeout=300)
+
+    assert "error" not in outcome, outcome.get("error")
+    assert outcome["summary"].steps == 40
+    starts = [s for s in worker_starts(run_dir) if s["rank"] == 0]
+    assert len(starts) == 2, starts  # the first group, and the one Ray Train restarted
+    assert starts[1]["start_step"] >= 10  # from a checkpoint, not from step 0
+    steps = [r["step"] for r in metrics_of(run_dir)]
+    assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
+
+
+def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tmp_path):
+    """Kill `aigc-ray train` mid-run (SIGKILL, no clean-up), run the same command again."""
+    command = cli("train", "tiny_cpu", *train_args, "train.max_steps=40", "train.eval_every=10",
+                  "run.name=restart")
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    run_dir = tmp_path / "restart"
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True)
+    wait_for(lambda: any(r["step"] >= 15 for r in metrics_of(run_dir)) or first.poll() is not None,
+             240, "step 15 of the first run")
+    first.kill()
+    first.communicate()
+
+    second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    resumed = [line for line in second.stdout.splitlines() if "resuming at step" in line]
+    assert resumed and "resuming at step 0" not in resumed[0], second.stdout[-3000:]
+    assert "step 40/40" in second.stdout and "before training" in second.stdout
+    assert "Reporting training result" not in second.stdout  # our lines, not Ray's dict dumps
+    steps = [r["step"] for r in metrics_of(run_dir)]
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 40
+    assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def test_two_node_cluster_spreads_the_workers(train_args, tmp_path):
+    """Two Ray nodes on this machine (one CPU each); STRICT_SPREAD puts one worker on each."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        node_ids = {node.node_id for node in cluster.list_all_nodes()}
+        command = cli("train", "tiny_cpu", *train_args, "train.max_steps=10",
+                      "train.eval_every=10", "scaling.cpus_per_worker=0.5",
+                      "scaling.placement_strategy=STRICT_SPREAD", "run.name=two-node")
+        done = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": cluster.address},
+                              capture_output=True, text=True, timeout=400)
+    finally:
+        cluster.shutdown()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    starts = worker_starts(tmp_path / "two-node")
+    assert sorted(s["rank"] for s in starts) == [0, 1]
+    assert {s["node_id"] for s in starts} == node_ids  # one worker on each of the two nodes
+    assert "2 worker(s) on 2 node(s)" in done.stdout
+    assert (tmp_path / "two-node" / "final" / "model.safetensors").exists()

@@ -1,0 +1,147 @@
+"""The run folder's record of a training run, and the console lines the driver prints from it.
+
+Rank 0 appends to `metrics.jsonl` and `samples.jsonl`; every rank appends one line to
+`workers/rank-N.jsonl` each time it starts. The driver follows these files while the run goes
+on, so the console shows one readable line per logging interval from whichever node rank 0 is
+on, instead of Ray's forwarded worker output.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "val_loss", "val_perplexity")
+METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+WORKERS_DIR = "workers"
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every complete JSON line of a file ([] when it does not exist yet)."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:  # a line still being written, or cut by a killed process
+            continue
+    return rows
+
+
+def append_jsonl(path: Path, row: dict) -> None:
+    """One line, one write: readers never see half a row from a live writer."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def truncate_after(path: Path, step: int) -> None:
+    """Drop lines a restarted run will write again (steps past its checkpoint)."""
+    rows = [row for row in read_jsonl(path) if row["step"] <= step]
+    if path.exists():
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def worker_starts(run_dir: Path) -> list[dict]:
+    """Every start of every rank, oldest first (rank, pid, node_id, device, start_step, ...)."""
+    rows = [row for path in sorted((run_dir / WORKERS_DIR).glob("rank-*.jsonl"))
+            for row in read_jsonl(path)]
+    return sorted(rows, key=lambda row: row["time"])
+
+
+def progress_line(row: dict, total_steps: int | None = None) -> str:
+    """One readable line per logging interval (step 0: the model before training)."""
+    if row.get("loss") is None:
+        return (f"[aigc-ray] before training | val_loss {row['val_loss']:.4f} | "
+                f"val_perplexity {row['val_perplexity']:.2f}")
+    of = f"/{total_steps}" if total_steps else ""
+    parts = [f"step {row['step']}{of}", f"epoch {row['epoch']}", f"loss {row['loss']:.4f}",
+             f"lr {row['lr']:.2e}", f"{row['tokens_per_second']:,.0f} tokens/s"]
+    if row.get("val_loss") is not None:
+        parts += [f"val_loss {row['val_loss']:.4f}", f"val_perplexity {row['val_perplexity']:.2f}"]
+    return "[aigc-ray] " + " | ".join(parts)
+
+
+def start_line(row: dict) -> str:
+    what = f"resuming at step {row['start_step']}" if row["start_step"] else "starting"
+    return (f"[aigc-ray] {what}: {row['world_size']} worker(s) on {row['num_nodes']} node(s), "
+            f"{row['device']}, {row['total_steps']} steps, global batch "
+            f"{row['global_batch']} sequences")
+
+
+class Follower:
+    """Prints new lines of a run folder from a background thread until `stop()`."""
+
+    def __init__(self, run_dir: Path, total_steps: int, interval_s: float = 1.0, out=print):
+        self.run_dir, self.total_steps, self.interval_s, self.out = (
+            run_dir, total_steps, interval_s, out)
+        self.seen: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="aigc-ray-follow")
+
+    def __enter__(self) -> Follower:
+        self.seen = {self._key("metric", row) for row in read_jsonl(self.run_dir / METRICS_FILE)}
+        self.seen |= {self._key("sample", row) for row in read_jsonl(self.run_dir / SAMPLES_FILE)}
+        self.seen |= {self._key("start", row) for row in worker_starts(self.run_dir)}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.poll()  # what the last interval wrote
+
+    @staticmethod
+    def _key(kind: str, row: dict) -> str:
+        return kind + json.dumps(row, sort_keys=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def poll(self) -> None:
+        events = [(row["start_step"], 0, "start", row) for row in worker_starts(self.run_dir)
+                  if row["rank"] == 0]
+        events += [(row["step"], 1, "metric", row)
+                   for row in read_jsonl(self.run_dir / METRICS_FILE)]
+        events += [(row["step"], 2, "sample", row)
+                   for row in read_jsonl(self.run_dir / SAMPLES_FILE)]
+        for _, _, kind, row in sorted(events, key=lambda e: e[:2]):
+            key = self._key(kind, row)
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            if kind == "start":
+                self.out(start_line(row))
+            elif kind == "metric":
+                self.out(progress_line(row, self.total_steps))
+            else:
+                self.out(f"[aigc-ray] sample at step {row['step']} | {row['prompt']!r} → "
+                         f"{row['reply']!r}")
+
+
+def plot_loss_curve(rows: list[dict], out: Path) -> None:
+    """Training and validation loss against step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["loss"]) for r in rows if r.get("loss") is not None]
+    val = [(r["step"], r["val_loss"]) for r in rows if r.get("val_loss") is not None]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(out.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
