@@ -148,28 +148,6 @@ class Autoscaling(Section):
     target_ongoing_requests: float = Field(8, gt=0)
     upscale_delay_s: float = Field(30.0, ge=0)  # Ray's default: sustained load, not a spike
     downscale_delay_s: float = Field(600.0, ge=0)  # Ray's default: keep warm replicas a while
-
-    @model_validator(mode="after")
-    def _ordered(self) -> Autoscaling:
-        if self.min_replicas > self.max_replicas:
-            raise ValueError(f"serve.autoscaling.min_replicas ({self.min_replicas}) must be <= "
-                             f"serve.autoscaling.max_replicas ({self.max_replicas})")
-        initial = self.initial_replicas
-        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
-            raise ValueError(f"serve.autoscaling.initial_replicas ({initial}) must lie between "
-                             f"min_replicas ({self.min_replicas}) and max_replicas "
-                             f"({self.max_replicas})")
-        return self
-
-
-class Autoscaling(Section):
-    min_replicas: int = Field(1, ge=0)  # one warm replica: no cold start on the first request
-    max_replicas: int = Field(2, ge=1)  # two fit a 2-core laptop; raise it on a cluster
-    initial_replicas: int | None = Field(None, ge=0)  # None: start at min_replicas
-    # Requests in flight per replica that Serve aims for: one full batch keeps a replica busy.
-    target_ongoing_requests: float = Field(8, gt=0)
-    upscale_delay_s: float = Field(30.0, ge=0)  # Ray's default: sustained load, not a spike
-    downscale_delay_s: float = Field(600.0, ge=0)  # Ray's default: keep warm replicas a while
     look_back_period_s: float = Field(30.0, gt=0)  # Ray's default window for averaging load
 
     @model_validator(mode="after")
@@ -228,6 +206,9 @@ class Serve(Section):
 class Run(Section):
     output_dir: str = "runs"  # on a multi-node cluster, shared storage every node can read
     name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    # Ray forwards every worker's output to the console; our progress lines say what matters,
+    # and Ray's logs stay in its session folder (/tmp/ray/session_latest/logs).
+    ray_logs: bool = False
 
     @property
     def dir(self) -> Path:
