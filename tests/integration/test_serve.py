@@ -377,8 +377,8 @@ def test_cli_once_deploys_answers_over_http_and_shuts_down(chat_model_dir, tmp_p
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
     result = subprocess.run(
-        [sys.executable, "-m", "aigc_ray", "serve", str(chat_model_dir), "--once", "Hi",
-         f"serve.port={free_port()}", "serve.cpus_per_replica=0.5", "serve.default_max_tokens=5"],
+        [sys.executable, "-m", "aigc_ray", "serve", str(chat_model_dir), f"serve.port={free_port()}",
+         "serve.cpus_per_replica=0.5", "serve.default_max_tokens=5", "--once", "Hi"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "→" in result.stdout and "tokens from" in result.stdout
