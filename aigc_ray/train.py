@@ -223,9 +223,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         best_val, evals_without_gain = state["best_val_loss"], state["evals_without_gain"]
         torch.set_rng_state(state["rng"])
         shutil.rmtree(restore_dir, ignore_errors=True)
-    if rank == 0:
+    if rank == 0:  # keep what the checkpoint had seen; a fresh start keeps nothing
         for name in (METRICS_FILE, SAMPLES_FILE):
-            truncate_after(run_dir / name, step)
+            truncate_after(run_dir / name, step if state else -1)
     note_start(run_dir, rank, world_size, device, step, total_steps,
                global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size)
 

@@ -6,6 +6,7 @@ user would check afterwards: the loss, the files in the run folder, the weights,
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +40,18 @@ def metrics_of(run_dir: Path) -> list[dict]:
 
 def weights(folder) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / "model.safetensors"))
+
+
+def checkpointed_steps(run_dir: Path) -> list[int]:
+    """Steps of the checkpoints Ray Train has registered (a restart resumes from these)."""
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    if not snapshot.exists():
+        return []
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except ValueError:  # being rewritten
+        return []
+    return [result["metrics"]["step"] for result in results]
 
 
 def wait_for(condition, timeout_s: float, what: str) -> None:
@@ -152,9 +165,10 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, train_args
 
     trainer = threading.Thread(target=fit)
     trainer.start()
-    # Step 15 is logged only after every rank passed the step-10 checkpoint report (a barrier).
-    wait_for(lambda: any(r["step"] >= 15 for r in metrics_of(run_dir)) or not trainer.is_alive(),
-             240, "step 15")
+    # Ray Train registers a reported checkpoint asynchronously; a worker killed before that
+    # loses it (the restart would rightly begin at step 0), so wait for the registration.
+    wait_for(lambda: checkpointed_steps(run_dir) or not trainer.is_alive(), 240,
+             "the first registered checkpoint")
     rank1 = [s for s in worker_starts(run_dir) if s["rank"] == 1][-1]
     os.kill(rank1["pid"], signal.SIGKILL)
     trainer.join(timeout=300)
@@ -176,8 +190,8 @@ def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tmp_path):
     run_dir = tmp_path / "restart"
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True)
-    wait_for(lambda: any(r["step"] >= 15 for r in metrics_of(run_dir)) or first.poll() is not None,
-             240, "step 15 of the first run")
+    wait_for(lambda: checkpointed_steps(run_dir) or first.poll() is not None, 240,
+             "the first run's first registered checkpoint")
     first.kill()
     first.communicate()
 
