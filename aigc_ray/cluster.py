@@ -26,6 +26,8 @@ def start_ray(num_cpus: int | None = None, ray_logs: bool = False) -> None:
     from transformers.utils import logging as hf_logging
 
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    # It warns that the bars are off, which is what we asked for.
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
     hf_logging.disable_progress_bar()
 
     # Our own progress lines say what a user needs; Ray Data's bars would interleave with them.

@@ -66,6 +66,9 @@ def progress_line(row: dict, total_steps: int | None = None) -> str:
 
 
 def start_line(row: dict) -> str:
+    if row["start_step"] >= row["total_steps"]:
+        return (f"[aigc-ray] this run already trained {row['start_step']} steps; exporting its "
+                "best checkpoint again (raise train.max_steps to go on, or change run.name)")
     what = f"resuming at step {row['start_step']}" if row["start_step"] else "starting"
     return (f"[aigc-ray] {what}: {row['world_size']} worker(s) on {row['num_nodes']} node(s), "
             f"{row['device']}, {row['total_steps']} steps, global batch "

@@ -354,6 +354,7 @@ def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: in
     import socket
 
     import ray
+    import torch
     import torch.distributed as dist
 
     node_id = ray.get_runtime_context().get_node_id()
@@ -362,7 +363,7 @@ def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: in
         dist.all_gather_object(nodes, node_id)
     append_jsonl(run_dir / WORKERS_DIR / f"rank-{rank}.jsonl", {
         "rank": rank, "pid": os.getpid(), "node_id": node_id, "host": socket.gethostname(),
-        "device": str(device), "start_step": start_step, "world_size": world_size,
+        "device": str(device), "torch_threads": torch.get_num_threads(), "start_step": start_step, "world_size": world_size,
         "num_nodes": len(set(nodes)), "total_steps": total_steps, "global_batch": global_batch,
         "time": time.time()})
 
