@@ -130,14 +130,35 @@ class Scaling(Section):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts; -1 retries forever
 
 
+SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
+
+
+class Asha(Section):
+    # Steps every trial runs before ASHA may stop it; None: the first evaluation
+    # (train.eval_every), the earliest point with a validation loss to compare.
+    grace_period: int | None = Field(None, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)  # keep the better half at each rung: gentle for few trials
+
+
+class Pbt(Section):
+    # Steps between exploit/explore rounds; None: every evaluation (train.eval_every).
+    perturbation_interval: int | None = Field(None, ge=1)
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # bottom quarter copies the top (Ray's default)
+
+
 class Tune(Section):
-    num_samples: int = Field(4, ge=1)
-    metric: str = "val_loss"
+    num_samples: int = Field(4, ge=1)  # random draws; with grid keys, repeats of the whole grid
+    metric: Literal["val_loss", "val_perplexity", "loss"] = "val_loss"
     mode: Literal["min", "max"] = "min"
     scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    asha: Asha = Asha()
+    pbt: Pbt = Pbt()
     search_alg: Literal["random", "optuna"] = "random"
+    seed: int = 0  # the sampler's seed: the same config draws the same trials
+    # None: as many trials at once as the cluster's CPUs (and GPUs) fit.
     max_concurrent_trials: int | None = Field(None, ge=1)
-    search_space: dict[str, Any] = {}
+    # Dotted config key → one distribution, e.g. train.lr: {loguniform: [1.0e-4, 3.0e-3]}.
+    search_space: dict[str, dict[str, Any]] = {}
 
 
 class Autoscaling(Section):
@@ -224,6 +245,66 @@ class Config(Section):
     tune: Tune = Tune()
     serve: Serve = Serve()
     run: Run = Run()
+
+    @model_validator(mode="after")
+    def _search_space_fits(self) -> Config:
+        for key, spec in self.tune.search_space.items():
+            searchable = [k for k in leaf_keys() if not k.startswith("tune.")]
+            if key not in searchable:
+                close = difflib.get_close_matches(key, searchable, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                raise ValueError(f"tune.search_space key {key} is not a config value to search "
+                                 f"(dotted keys such as train.lr or train.lora.r){hint}")
+            for value in check_distribution(key, spec):  # bounds and choices must be valid
+                try:
+                    patched = self.model_dump(exclude={"tune"})
+                    _set(patched, key.split("."), value)
+                    Config.model_validate(patched)
+                except ValidationError as exc:
+                    raise ValueError(f"tune.search_space {key}: {_describe(exc.errors()[0])}"
+                                     ) from None
+        return self
+
+
+def leaf_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key that names a value (not a section): train.lr, train.lora.r, ..."""
+    keys = []
+    for name, field in (model or Config).model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += leaf_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def check_distribution(key: str, spec: dict) -> list:
+    """The values a distribution's bounds or choices name, or a ConfigError-worthy ValueError."""
+    where = f"tune.search_space {key}"
+    if len(spec) != 1 or next(iter(spec)) not in SEARCH_DISTRIBUTIONS:
+        raise ValueError(f"{where} must be one of {{{', '.join(SEARCH_DISTRIBUTIONS)}: ...}}, "
+                         f"got {spec!r}")
+    (kind, args), = spec.items()
+    if kind in ("choice", "grid"):
+        if not isinstance(args, list) or not args:
+            raise ValueError(f"{where} {kind} needs a non-empty list of values, got {args!r}")
+        return args
+    numbers = isinstance(args, list) and len(args) == 2 and all(
+        isinstance(a, (int, float)) and not isinstance(a, bool) for a in args)
+    if not numbers or not args[0] < args[1]:
+        raise ValueError(f"{where} {kind} needs [low, high] with low < high, got {args!r}")
+    if kind == "loguniform" and args[0] <= 0:
+        raise ValueError(f"{where} loguniform needs low > 0, got {args[0]}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise ValueError(f"{where} randint needs whole numbers, got {args!r}")
+    return args
+
+
+def _set(raw: dict, keys: list[str], value) -> None:
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+    node[keys[-1]] = value
 
 
 def shipped_configs() -> dict[str, Path]:
