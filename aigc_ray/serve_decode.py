@@ -104,11 +104,31 @@ class BatchDecoder:
         """Rows still decoding: what the next forward pass costs."""
         return len(self.active)
 
+    def cancel(self, index: int) -> None:
+        """Stop decoding request `index` (its caller went away); it leaves at the next step."""
+        if self.rows[index].finish_reason is None:
+            self.rows[index].finish_reason = "cancelled"
+
+    def _keep(self, batch_rows: list[int]) -> None:
+        """Shrink the batch to `batch_rows` (positions in the current batch)."""
+        self.active = [self.active[b] for b in batch_rows]
+        if batch_rows:
+            kept = torch.tensor(batch_rows, device=self.device)
+            if self.cache is not None:
+                self.cache.batch_select_indices(kept)
+            self.attention_mask = self.attention_mask[kept]
+            self.next_input = self.next_input[kept]
+
     @torch.inference_mode()
     def step(self) -> list[Chunk | None]:
         """One forward pass for every unfinished row; one entry per request (None: finished before)."""
         from transformers import DynamicCache
 
+        live = [b for b, index in enumerate(self.active) if self.rows[index].finish_reason is None]
+        if len(live) < len(self.active):  # cancelled since the last step
+            self._keep(live)
+        if self.done:
+            return [None] * len(self.rows)
         if self.cache is None:
             self.cache = DynamicCache(config=self.model.config)
         # Positions count real tokens only, so left padding does not shift them.
@@ -135,11 +155,7 @@ class BatchDecoder:
 
         if len(keep) < len(self.active):
             # A finished row stops costing compute: drop it from the inputs and the KV cache.
-            self.active = [self.active[b] for b in keep]
-            if keep:
-                kept = torch.tensor(keep, device=self.device)
-                self.cache.batch_select_indices(kept)
-                self.attention_mask = self.attention_mask[kept]
+            self._keep(keep)
         if self.active:
             self.next_input = torch.tensor(tokens, device=self.device).unsqueeze(-1)
             ones = torch.ones((len(self.active), 1), dtype=self.attention_mask.dtype,

@@ -1,0 +1,233 @@
+"""Serving throughput and latency: our Ray Serve app against a plain FastAPI + `generate` server.
+
+Same checkpoint, same machine, same run, same greedy requests (so both produce the same tokens):
+
+    .venv/bin/python benchmarks/serve_throughput.py [--checkpoint DIR] [--max-tokens 32] [--int8]
+
+The baseline is one uvicorn process whose endpoint calls `model.generate` per request (FastAPI
+runs sync endpoints on its thread pool, so concurrent requests overlap as well as the GIL lets
+them). Ours is `aigc_ray.serve` with a fixed replica count (autoscaling delays would otherwise
+be what is measured). Each level sends requests from `concurrency` clients in parallel; the
+ratios are ours / baseline (requests per second: higher is better; latency: lower is better).
+"""
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+LEVELS = {1: 16, 8: 64, 32: 160}  # concurrency → requests measured
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_checkpoint(folder: Path) -> str:
+    """The built-in tiny model of the default config (GPT-2 architecture, ~2.6M parameters),
+    its tokenizer trained on the sample corpus; untrained weights cost the same to run."""
+    from aigc_ray.config import load_config
+    from aigc_ray.data import document_text
+    from aigc_ray.model import materialize_builtin
+    from aigc_ray.sample_data import write_sample_corpus
+
+    corpus = write_sample_corpus(folder / "sample", num_pairs=2000)
+    cfg = load_config("tiny_cpu", [f"data.path={corpus['jsonl']}", f"run.output_dir={folder}"])
+    with open(corpus["jsonl"], encoding="utf-8") as f:
+        texts = [document_text(json.loads(line), cfg.data) for line in f]
+    return str(materialize_builtin(cfg, texts))
+
+
+def prompts(count: int) -> list[str]:
+    from aigc_ray.sample_data import write_sample_corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_sample_corpus(tmp, num_pairs=count, seed=1)
+        with open(corpus["jsonl"], encoding="utf-8") as f:
+            return [json.loads(line)["prompt"] for line in f]
+
+
+# --- the baseline server: run as `serve_throughput.py --baseline-server PORT CHECKPOINT` -------
+
+
+def baseline_server(port: int, checkpoint: str) -> None:
+    import torch
+    import uvicorn
+    from fastapi import FastAPI
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    def completions(body: dict) -> dict:
+        ids = tokenizer(body["prompt"], return_tensors="pt")
+        with torch.inference_mode():
+            out = model.generate(**ids, max_new_tokens=body["max_tokens"], do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        new = out[0, ids["input_ids"].shape[1]:]
+        return {"choices": [{"text": tokenizer.decode(new, skip_special_tokens=True)}],
+                "usage": {"completion_tokens": int(new.shape[0])}}
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
+
+
+# --- the load generator --------------------------------------------------------------------------
+
+
+async def measure(url: str, texts: list[str], concurrency: int, total: int,
+                  max_tokens: int) -> dict:
+    """Send `total` greedy completions from `concurrency` clients; throughput and latency."""
+    import httpx
+
+    latencies, tokens, failures = [], 0, 0
+    queue = list(range(total))
+
+    async def client(http):
+        nonlocal tokens, failures
+        while queue:
+            i = queue.pop()
+            start = time.perf_counter()
+            response = await http.post(url + "/v1/completions", json={
+                "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0})
+            latencies.append(time.perf_counter() - start)
+            if response.status_code == 200:
+                tokens += response.json()["usage"]["completion_tokens"]
+            else:
+                failures += 1
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=300, limits=limits) as http:
+        for i in range(min(4, total)):  # warm up: first calls pay for lazy initialization
+            await http.post(url + "/v1/completions", json={
+                "prompt": texts[i], "max_tokens": max_tokens, "temperature": 0})
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    latencies.sort()
+    return {"requests_per_second": total / wall, "tokens_per_second": tokens / wall,
+            "p50_s": statistics.median(latencies),
+            "p99_s": latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))],
+            "failures": failures}
+
+
+def run_levels(name: str, url: str, texts: list[str], max_tokens: int) -> dict:
+    results = {}
+    for concurrency, total in LEVELS.items():
+        results[concurrency] = asyncio.run(measure(url, texts, concurrency, total, max_tokens))
+        r = results[concurrency]
+        print(f"  {name:<10} c={concurrency:<3} {r['requests_per_second']:7.1f} req/s "
+              f"{r['tokens_per_second']:8.0f} tok/s  p50 {r['p50_s'] * 1000:7.1f} ms  "
+              f"p99 {r['p99_s'] * 1000:7.1f} ms  failures {r['failures']}", flush=True)
+    return results
+
+
+def wait_healthy(url: str, timeout: float = 120) -> None:
+    import httpx
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            if httpx.get(url + "/healthz", timeout=5).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{url} did not become healthy")
+
+
+def run_baseline(checkpoint: str, texts: list[str], max_tokens: int) -> dict:
+    port = free_port()
+    server = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port),
+                               checkpoint])
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        return run_levels("baseline", url, texts, max_tokens)
+    finally:
+        server.terminate()  # the server this function started, by its handle
+        server.wait(timeout=30)
+
+
+def run_ours(checkpoint: str, texts: list[str], max_tokens: int, replicas: int,
+             quantize: str, label: str) -> dict:
+    from ray import serve
+
+    from aigc_ray.serve import deploy, serve_config
+
+    port = free_port()
+    path, cfg = serve_config(checkpoint, [
+        f"serve.port={port}", f"serve.app_name={label}", f"serve.quantize={quantize}",
+        f"serve.autoscaling.min_replicas={replicas}", f"serve.autoscaling.max_replicas={replicas}",
+        "serve.max_batch_size=32", "serve.max_ongoing_requests=64",
+        "serve.cpus_per_replica=1"])  # the default: one torch thread per replica
+    deploy(path, cfg)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        return run_levels(label, url, texts, max_tokens)
+    finally:
+        serve.delete(label)
+        serve.shutdown()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="HF model folder (default: the built-in tiny model)")
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--replicas", type=int, default=1,
+                        help="model replicas for our app (1: the same cores as the baseline)")
+    parser.add_argument("--int8", action="store_true", help="also measure serve.quantize=int8")
+    parser.add_argument("--baseline-server", nargs=2, metavar=("PORT", "CHECKPOINT"),
+                        help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.baseline_server:
+        baseline_server(int(args.baseline_server[0]), args.baseline_server[1])
+        return
+
+    import ray
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = args.checkpoint or build_checkpoint(Path(tmp))
+        texts = prompts(64)
+        print(f"checkpoint {checkpoint}, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, "
+              f"greedy; concurrency: requests = {LEVELS}", flush=True)
+        baseline = run_baseline(checkpoint, texts, args.max_tokens)
+        # A cluster of its own (address="local"), never whichever one is already running here.
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False)
+        try:
+            ours = {"ours": run_ours(checkpoint, texts, args.max_tokens, args.replicas, "none",
+                                     "ours")}
+            if args.int8:
+                ours["ours-int8"] = run_ours(checkpoint, texts, args.max_tokens, args.replicas,
+                                             "int8", "ours-int8")
+        finally:
+            ray.shutdown()
+
+    print("\nratios (ours / baseline): throughput higher is better, latency lower is better")
+    for name, results in ours.items():
+        for concurrency in LEVELS:
+            o, b = results[concurrency], baseline[concurrency]
+            print(f"  {name:<10} c={concurrency:<3} throughput x{o['requests_per_second'] / b['requests_per_second']:5.2f}"
+                  f"  p50 x{o['p50_s'] / b['p50_s']:5.2f}  p99 x{o['p99_s'] / b['p99_s']:5.2f}")
+
+
+if __name__ == "__main__":
+    main()
