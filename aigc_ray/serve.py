@@ -465,11 +465,17 @@ def ask_once(cfg: Config, prompt: str, timeout_s: float = 120.0) -> dict:
 
 def run_serve(path: Path, cfg: Config, once: str | None = None) -> dict | None:
     """Deploy and serve until Ctrl-C; with `once`, answer that one prompt over HTTP and stop.
-    The app is deleted on the way out (and Serve shut down when the Ray cluster is ours)."""
+    The app is deleted on the way out, and Serve shut down when this call started it."""
+    import ray
+
     from aigc_ray.cluster import start_ray
 
-    own_cluster = not os.environ.get("RAY_ADDRESS")
     start_ray()
+    try:  # Serve already running on this cluster belongs to someone else: leave it running
+        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
+        own_serve = False
+    except ValueError:
+        own_serve = True
     try:
         deploy(path, cfg)
         name = model_name_for(path, cfg)
@@ -485,5 +491,5 @@ def run_serve(path: Path, cfg: Config, once: str | None = None) -> dict | None:
         return None
     finally:
         serve.delete(cfg.serve.app_name)
-        if own_cluster:
+        if own_serve:
             serve.shutdown()
