@@ -56,6 +56,18 @@ def cmd_train(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(ns: argparse.Namespace) -> int:
+    from aigc_ray.tune import run_tune
+
+    summary = run_tune(_config(ns), resume=ns.resume)
+    print(summary.table())
+    if summary.best is None:
+        print(f"error: {summary.line()}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 0
+
+
 def cmd_sample_data(ns: argparse.Namespace) -> int:
     from aigc_ray.sample_data import write_sample_corpus
 
@@ -94,7 +106,6 @@ COMMANDS = {
     # name: (help, handler, takes CONFIG)
     "train": ("fine-tune a causal LM on Ray Train workers (DDP); rerun to resume", cmd_train,
               True),
-    "tune": ("search hyperparameters with Ray Tune", not_built(4), True),
     "generate": ("batch generation over a Ray Data dataset", not_built(7), True),
     "eval": ("perplexity, ROUGE-L and BLEU of a checkpoint", not_built(7), True),
     "submit": ("submit a job spec to a Ray cluster", not_built(6), False),
@@ -119,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
             command.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
         else:
             command.add_argument("args", nargs="*")
+    tune = sub.add_parser(
+        "tune", help="search hyperparameters with Ray Tune; each trial is a DDP training run",
+        description="Run the trials that tune.search_space describes, each a whole `aigc-ray "
+        "train` run; ASHA (tune.scheduler) stops the losers. Writes results.csv, "
+        "tune_curves.png, best_config.yaml and best/ (the best model) to the run folder.",
+        epilog=CONFIG_HELP)
+    tune.add_argument("args", nargs="*", metavar="[CONFIG] [key=value ...]")
+    tune.add_argument("--resume", action="store_true",
+                      help="continue the interrupted search in the run folder")
+    tune.set_defaults(handler=cmd_tune)
     sample = sub.add_parser("sample-data", help="write the sample customer-support corpus",
                             description="Write support.jsonl (prompt/completion pairs) and "
                             "support.txt (one document a line) to DIR.")
@@ -143,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _user_error(exc: BaseException) -> str | None:
+def user_error(exc: BaseException) -> str | None:
     """The one-line message of a user-fixable error, even when Ray wrapped it on the way."""
     from aigc_ray.data import DataError
 
@@ -168,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     except Exception as exc:
-        message = _user_error(exc)
+        message = user_error(exc)
         if message is None:
             raise
         print(f"error: {message}", file=sys.stderr)

@@ -258,7 +258,7 @@ class Config(Section):
             for value in check_distribution(key, spec):  # bounds and choices must be valid
                 try:
                     patched = self.model_dump(exclude={"tune"})
-                    _set(patched, key.split("."), value)
+                    set_key(patched, key.split("."), value)
                     Config.model_validate(patched)
                 except ValidationError as exc:
                     raise ValueError(f"tune.search_space {key}: {_describe(exc.errors()[0])}"
@@ -300,7 +300,8 @@ def check_distribution(key: str, spec: dict) -> list:
     return args
 
 
-def _set(raw: dict, keys: list[str], value) -> None:
+def set_key(raw: dict, keys: list[str], value) -> None:
+    """Set a value in a raw config dict by its key path, creating sections on the way."""
     node = raw
     for key in keys[:-1]:
         node = node.setdefault(key, {})

@@ -148,3 +148,34 @@ def plot_loss_curve(rows: list[dict], out: Path) -> None:
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+def plot_trial_curves(trial_dirs: dict[str, Path], best: str | None, stopped: set[str],
+                      out: Path) -> None:
+    """Validation loss against step for every trial of a search; trials a scheduler stopped
+    end in an x, the best trial is drawn bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for trial, folder in trial_dirs.items():
+        points = [(r["step"], r["val_loss"]) for r in read_jsonl(folder / METRICS_FILE)
+                  if r.get("val_loss") is not None]
+        if not points:
+            continue
+        line, = ax.plot(*zip(*points), "-", linewidth=2.5 if trial == best else 1,
+                        label=f"{trial}{' (best)' if trial == best else ''}"
+                              f"{' (stopped early)' if trial in stopped else ''}")
+        if trial in stopped:
+            ax.plot(*points[-1], "x", color=line.get_color(), markersize=9)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss")
+    ax.set_title(f"{out.parent.name}: validation loss of every trial")
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)

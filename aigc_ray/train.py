@@ -429,8 +429,21 @@ def exact_validation_config():
     return ExactValidation()
 
 
-def run_train(cfg: Config) -> TrainSummary:
-    """Fit a `TorchTrainer` from the config; resumes when `run.name` already has checkpoints."""
+def export_checkpoint(checkpoint_dir: str, folder: Path) -> None:
+    """Copy a training checkpoint as a plain HF folder (no optimizer state, no adapters)."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(checkpoint_dir, folder)
+    (folder / TRAINING_STATE).unlink(missing_ok=True)
+    shutil.rmtree(folder / "adapter", ignore_errors=True)
+
+
+def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -> TrainSummary:
+    """Fit a `TorchTrainer` from the config; resumes when `run.name` already has checkpoints.
+
+    `callbacks` are Ray Train `UserCallback`s (Tune passes its report forwarder); `follow`
+    prints the run's progress lines on this console.
+    """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -464,7 +477,7 @@ def run_train(cfg: Config) -> TrainSummary:
                                      resources_per_worker=resources,
                                      placement_strategy=cfg.scaling.placement_strategy),
         run_config=RunConfig(
-            name=cfg.run.name, storage_path=str(run_dir.parent),
+            name=cfg.run.name, storage_path=str(run_dir.parent), callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
@@ -474,18 +487,13 @@ def run_train(cfg: Config) -> TrainSummary:
         datasets=datasets,
         dataset_config=exact_validation_config(),
     )
-    with Follower(run_dir, total_steps):
+    with Follower(run_dir, total_steps) if follow else contextlib.nullcontext():
         result = trainer.fit()
     if result.error:
         raise result.error
 
     final_dir = run_dir / "final"
-    best = _best_checkpoint(result, "val" in datasets)
-    if final_dir.exists():
-        shutil.rmtree(final_dir)
-    best.to_directory(str(final_dir))
-    (final_dir / TRAINING_STATE).unlink(missing_ok=True)
-    shutil.rmtree(final_dir / "adapter", ignore_errors=True)
+    export_checkpoint(_best_checkpoint(result, "val" in datasets).path, final_dir)
 
     rows = read_jsonl(run_dir / METRICS_FILE)
     plot_loss_curve(rows, run_dir / "loss_curve.png")

@@ -1,0 +1,344 @@
+"""Hyperparameter search: `run_tune(cfg)` runs Ray Tune trials that are each a whole
+`aigc-ray train` run (a `TorchTrainer` with its own DDP workers), lets ASHA stop the losers
+between evaluations, and exports the best trial's model to `best/`.
+
+The run folder `{run.output_dir}/{run.name}/` is Tune's experiment folder; each trial trains in
+`trials/<trial id>/` (the same run folder `aigc-ray train` writes), so a resumed search also
+resumes its unfinished trials from their last checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from aigc_ray.config import Config, ConfigError, set_key, to_yaml
+from aigc_ray.data import GLOB_CHARS
+
+TRIALS_DIR = "trials"
+RESULTS_FILE = "results.csv"
+BEST_CONFIG = "best_config.yaml"
+BEST_DIR = "best"
+TRIAL_DRIVER_CPUS = 0.01
+NO_STEP_LIMIT = 10**9  # ASHA needs a max_t; epoch-bound runs end on their own before it
+
+
+def check_tune_config(cfg: Config, resume: bool) -> None:
+    """What can be checked before Ray starts: the search space (by the schema), the search
+    algorithm's package, and whether the run folder holds a search to resume."""
+    from ray.tune import Tuner
+
+    if not cfg.tune.search_space:
+        raise ConfigError("tune.search_space is empty; name the keys to search, e.g. "
+                          "tune.search_space: {train.lr: {loguniform: [1.0e-4, 3.0e-3]}}")
+    kinds = {next(iter(spec)) for spec in cfg.tune.search_space.values()}
+    if cfg.tune.search_alg == "optuna":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("tune.search_alg optuna needs optuna: pip install "
+                              "'aigc-ray[optuna]' (or use tune.search_alg=random)") from None
+        if "grid" in kinds:
+            raise ConfigError("tune.search_alg optuna cannot search a grid; use choice instead "
+                              "of grid, or tune.search_alg=random")
+    if cfg.tune.scheduler == "pbt" and kinds <= {"grid"}:
+        raise ConfigError("tune.scheduler pbt needs at least one key it can mutate (loguniform, "
+                          "uniform, randint or choice), not only grid keys")
+    exists = Tuner.can_restore(str(cfg.run.dir))
+    if resume and not exists:
+        raise ConfigError(f"--resume: {cfg.run.dir} holds no search to resume")
+    if not resume and exists:
+        raise ConfigError(f"{cfg.run.dir} already holds a search; add --resume to continue "
+                          "it, or set another run.name")
+
+
+def param_space(cfg: Config) -> dict:
+    """{dotted key: Tune domain} from `tune.search_space`."""
+    from ray import tune
+
+    makers = {
+        "loguniform": lambda low, high: tune.loguniform(low, high),
+        "uniform": lambda low, high: tune.uniform(low, high),
+        "randint": lambda low, high: tune.randint(low, high + 1),  # [low, high], both included
+        "choice": lambda *values: tune.choice(list(values)),
+        "grid": lambda *values: tune.grid_search(list(values)),
+    }
+    return {key: makers[kind](*args) for key, spec in cfg.tune.search_space.items()
+            for kind, args in spec.items()}
+
+
+def absolute_paths(cfg: Config) -> dict:
+    """The config as a dict with local data paths made absolute: Tune runs each trial in its
+    own working directory."""
+    import os
+
+    raw = cfg.model_dump()
+    raw["data"]["path"] = [
+        os.path.abspath(os.path.expanduser(path))
+        if "://" not in path and (Path(path).expanduser().exists() or GLOB_CHARS & set(path))
+        else path for path in cfg.data.paths]
+    return raw
+
+
+def trial_config(base: dict, params: dict) -> Config:
+    """The base config with one trial's sampled values patched in."""
+    raw = copy.deepcopy(base)
+    for key, value in params.items():
+        set_key(raw, key.split("."), value)
+    return Config.model_validate(raw)
+
+
+def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: str) -> None:
+    """One Tune trial: a whole `aigc-ray train` run whose reports Tune sees."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from aigc_ray.train import run_train
+
+    raw = copy.deepcopy(base)
+    if model_path:  # built once by the driver, shared by every trial
+        raw["model"]["name_or_path"] = model_path
+    raw["run"].update(output_dir=trials_dir, name=tune.get_context().get_trial_id())
+    run_train(trial_config(raw, params), callbacks=[TuneReportCallback()], follow=False)
+
+
+def _trial_dirname(trial) -> str:
+    return trial.trial_id
+
+
+def scheduler(cfg: Config, space: dict):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+
+    if cfg.tune.scheduler == "fifo":
+        return FIFOScheduler()
+    if cfg.tune.scheduler == "asha":
+        return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps or NO_STEP_LIMIT,
+                             grace_period=cfg.tune.asha.grace_period or cfg.train.eval_every,
+                             reduction_factor=cfg.tune.asha.reduction_factor)
+    mutable = {key: domain for key, domain in space.items()
+               if next(iter(cfg.tune.search_space[key])) != "grid"}
+    return PopulationBasedTraining(
+        time_attr="step", hyperparam_mutations=mutable,
+        perturbation_interval=cfg.tune.pbt.perturbation_interval or cfg.train.eval_every,
+        quantile_fraction=cfg.tune.pbt.quantile_fraction, synch=False)
+
+
+def search_alg(cfg: Config, max_concurrent: int):
+    """The sampler, holding at most `max_concurrent` trials at once."""
+    if cfg.tune.search_alg == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=cfg.tune.seed), max_concurrent=max_concurrent)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=max_concurrent)
+
+
+def concurrent_trials(cfg: Config) -> int:
+    """`tune.max_concurrent_trials`, or as many trials as the cluster's CPUs and GPUs fit:
+    each trial needs its workers plus a read task and its tokenizer actors."""
+    import ray
+
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    resources = ray.cluster_resources()
+    per_trial = (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+                 + (1 + cfg.data.tokenizer_actors) * cfg.data.cpus_per_task)
+    fit = int(resources.get("CPU", 1) // per_trial)
+    if cfg.scaling.use_gpu:
+        fit = min(fit, int(resources.get("GPU", 0)
+                           // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker)))
+    return max(1, fit)
+
+
+def progress_callback(params_of):
+    """A Tune callback printing one line per evaluation and per finished trial."""
+    from ray.tune import Callback
+
+    class TrialLines(Callback):
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get("val_loss") is not None:
+                print(f"[aigc-ray] trial {trial.trial_id} step {result['step']} | val_loss "
+                      f"{result['val_loss']:.4f} | {params_of(trial.config)}", flush=True)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            step = (trial.last_result or {}).get("step", 0)
+            print(f"[aigc-ray] trial {trial.trial_id} ended at step {step}", flush=True)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            print(f"[aigc-ray] trial {trial.trial_id} failed: see {trial.path}", flush=True)
+
+    return TrialLines()
+
+
+def show(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def format_params(params: dict) -> str:
+    return ", ".join(f"{key}={show(value)}" for key, value in params.items())
+
+
+@dataclass
+class TrialRow:
+    trial: str
+    params: dict
+    best: float | None  # of tune.metric over the trial's evaluations
+    steps: int
+    stopped_early: bool  # ended before its planned steps (by the scheduler, or by patience)
+    status: str
+    best_checkpoint: str | None
+    error: str | None = None  # the first line of a failed trial's error
+
+
+@dataclass
+class TuneSummary:
+    run_dir: Path
+    metric: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+
+    def table(self) -> str:
+        keys = list(self.rows[0].params) if self.rows else []
+        header = ["trial", *keys, f"best {self.metric}", "steps", "stopped early", "status"]
+        lines = [[row.trial, *(show(row.params.get(k)) for k in keys),
+                  "-" if row.best is None else f"{row.best:.4f}", str(row.steps),
+                  "yes" if row.stopped_early else "no", row.status] for row in self.rows]
+        widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
+        return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths))
+                         for line in [header, *lines])
+
+    def line(self) -> str:
+        if self.best is None:
+            errors = [row.error for row in self.rows if row.error]
+            return "no trial reported a result" + (f"; first error: {errors[0]}" if errors else "")
+        return (f"best trial {self.best.trial}: {self.metric} {self.best.best:.4f} with "
+                f"{format_params(self.best.params)}; model in {self.run_dir / BEST_DIR}, "
+                f"config in {self.run_dir / BEST_CONFIG}")
+
+
+def summarize(cfg: Config, results, trials_dir: Path) -> list[TrialRow]:
+    """One row per trial from Tune's results (a trial's whole history, resumed runs included)."""
+    sign = 1 if cfg.tune.mode == "min" else -1
+    rows = []
+    for result in results:
+        history = result.metrics_dataframe
+        records = [] if history is None else history.to_dict("records")
+        scored = [r for r in records if _number(r.get(cfg.tune.metric))]
+        best = min(scored, key=lambda r: sign * r[cfg.tune.metric]) if scored else None
+        steps = int(max((r.get("step", 0) for r in records), default=0))
+        trial = Path(result.path).name
+        status = "error" if result.error else "done"
+        if cfg.train.max_steps:
+            stopped = status == "done" and steps < cfg.train.max_steps
+        else:  # epoch-bound: a trial the scheduler stopped never exported its final/
+            stopped = status == "done" and not (trials_dir / trial / "final").exists()
+        rows.append(TrialRow(trial=trial, params=dict(result.config), best=best and best[
+            cfg.tune.metric], steps=steps, stopped_early=stopped, status=status,
+            best_checkpoint=best.get("checkpoint_path") if best else None,
+            error=_first_line(result.error)))
+    return sorted(rows, key=lambda row: row.trial)
+
+
+def _first_line(error) -> str | None:
+    """The message a user needs from a trial's error (Ray wraps it in tracebacks)."""
+    if error is None:
+        return None
+    from aigc_ray.cli import user_error
+
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return user_error(error) or (lines[-1] if lines else type(error).__name__)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not math.isnan(value)
+
+
+def write_results(summary: TuneSummary) -> None:
+    keys = list(summary.rows[0].params) if summary.rows else []
+    with (summary.run_dir / RESULTS_FILE).open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["trial", *keys, f"best_{summary.metric}", "steps", "stopped_early",
+                         "status"])
+        for row in summary.rows:
+            writer.writerow([row.trial, *(row.params.get(k) for k in keys), row.best, row.steps,
+                             row.stopped_early, row.status])
+
+
+def export_best(cfg: Config, summary: TuneSummary, trials_dir: Path) -> None:
+    """`best/` (the best evaluation's checkpoint as a plain HF folder) and `best_config.yaml`."""
+    from aigc_ray.train import export_checkpoint
+
+    best = summary.best
+    checkpoint = best.best_checkpoint
+    if not checkpoint or not Path(checkpoint).exists():  # pruned: the trial's exported model
+        checkpoint = str(trials_dir / best.trial / "final")
+    export_checkpoint(checkpoint, summary.run_dir / BEST_DIR)
+    best_cfg = trial_config(cfg.model_dump(), best.params)
+    # Its own run name: training it again must not write into this search's folder.
+    best_cfg.run.name = f"{cfg.run.name}-best"
+    header = (f"# The best trial ({best.trial}) of `aigc-ray tune` run {cfg.run.name}: "
+              f"{summary.metric} {best.best:.4f}.\n# Train it again: aigc-ray train "
+              f"{summary.run_dir / BEST_CONFIG}\n")
+    (summary.run_dir / BEST_CONFIG).write_text(header + to_yaml(best_cfg))
+
+
+def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
+    """Search `tune.search_space`; every trial is a distributed training run."""
+    from ray import tune
+
+    from aigc_ray.cluster import start_ray
+    from aigc_ray.data import check_config
+    from aigc_ray.metrics import plot_trial_curves
+    from aigc_ray.model import resolve_model_path
+
+    check_config(cfg)  # files exist
+    check_tune_config(cfg, resume)  # before Ray starts
+    start_ray(ray_logs=cfg.run.ray_logs)
+    run_dir, trials_dir = cfg.run.dir, cfg.run.dir / TRIALS_DIR
+    trials_dir.mkdir(parents=True, exist_ok=True)
+    searches_model = any(key.startswith("model.") for key in cfg.tune.search_space)
+    model_path = None if searches_model else resolve_model_path(cfg)
+    trainable = tune.with_resources(
+        tune.with_parameters(train_trial, base=absolute_paths(cfg), model_path=model_path,
+                             trials_dir=str(trials_dir)),
+        # The trial only drives its TorchTrainer, whose workers hold the CPUs and GPUs (Tune
+        # refuses an empty request, so a token share).
+        {"CPU": TRIAL_DRIVER_CPUS})
+    if resume:
+        tuner = tune.Tuner.restore(str(run_dir), trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        space = param_space(cfg)
+        only_grid = all(next(iter(s)) == "grid" for s in cfg.tune.search_space.values())
+        tuner = tune.Tuner(
+            trainable, param_space=space,
+            tune_config=tune.TuneConfig(
+                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler(cfg, space),
+                search_alg=search_alg(cfg, concurrent_trials(cfg)),
+                # Repeating a grid point repeats the same seeded run: one of each is enough.
+                num_samples=1 if only_grid else cfg.tune.num_samples,
+                trial_dirname_creator=_trial_dirname),
+            run_config=tune.RunConfig(
+                name=cfg.run.name, storage_path=str(run_dir.parent), verbose=0,
+                callbacks=[progress_callback(format_params)]),
+        )
+    results = tuner.fit()
+
+    rows = summarize(cfg, results, trials_dir)
+    sign = 1 if cfg.tune.mode == "min" else -1
+    scored = [row for row in rows if row.best is not None]
+    summary = TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=rows,
+                          best=min(scored, key=lambda r: sign * r.best) if scored else None)
+    write_results(summary)
+    plot_trial_curves({row.trial: trials_dir / row.trial for row in rows},
+                      summary.best.trial if summary.best else None,
+                      {row.trial for row in rows if row.stopped_early}, run_dir / "tune_curves.png")
+    if summary.best:
+        export_best(cfg, summary, trials_dir)
+    return summary
+
