@@ -24,6 +24,7 @@ data/sample/support.jsonl: | $(STAMP)
 demo: $(STAMP) data/sample/support.jsonl
 	$(BIN)/aigc-ray data
 	$(BIN)/aigc-ray train
+	$(BIN)/aigc-ray serve runs/tiny-cpu --once "$$(printf 'Customer: How do I reset my password for Nimbus Drive?\nAgent:')"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
@@ -33,6 +34,9 @@ lint: $(STAMP)
 
 bench: $(STAMP) data/sample/support.jsonl
 	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/tune_efficiency.py
+	$(BIN)/python benchmarks/serve_throughput.py
 
 clean:
 	rm -rf runs data/sample

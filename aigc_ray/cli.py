@@ -60,6 +60,11 @@ def cmd_tune(ns: argparse.Namespace) -> int:
     from aigc_ray.tune import run_tune
 
     summary = run_tune(_config(ns), resume=ns.resume)
+    if summary.unfinished:
+        again = " ".join(["aigc-ray tune", *ns.args, "--resume"])
+        print(f"search interrupted with {summary.unfinished} trial(s) unfinished; continue it "
+              f"with: {again}", file=sys.stderr)
+        return 130
     print(summary.table())
     if summary.best is None:
         print(f"error: {summary.line()}", file=sys.stderr)

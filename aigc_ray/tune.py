@@ -147,8 +147,10 @@ def concurrent_trials(cfg: Config) -> int:
         return cfg.tune.max_concurrent_trials
     resources = ray.cluster_resources()
     per_trial = (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-                 + (1 + cfg.data.tokenizer_actors) * cfg.data.cpus_per_task)
-    fit = int(resources.get("CPU", 1) // per_trial)
+                 + (1 + cfg.data.tokenizer_actors) * cfg.data.cpus_per_task + TRIAL_DRIVER_CPUS)
+    # Keep one read task's CPUs free: a trial whose workers started but whose data pipeline
+    # cannot get a CPU waits forever, and so do the trials queued behind it.
+    fit = int((resources.get("CPU", 1) - cfg.data.cpus_per_task) // per_trial)
     if cfg.scaling.use_gpu:
         fit = min(fit, int(resources.get("GPU", 0)
                            // (cfg.scaling.num_workers * cfg.scaling.gpus_per_worker)))
@@ -201,6 +203,7 @@ class TuneSummary:
     metric: str
     rows: list[TrialRow]
     best: TrialRow | None
+    unfinished: int = 0  # trials left running or pending when the search was interrupted
 
     def table(self) -> str:
         keys = list(self.rows[0].params) if self.rows else []
@@ -219,6 +222,13 @@ class TuneSummary:
         return (f"best trial {self.best.trial}: {self.metric} {self.best.best:.4f} with "
                 f"{format_params(self.best.params)}; model in {self.run_dir / BEST_DIR}, "
                 f"config in {self.run_dir / BEST_CONFIG}")
+
+
+def unfinished_trials(results) -> int:
+    """Trials neither finished nor failed: Tune returns normally after Ctrl-C, and only its
+    trial list (not the public ResultGrid) says which trials were cut off."""
+    trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
+    return sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
 
 
 def summarize(cfg: Config, results, trials_dir: Path) -> list[TrialRow]:
@@ -328,6 +338,10 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
                 callbacks=[progress_callback(format_params)]),
         )
     results = tuner.fit()
+    unfinished = unfinished_trials(results)
+    if unfinished:  # Ctrl-C: Tune saved the search state; --resume picks it up
+        return TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=[], best=None,
+                           unfinished=unfinished)
 
     rows = summarize(cfg, results, trials_dir)
     sign = 1 if cfg.tune.mode == "min" else -1
