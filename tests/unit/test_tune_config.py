@@ -1,0 +1,74 @@
+"""The search space is checked by the schema: bad keys, distributions and bounds fail with one
+line naming the key, before Ray starts (nothing here starts Ray)."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from aigc_ray.cli import main
+from aigc_ray.config import ConfigError, leaf_keys, load_config
+
+
+def space_error(override: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_tune", [f"tune.search_space={override}"])
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_the_shipped_search_space_is_valid():
+    cfg = load_config("tiny_tune")
+    assert set(cfg.tune.search_space) == {"train.lr", "train.warmup_steps"}
+
+
+def test_every_distribution_is_accepted():
+    cfg = load_config("tiny_tune", [
+        "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, "
+        "train.weight_decay: {uniform: [0.0, 0.2]}, train.warmup_steps: {randint: [0, 40]}, "
+        "train.batch_size: {choice: [4, 8]}, train.lora.r: {grid: [4, 8]}}"])
+    assert len(cfg.tune.search_space) == 5
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("{train.lrr: {uniform: [0, 1]}}",
+     "tune.search_space key train.lrr is not a config value to search"),
+    ("{train: {choice: [1]}}", "tune.search_space key train is not a config value"),
+    ("{tune.seed: {choice: [1, 2]}}", "tune.search_space key tune.seed is not a config value"),
+    ("{train.lr: {normal: [0, 1]}}",
+     "tune.search_space train.lr must be one of {loguniform, uniform, randint, choice, grid"),
+    ("{train.lr: {loguniform: [0.01, 0.001]}}",
+     "tune.search_space train.lr loguniform needs [low, high] with low < high"),
+    ("{train.lr: {loguniform: [0, 0.1]}}", "tune.search_space train.lr loguniform needs low > 0"),
+    ("{train.lr: {uniform: [-1, 0.1]}}",
+     "tune.search_space train.lr: train.lr must be > 0.0, got -1"),
+    ("{train.warmup_steps: {randint: [0.5, 4]}}",
+     "tune.search_space train.warmup_steps randint needs whole numbers"),
+    ("{train.batch_size: {choice: []}}",
+     "tune.search_space train.batch_size choice needs a non-empty list"),
+    ("{train.batch_size: {grid: [4, x]}}",
+     "tune.search_space train.batch_size: train.batch_size must be a whole number, got 'x'"),
+    ("{train.lr_schedule: {choice: [cosine, step]}}",
+     "tune.search_space train.lr_schedule: train.lr_schedule must be one of"),
+])
+def test_bad_search_spaces_name_the_key(override, expected):
+    assert space_error(override).startswith(expected)
+
+
+def test_an_unknown_key_suggests_the_closest():
+    assert space_error("{train.lrr: {uniform: [0.1, 1]}}").endswith("did you mean train.lr?")
+
+
+def test_leaf_keys_are_values_not_sections():
+    keys = leaf_keys()
+    assert "train.lr" in keys and "train.lora.r" in keys and "serve.autoscaling.max_replicas" in keys
+    assert "train" not in keys and "train.lora" not in keys
+
+
+def test_cli_tune_with_a_bad_space_fails_before_ray_starts(capsys):
+    was_running = ray.is_initialized()
+    assert main(["tune", "tiny_tune", "tune.search_space={train.lrr: {uniform: [0, 1]}}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: tune.search_space key train.lrr") and err.count("\n") == 1
+    assert ray.is_initialized() is was_running
