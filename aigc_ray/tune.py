@@ -224,6 +224,14 @@ class TuneSummary:
                 f"config in {self.run_dir / BEST_CONFIG}")
 
 
+def planned_trials(cfg: Config) -> int:
+    """How many trials the search runs: every grid point, `num_samples` times (once when the
+    space is all grid)."""
+    grid = [len(spec["grid"]) for spec in cfg.tune.search_space.values() if "grid" in spec]
+    only_grid = len(grid) == len(cfg.tune.search_space)
+    return math.prod(grid) * (1 if only_grid else cfg.tune.num_samples)
+
+
 def unfinished_trials(results) -> int:
     """Trials neither finished nor failed: Tune returns normally after Ctrl-C, and only its
     trial list (not the public ResultGrid) says which trials were cut off."""
@@ -324,7 +332,7 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
                                    resume_errored=True)
     else:
         space = param_space(cfg)
-        only_grid = all(next(iter(s)) == "grid" for s in cfg.tune.search_space.values())
+        only_grid = all("grid" in spec for spec in cfg.tune.search_space.values())
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
@@ -338,7 +346,7 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
                 callbacks=[progress_callback(format_params)]),
         )
     results = tuner.fit()
-    unfinished = unfinished_trials(results)
+    unfinished = unfinished_trials(results) + max(0, planned_trials(cfg) - len(results))
     if unfinished:  # Ctrl-C: Tune saved the search state; --resume picks it up
         return TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=[], best=None,
                            unfinished=unfinished)

@@ -30,12 +30,16 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """A real local Ray cluster (2 CPUs, no dashboard) for the whole session; yields `ray`."""
+    """A real local Ray cluster (2 CPUs) for the whole session; yields `ray`.
+
+    With its dashboard, as `aigc-ray` starts one: Ray Train's placement-group cleaner asks the
+    state API whether a controller died, and without it the workers' CPUs of every trial that
+    Tune stopped stay reserved until the next trial's data pipeline cannot get a CPU."""
     import ray
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING,
+        ray.init(num_cpus=2, include_dashboard=True, logging_level=logging.WARNING,
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
     # The same settings `aigc_ray.cluster.start_ray` applies after connecting.
     ray.data.DataContext.get_current().enable_progress_bars = False

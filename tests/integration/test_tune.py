@@ -1,0 +1,124 @@
+"""Real Ray Tune searches whose trials are real DDP training runs (tiny model, sample corpus)."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from aigc_ray.config import load_config
+from aigc_ray.metrics import read_jsonl, worker_starts
+from aigc_ray.train import run_train
+from aigc_ray.tune import run_tune
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def tune_args(sample_corpus, tiny_model_dir, tmp_path):
+    """The shipped tiny_tune config pointed at the test corpus, tiny model and a temp folder."""
+    return [f"model.name_or_path={tiny_model_dir}", f"data.path={sample_corpus['jsonl']}",
+            f"run.output_dir={tmp_path}", "train.eval_batches=4"]
+
+
+def results_of(run_dir: Path) -> list[dict]:
+    with (run_dir / "results.csv").open() as f:
+        return list(csv.DictReader(f))
+
+
+def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args, tmp_path):
+    cfg = load_config("tiny_tune", [*tune_args, "train.max_steps=30", "train.eval_every=10",
+                                    "tune.num_samples=4", "run.name=asha"])
+    summary = run_tune(cfg)
+
+    rows = results_of(summary.run_dir)
+    assert len(rows) == 4 and all(row["status"] == "done" for row in rows)
+    assert any(row["stopped_early"] == "True" for row in rows)  # ASHA cut at least one
+    assert all(int(row["steps"]) in (10, 20, 30) for row in rows)
+    lowest = min(rows, key=lambda row: float(row["best_val_loss"]))
+    assert summary.best.trial == lowest["trial"]
+    assert summary.best.best == pytest.approx(float(lowest["best_val_loss"]))
+    assert (summary.run_dir / "tune_curves.png").stat().st_size > 1000
+
+    best = summary.run_dir / "best"
+    assert not (best / "training_state.pt").exists()
+    model = AutoModelForCausalLM.from_pretrained(best)
+    tokenizer = AutoTokenizer.from_pretrained(best)
+    ids = tokenizer("Customer: Where is my order?\nAgent:", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] > ids[
+        "input_ids"].shape[1]
+
+    # best_config.yaml is a complete config that `aigc-ray train` takes as it is.
+    again = load_config(str(summary.run_dir / "best_config.yaml"), ["train.max_steps=10"])
+    assert again.train.lr == pytest.approx(float(lowest["train.lr"]))
+    assert again.train.warmup_steps == int(lowest["train.warmup_steps"])
+    assert again.run.name == "asha-best"
+    assert run_train(again).final_dir.joinpath("model.safetensors").exists()
+
+
+def test_grid_runs_exactly_its_points(ray_cluster, tune_args):
+    cfg = load_config("tiny_tune", [*tune_args, "train.max_steps=10", "train.eval_every=10",
+                                    "tune.scheduler=fifo", "run.name=grid",
+                                    "tune.search_space={train.lr: {grid: [0.001, 0.004]}}"])
+    run_tune(cfg)
+    rows = results_of(cfg.run.dir)
+    assert sorted(float(row["train.lr"]) for row in rows) == [0.001, 0.004]
+
+
+def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tune_args,
+                                                                      tmp_path):
+    args = ["tiny_tune", *tune_args, "train.max_steps=10", "train.eval_every=10",
+            "tune.scheduler=fifo", "tune.num_samples=3", "tune.max_concurrent_trials=1",
+            "run.name=resume"]
+    env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
+    run_dir, trials = tmp_path / "resume", tmp_path / "resume" / "trials"
+    first = subprocess.Popen([sys.executable, "-m", "aigc_ray", "tune", *args], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(first.stdout), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 300
+    # Tune has recorded a trial as finished once our callback prints that it ended.
+    while not any(" ended at step" in line for line in lines) and first.poll() is None:
+        assert time.monotonic() < deadline, "no trial finished in 300 s"
+        time.sleep(0.2)
+    first.send_signal(signal.SIGINT)  # Ctrl-C: Tune saves the search state and stops
+    first.wait(timeout=120)
+    reader.join(timeout=10)
+    out = "".join(lines)
+    finished = {line.split()[2] for line in lines if " ended at step" in line}
+    assert finished, out[-3000:]
+    assert "--resume" in out, out[-3000:]  # says how to continue
+
+    second = subprocess.run([sys.executable, "-m", "aigc_ray", "tune", *args, "--resume"],
+                            env=env, capture_output=True, text=True, timeout=400)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    rows = results_of(run_dir)
+    assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
+    for trial in finished:  # trained once: one start per rank, never restarted
+        assert len(worker_starts(trials / trial)) == 1
+        assert [r["step"] for r in read_jsonl(trials / trial / "metrics.jsonl")] == [0, 10]
+    assert (run_dir / "best" / "model.safetensors").exists()
+
+
+def test_a_finished_search_needs_resume_or_a_new_name(tune_args, tmp_path):
+    """Checked before Ray starts: exit code 2 and one line naming what to change."""
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "tuner.pkl").write_bytes(b"")
+    done = subprocess.run([sys.executable, "-m", "aigc_ray", "tune", "tiny_tune", *tune_args,
+                           "run.name=taken"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ")
+    assert "--resume" in done.stderr and "run.name" in done.stderr
+    missing = subprocess.run([sys.executable, "-m", "aigc_ray", "tune", "tiny_tune", *tune_args,
+                              "run.name=nothing", "--resume"], capture_output=True, text=True,
+                             timeout=60)
+    assert missing.returncode == 2 and "holds no search to resume" in missing.stderr
