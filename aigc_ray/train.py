@@ -429,6 +429,24 @@ def exact_validation_config():
     return ExactValidation()
 
 
+def resource_warning(cfg: Config, cluster: dict) -> str | None:
+    """A warning when the cluster (as it is now) cannot hold the workers and the data pipeline
+    together: Ray Train then waits for an autoscaler, which on a fixed cluster means forever."""
+    need_cpus = (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
+                 + (1 + cfg.data.tokenizer_actors) * cfg.data.cpus_per_task)
+    need_gpus = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0
+    have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
+    if need_cpus <= have_cpus and need_gpus <= have_gpus:
+        return None
+    return (f"[aigc-ray] warning: {cfg.scaling.num_workers} worker(s) × "
+            f"scaling.cpus_per_worker {cfg.scaling.cpus_per_worker} plus the data pipeline "
+            f"({1 + cfg.data.tokenizer_actors} × data.cpus_per_task {cfg.data.cpus_per_task}) "
+            f"need {need_cpus:g} CPUs{f' and {need_gpus:g} GPUs' if need_gpus else ''}; the "
+            f"cluster has {have_cpus:g}{f' and {have_gpus:g}' if need_gpus else ''} now. Training "
+            "waits until an autoscaler adds them; on a fixed cluster lower "
+            "scaling.num_workers or scaling.cpus_per_worker")
+
+
 def export_checkpoint(checkpoint_dir: str, folder: Path) -> None:
     """Copy a training checkpoint as a plain HF folder (no optimizer state, no adapters)."""
     if folder.exists():
@@ -454,6 +472,11 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
 
     files = check_config(cfg)  # files exist: fail before Ray starts
     start_ray(ray_logs=cfg.run.ray_logs)
+    import ray
+
+    warning = resource_warning(cfg, ray.cluster_resources())
+    if warning:
+        print(warning, flush=True)
     run_dir = cfg.run.dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
