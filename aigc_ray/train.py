@@ -125,7 +125,7 @@ def all_reduce_sum(*values, device=None) -> list[float]:
 
     tensor = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(())
                           for v in values])
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
 
