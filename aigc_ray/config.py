@@ -140,19 +140,12 @@ class Asha(Section):
     reduction_factor: float = Field(2.0, gt=1)  # keep the better half at each rung: gentle for few trials
 
 
-class Pbt(Section):
-    # Steps between exploit/explore rounds; None: every evaluation (train.eval_every).
-    perturbation_interval: int | None = Field(None, ge=1)
-    quantile_fraction: float = Field(0.25, gt=0, le=0.5)  # bottom quarter copies the top (Ray's default)
-
-
 class Tune(Section):
     num_samples: int = Field(4, ge=1)  # random draws; with grid keys, repeats of the whole grid
     metric: Literal["val_loss", "val_perplexity", "loss"] = "val_loss"
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["asha", "pbt", "fifo"] = "asha"
+    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs to its end
     asha: Asha = Asha()
-    pbt: Pbt = Pbt()
     search_alg: Literal["random", "optuna"] = "random"
     seed: int = 0  # the sampler's seed: the same config draws the same trials
     # None: as many trials at once as the cluster's CPUs (and GPUs) fit.

@@ -44,9 +44,6 @@ def check_tune_config(cfg: Config, resume: bool) -> None:
         if "grid" in kinds:
             raise ConfigError("tune.search_alg optuna cannot search a grid; use choice instead "
                               "of grid, or tune.search_alg=random")
-    if cfg.tune.scheduler == "pbt" and kinds <= {"grid"}:
-        raise ConfigError("tune.scheduler pbt needs at least one key it can mutate (loguniform, "
-                          "uniform, randint or choice), not only grid keys")
     exists = Tuner.can_restore(str(cfg.run.dir))
     if resume and not exists:
         raise ConfigError(f"--resume: {cfg.run.dir} holds no search to resume")
@@ -109,21 +106,14 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def scheduler(cfg: Config, space: dict):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
+def scheduler(cfg: Config):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
-    if cfg.tune.scheduler == "asha":
-        return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps or NO_STEP_LIMIT,
-                             grace_period=cfg.tune.asha.grace_period or cfg.train.eval_every,
-                             reduction_factor=cfg.tune.asha.reduction_factor)
-    mutable = {key: domain for key, domain in space.items()
-               if next(iter(cfg.tune.search_space[key])) != "grid"}
-    return PopulationBasedTraining(
-        time_attr="step", hyperparam_mutations=mutable,
-        perturbation_interval=cfg.tune.pbt.perturbation_interval or cfg.train.eval_every,
-        quantile_fraction=cfg.tune.pbt.quantile_fraction, synch=False)
+    return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps or NO_STEP_LIMIT,
+                         grace_period=cfg.tune.asha.grace_period or cfg.train.eval_every,
+                         reduction_factor=cfg.tune.asha.reduction_factor)
 
 
 def search_alg(cfg: Config, max_concurrent: int):
@@ -336,7 +326,7 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
         tuner = tune.Tuner(
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
-                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler(cfg, space),
+                metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler(cfg),
                 search_alg=search_alg(cfg, concurrent_trials(cfg)),
                 # Repeating a grid point repeats the same seeded run: one of each is enough.
                 num_samples=1 if only_grid else cfg.tune.num_samples,
