@@ -181,36 +181,33 @@ class OpenAIIngress:
                 task.cancel()
             raise
 
-    async def _complete_one(self, work):
+    async def _retry_once(self, attempt):
+        """Await `attempt()`: overload becomes a 503 at once; a replica that died mid-request is
+        tried once more on another one (a completion, or a stream that sent nothing, is safe to
+        redo)."""
         from ray.exceptions import RayActorError
         from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
 
-        for attempt in range(2):
+        for tries in range(2):
             try:
-                return await self.generator.complete.remote(work)
+                return await attempt()
             except BackPressureError:
                 raise overloaded(self.cfg.retry_after_s) from None
             except (RayActorError, ReplicaUnavailableError):
-                # The replica died mid-request; a completion is safe to redo on another one.
-                if attempt == 1:
+                if tries == 1:
                     raise ApiError(503, "the model replica died twice while serving this request",
                                    headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+
+    async def _complete_one(self, work):
+        return await self._retry_once(lambda: self.generator.complete.remote(work))
 
     async def _first_chunk(self, work):
         """Open a stream and read its first chunk, so overload still becomes a 503 status."""
-        from ray.exceptions import RayActorError
-        from ray.serve.exceptions import BackPressureError, ReplicaUnavailableError
-
-        for attempt in range(2):
+        async def open_stream():
             stream = self.generator.options(stream=True).stream.remote(work)
-            try:
-                return stream, await stream.__anext__()
-            except BackPressureError:
-                raise overloaded(self.cfg.retry_after_s) from None
-            except (RayActorError, ReplicaUnavailableError):
-                if attempt == 1:
-                    raise ApiError(503, "the model replica died twice while serving this request",
-                                   headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+            return stream, await stream.__anext__()
+
+        return await self._retry_once(open_stream)
 
     async def _stream(self, work, prompt_tokens: int, chat: bool, include_usage: bool):
         opened = await self._all(self._first_chunk(w) for w in work)
