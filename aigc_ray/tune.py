@@ -147,7 +147,7 @@ def concurrent_trials(cfg: Config) -> int:
     return max(1, fit)
 
 
-def progress_callback(params_of):
+def progress_callback():
     """A Tune callback printing one line per evaluation and per finished trial."""
     from ray.tune import Callback
 
@@ -155,7 +155,7 @@ def progress_callback(params_of):
         def on_trial_result(self, iteration, trials, trial, result, **info):
             if result.get("val_loss") is not None:
                 print(f"[aigc-ray] trial {trial.trial_id} step {result['step']} | val_loss "
-                      f"{result['val_loss']:.4f} | {params_of(trial.config)}", flush=True)
+                      f"{result['val_loss']:.4f} | {format_params(trial.config)}", flush=True)
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             step = (trial.last_result or {}).get("step", 0)
@@ -229,15 +229,20 @@ def unfinished_trials(results) -> int:
     return sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
 
 
+def best_of(cfg: Config, items: list, score):
+    """The item whose `score(item)` is best by `tune.mode` (None for no items)."""
+    sign = 1 if cfg.tune.mode == "min" else -1
+    return min(items, key=lambda item: sign * score(item)) if items else None
+
+
 def summarize(cfg: Config, results, trials_dir: Path) -> list[TrialRow]:
     """One row per trial from Tune's results (a trial's whole history, resumed runs included)."""
-    sign = 1 if cfg.tune.mode == "min" else -1
     rows = []
     for result in results:
         history = result.metrics_dataframe
         records = [] if history is None else history.to_dict("records")
         scored = [r for r in records if _number(r.get(cfg.tune.metric))]
-        best = min(scored, key=lambda r: sign * r[cfg.tune.metric]) if scored else None
+        best = best_of(cfg, scored, lambda r: r[cfg.tune.metric])
         steps = int(max((r.get("step", 0) for r in records), default=0))
         trial = Path(result.path).name
         status = "error" if result.error else "done"
@@ -333,7 +338,7 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
                 trial_dirname_creator=_trial_dirname),
             run_config=tune.RunConfig(
                 name=cfg.run.name, storage_path=str(run_dir.parent), verbose=0,
-                callbacks=[progress_callback(format_params)]),
+                callbacks=[progress_callback()]),
         )
     results = tuner.fit()
     unfinished = unfinished_trials(results) + max(0, planned_trials(cfg) - len(results))
@@ -342,10 +347,9 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
                            unfinished=unfinished)
 
     rows = summarize(cfg, results, trials_dir)
-    sign = 1 if cfg.tune.mode == "min" else -1
-    scored = [row for row in rows if row.best is not None]
     summary = TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=rows,
-                          best=min(scored, key=lambda r: sign * r.best) if scored else None)
+                          best=best_of(cfg, [r for r in rows if r.best is not None],
+                                       lambda r: r.best))
     write_results(summary)
     plot_trial_curves({row.trial: trials_dir / row.trial for row in rows},
                       summary.best.trial if summary.best else None,
