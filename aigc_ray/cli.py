@@ -98,6 +98,16 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate(ns: argparse.Namespace) -> int:
+    from aigc_ray.checkpoint import checkpoint_config
+    from aigc_ray.generate import GENERATE_KEYS, check_generate, run_generate
+
+    path, cfg = checkpoint_config(ns.checkpoint, ns.overrides, GENERATE_KEYS, "generate")
+    files = check_generate(ns.input, ns.output, cfg)  # before Ray starts
+    print(run_generate(str(path), ns.input, ns.output, cfg, files).line())
+    return 0
+
+
 def not_built(issue: int) -> Callable[[argparse.Namespace], int]:
     def command(ns: argparse.Namespace) -> int:
         print(f"error: `aigc-ray {ns.command}` is not built yet (tracked in issue {issue})",
@@ -111,7 +121,6 @@ COMMANDS = {
     # name: (help, handler, takes CONFIG)
     "train": ("fine-tune a causal LM on Ray Train workers (DDP); rerun to resume", cmd_train,
               True),
-    "generate": ("batch generation over a Ray Data dataset", not_built(7), True),
     "eval": ("perplexity, ROUGE-L and BLEU of a checkpoint", not_built(7), True),
     "submit": ("submit a job spec to a Ray cluster", not_built(6), False),
     "jobs": ("list, follow or stop submitted jobs", not_built(6), False),
@@ -166,6 +175,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--once", metavar="PROMPT",
                        help="deploy, answer PROMPT through the HTTP API, print it, shut down")
     serve.set_defaults(handler=cmd_serve)
+    generate = sub.add_parser(
+        "generate", help="batch generation: a completion for every prompt in files, by Ray Data",
+        description="Read prompts (jsonl or parquet rows with a `prompt` field, or text: one a "
+        "line; local paths, folders, globs or s3:// gs:// URIs) with Ray Data, complete them on "
+        "a pool of model actors and write rows of id, prompt, completion, prompt_tokens, "
+        "completion_tokens and finish_reason (parquet or JSONL) to OUTPUT, with _summary.json. "
+        "Bad rows are skipped, counted and listed in _skipped.jsonl.",
+        epilog="key=value pairs override generate.* settings, e.g. generate.concurrency=4 "
+        "generate.batch_size=32 generate.max_tokens=128 generate.temperature=0.7 "
+        "generate.output_format=jsonl generate.prompt_field=question generate.id_field=sku")
+    generate.add_argument("checkpoint", metavar="CHECKPOINT",
+                          help="a Hugging Face model folder (a run folder means its final/)")
+    generate.add_argument("overrides", nargs="*", metavar="generate.key=value")
+    generate.add_argument("--input", required=True, metavar="FILE_OR_URI",
+                          help="prompts: a file, folder, glob or object-store URI")
+    generate.add_argument("--output", required=True, metavar="DIR",
+                          help="a new folder (or URI) for the result files")
+    generate.set_defaults(handler=cmd_generate)
     return parser
 
 

@@ -217,6 +217,38 @@ class Serve(Section):
         return self
 
 
+class Generate(Section):
+    """`aigc-ray generate`: batch generation over a Ray Data dataset of prompts."""
+
+    prompt_field: str = "prompt"  # the jsonl/parquet column holding prompts (text: each line)
+    id_field: str = "id"  # copied to every output row; a row without one gets "file:line"
+    input_format: Literal["auto", "jsonl", "parquet", "text"] = "auto"  # auto: by file extension
+    output_format: Literal["parquet", "jsonl"] = "parquet"
+    max_tokens: int = Field(64, ge=1)  # generated per prompt at most
+    temperature: float = Field(0.0, ge=0)  # 0: greedy and reproducible; raise it for variety
+    top_p: float = Field(1.0, gt=0, le=1)
+    stop: list[str] = []  # strings that end a completion (not included in it)
+    seed: int = 0  # with temperature > 0 a row's sample depends only on the seed and its id
+    batch_size: int = Field(16, ge=1)  # prompts decoded together; CPU steps cost ~flat to 16
+    concurrency: int = Field(1, ge=1)  # model actors (replicas of the model) in the pool
+    cpus_per_actor: float = Field(1.0, gt=0)  # also the actor's torch threads (at least 1)
+    gpus_per_actor: float = Field(1.0, gt=0)  # used only when the device is cuda
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when the cluster has GPUs
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 GPU, fp32 CPU
+    strict: bool = False  # fail on the first bad input row instead of skipping and counting it
+
+
+class Eval(Section):
+    """`aigc-ray eval` and the evaluation at the end of `aigc-ray train`."""
+
+    after_training: bool = True  # `aigc-ray train` compares final/ with its starting model
+    # Prompts generated from for ROUGE-L and BLEU (generation is the slow part); None: all.
+    # Perplexity always covers every row.
+    generate_rows: int | None = Field(200, ge=1)
+    max_tokens: int = Field(64, ge=1)  # greedy tokens generated per prompt
+    batch_size: int = Field(8, ge=1)  # sequences per scoring forward pass
+
+
 class Run(Section):
     output_dir: str = "runs"  # on a multi-node cluster, shared storage every node can read
     name: str = Field("default", min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
@@ -237,6 +269,8 @@ class Config(Section):
     scaling: Scaling = Scaling()
     tune: Tune = Tune()
     serve: Serve = Serve()
+    generate: Generate = Generate()
+    eval: Eval = Eval()
     run: Run = Run()
 
     @model_validator(mode="after")

@@ -135,7 +135,7 @@ def _iter_lines(f) -> Iterator[tuple[int, bytes]]:
         yield number + 1, pending
 
 
-def _iter_records(f, data: Data) -> Iterator[tuple[int, object]]:
+def iter_records(f, data: Data) -> Iterator[tuple[int, object]]:
     """(row number from 1, record) where a record is a dict, or a skip reason string."""
     if data.format in ("text", "jsonl"):
         for number, raw in _iter_lines(f):
@@ -170,7 +170,7 @@ def _iter_records(f, data: Data) -> Iterator[tuple[int, object]]:
             yield number, record
 
 
-def _field(record: dict, name: str) -> object:
+def field_text(record: dict, name: str) -> object:
     """The field's text, or a skip reason string."""
     if name not in record or record[name] is None:
         return "missing_field"
@@ -194,30 +194,28 @@ def validate_record(record: object, data: Data) -> object:
     fields = [data.prompt_field, data.completion_field] if data.supervised else [data.text_field]
     row = {}
     for name in fields:
-        value = _field(record, name)
+        value = field_text(record, name)
         if value in SKIP_REASONS:
             return value
         row[name] = value
     return row
 
 
-class CorpusDatasource:
-    """Factory for the Ray Data datasource; built lazily so importing needs no Ray cluster."""
+def stream_datasource(files: list[str], parquet: bool, read_stream):
+    """A Ray Data datasource whose read tasks run `read_stream(f, path)` (yielding pyarrow
+    tables) over each file; built lazily so importing this module needs no Ray cluster."""
+    from ray.data.datasource import FileBasedDatasource
 
-    @staticmethod
-    def create(files: list[str], data: Data, split: str | None, stats):
-        from ray.data.datasource import FileBasedDatasource
+    class _Stream(FileBasedDatasource):
+        def _open_input_source(self, filesystem, path, **open_args):
+            if parquet:  # parquet needs random access
+                return filesystem.open_input_file(path)
+            return super()._open_input_source(filesystem, path, **open_args)
 
-        class _Corpus(FileBasedDatasource):
-            def _open_input_source(self, filesystem, path, **open_args):
-                if data.format == "parquet":  # parquet needs random access
-                    return filesystem.open_input_file(path)
-                return super()._open_input_source(filesystem, path, **open_args)
+        def _read_stream(self, f, path: str) -> Iterator:
+            yield from read_stream(f, path)
 
-            def _read_stream(self, f, path: str) -> Iterator:
-                yield from read_documents(f, path, data, split, stats)
-
-        return _Corpus(files)
+    return _Stream(files)
 
 
 def read_documents(f, path: str, data: Data, split: str | None, stats) -> Iterator[pa.Table]:
@@ -229,7 +227,7 @@ def read_documents(f, path: str, data: Data, split: str | None, stats) -> Iterat
     rows: list[dict] = []
     counts: Counter = Counter()
     first = 1
-    for number, record in _iter_records(f, data):
+    for number, record in iter_records(f, data):
         row = validate_record(record, data)
         if isinstance(row, str):
             if data.strict:
@@ -370,13 +368,21 @@ def _stats_actor_class():
 
     @ray.remote(num_cpus=0)
     class DataStats:
-        """Counts from read tasks and tokenizer actors, keyed so a re-read never counts twice."""
+        """Counts (and optional details) from read tasks and actors, keyed so a re-read or a
+        retried task never counts twice."""
 
         def __init__(self):
             self.by_key: dict[str, dict] = {}
+            self.details_by_key: dict[str, list] = {}
 
-        def record(self, key: str, counts: dict) -> None:
+        def record(self, key: str, counts: dict, details: list | None = None) -> None:
             self.by_key[key] = counts
+            if details:
+                self.details_by_key[key] = details
+
+        def details(self) -> list:
+            """What the recorders listed (e.g. which rows were skipped and why), in key order."""
+            return [d for key in sorted(self.details_by_key) for d in self.details_by_key[key]]
 
         def totals(self) -> dict:
             total: Counter = Counter()
@@ -397,8 +403,13 @@ def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
     import ray
 
     files = files if files is not None else resolve_files(cfg.data)
-    return ray.data.read_datasource(CorpusDatasource.create(files, cfg.data, split, stats),
-                                    num_cpus=cfg.data.cpus_per_task)
+    data = cfg.data
+
+    def read_stream(f, path: str) -> Iterator[pa.Table]:
+        return read_documents(f, path, data, split, stats)
+
+    return ray.data.read_datasource(stream_datasource(files, data.format == "parquet", read_stream),
+                                    num_cpus=data.cpus_per_task)
 
 
 def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> dict:
@@ -407,24 +418,28 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> 
     Each has columns `input_ids`, `attention_mask`, `labels` ([block_size] int arrays).
     The validation Dataset is absent when `data.val_fraction` is 0.
     """
-    import ray
 
     files = files if files is not None else resolve_files(cfg.data)  # listed once per run
     splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
-    datasets = {}
-    for split in splits:
-        documents = read_corpus(cfg, split, stats, files)
-        datasets[split] = documents.map_batches(
-            TokenizeAndPack,
-            fn_constructor_kwargs={"tokenizer_path": tokenizer_path,
-                                   "data": cfg.data.model_dump(), "split": split, "stats": stats,
-                                   "trust_remote_code": cfg.model.trust_remote_code},
-            batch_size=cfg.data.tokenize_batch_size,
-            compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenizer_actors),
-            num_cpus=cfg.data.cpus_per_task,
-            batch_format="numpy",
-        )
-    return datasets
+    return {split: tokenize(read_corpus(cfg, split, stats, files), cfg, tokenizer_path, split,
+                            stats)
+            for split in splits}
+
+
+def tokenize(documents, cfg: Config, tokenizer_path: str, split: str, stats=None):
+    """Documents (from `read_corpus`) → packed blocks, by a pool of tokenizer actors."""
+    import ray
+
+    return documents.map_batches(
+        TokenizeAndPack,
+        fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "data": cfg.data.model_dump(),
+                               "split": split, "stats": stats,
+                               "trust_remote_code": cfg.model.trust_remote_code},
+        batch_size=cfg.data.tokenize_batch_size,
+        compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenizer_actors),
+        num_cpus=cfg.data.cpus_per_task,
+        batch_format="numpy",
+    )
 
 
 def corpus_sample(cfg: Config, limit: int) -> Iterator[str]:

@@ -109,3 +109,57 @@ def resolve_model_path(cfg: Config) -> str:
         return str(materialize_builtin(cfg, corpus_sample(cfg, cfg.model.builtin.tokenizer_docs)))
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
+
+
+# ── inference: serving replicas, batch generation and evaluation load models this way ──────
+
+
+def resolve_device(device: str) -> str:
+    """`auto` → cuda when a GPU is visible, else cpu."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def resolve_dtype(dtype: str, device: str):
+    """`auto` → bfloat16 on GPUs that have it (else float16), float32 on CPU."""
+    import torch
+
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def quantize_int8(model):
+    """Dynamic int8 quantization of every linear layer (CPU only).
+
+    GPT-2 style models use transformers' `Conv1D` (a linear layer with its weight transposed),
+    which torch's quantizer does not know: those become `nn.Linear` first.
+    """
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Conv1D):
+                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
+                linear.weight.data = child.weight.data.t().contiguous()
+                linear.bias.data = child.bias.data
+                setattr(parent, name, linear)
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto",
+                       quantize: str = "none", trust_remote_code: bool = False):
+    """(model in eval mode on its device, tokenizer) for a HF causal-LM folder."""
+    device = resolve_device(device)
+    model = load_model(checkpoint, trust_remote_code, dtype=resolve_dtype(dtype, device))
+    model = model.to(device).eval()
+    if quantize == "int8":
+        model = quantize_int8(model)
+    return model, load_tokenizer(checkpoint, trust_remote_code)

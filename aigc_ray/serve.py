@@ -25,7 +25,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc_ray.config import Config, ConfigError, apply_overrides, validate
+from aigc_ray.checkpoint import checkpoint_config
+from aigc_ray.config import Config, ConfigError
 from aigc_ray.serve_api import (
     MAX_CHOICES,
     ApiError,
@@ -44,11 +45,10 @@ from aigc_ray.serve_api import (
 from aigc_ray.serve_replica import Generator
 
 API_KEY_ENV = "AIGC_RAY_API_KEY"
-CHECKPOINT_CONFIG = "config.yaml"  # what train writes beside every checkpoint
 # Requests the ingress holds at once: it only awaits replicas, so far more than they batch.
 INGRESS_MAX_ONGOING = 1000
 # Keys a served checkpoint may override; the rest of its config describes how it was trained.
-SERVE_KEYS = ("serve.", "model.trust_remote_code")
+SERVE_KEYS = ("serve", "model.trust_remote_code")
 GENERIC_FOLDER_NAMES = ("final", "best")  # named after their run instead: tiny-cpu/final
 
 api = FastAPI(title="aigc-ray", docs_url=None, redoc_url=None, openapi_url=None)
@@ -281,71 +281,11 @@ class OpenAIIngress:
 # Config: the checkpoint's own config.yaml (when it has one) is the base, serve.* overrides win.
 
 
-def resolve_checkpoint(checkpoint: str) -> Path:
-    """The HF model folder to serve; a run folder means its `final/`."""
-    path = Path(checkpoint).expanduser().resolve()
-    if not path.exists():
-        raise ConfigError(f"checkpoint {checkpoint} does not exist; pass a model folder such as "
-                          "runs/tiny-cpu/final")
-    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
-        path = path / "final"
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"checkpoint {checkpoint} is not a Hugging Face model folder (no "
-                          "config.json); pass e.g. runs/tiny-cpu/final")
-    return path
-
-
-def _merge(base: dict, extra: dict) -> dict:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-    return base
-
-
 def serve_config(checkpoint: str, overrides: list[str] | None = None,
                  extra: dict | None = None) -> tuple[Path, Config]:
     """(model folder, Config) for serving: the folder's config.yaml serve section (if any),
     then `extra` sections, then `serve.key=value` overrides. Raises a one-line ConfigError."""
-    path = resolve_checkpoint(checkpoint)
-    overrides = list(overrides or [])
-    for item in overrides:
-        key = item.partition("=")[0]
-        if "=" not in item or not key.startswith(SERVE_KEYS):
-            raise ConfigError(f"{item!r}: serving a checkpoint takes serve.key=value overrides "
-                              "(and model.trust_remote_code); the rest of the config is the "
-                              "checkpoint's own")
-    raw: dict = {}
-    saved = path / CHECKPOINT_CONFIG
-    if saved.is_file():
-        try:
-            stored = yaml.safe_load(saved.read_text()) or {}
-        except yaml.YAMLError:
-            raise ConfigError(f"{saved} is not valid YAML; fix or delete it") from None
-        if isinstance(stored, dict):
-            raw["serve"] = _known_serve_keys(stored.get("serve") or {})
-            trust = (stored.get("model") or {}).get("trust_remote_code")
-            if trust is not None:
-                raw["model"] = {"trust_remote_code": trust}
-    _merge(raw, {k: v for k, v in (extra or {}).items() if k in ("serve", "model")})
-    unknown = set(extra or {}) - {"serve", "model"}
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]} is not a serving option; give checkpoint, "
-                          "serve and model.trust_remote_code")
-    return path, validate(apply_overrides(raw, overrides))
-
-
-def _known_serve_keys(section: dict) -> dict:
-    """A checkpoint written by another aigc-ray version may hold serve keys this one lacks;
-    they describe that version, not this request, so they are dropped instead of failing."""
-    from aigc_ray.config import Autoscaling, Serve
-
-    kept = {k: v for k, v in section.items() if k in Serve.model_fields}
-    if isinstance(kept.get("autoscaling"), dict):
-        kept["autoscaling"] = {k: v for k, v in kept["autoscaling"].items()
-                               if k in Autoscaling.model_fields}
-    return kept
+    return checkpoint_config(checkpoint, overrides, SERVE_KEYS, "serving a checkpoint", extra)
 
 
 def model_name_for(path: Path, cfg: Config) -> str:

@@ -23,65 +23,13 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from aigc_ray.model import load_for_inference
 from aigc_ray.serve_decode import BatchDecoder, Chunk, GenerationRequest
 
 _DONE = object()  # ends a request's chunk queue
 
 # A decode step that has not finished in this long means the replica is wedged, not busy.
 STALL_S = 120.0
-
-
-def resolve_device(device: str) -> str:
-    """`auto` → cuda when a GPU is visible, else cpu."""
-    import torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def resolve_dtype(dtype: str, device: str):
-    """`auto` → bfloat16 on GPUs that have it (else float16), float32 on CPU."""
-    import torch
-
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def quantize_int8(model):
-    """Dynamic int8 quantization of every linear layer (CPU only).
-
-    GPT-2 style models use transformers' `Conv1D` (a linear layer with its weight transposed),
-    which torch's quantizer does not know: those become `nn.Linear` first.
-    """
-    import torch
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
-                linear.weight.data = child.weight.data.t().contiguous()
-                linear.bias.data = child.bias.data
-                setattr(parent, name, linear)
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
-
-
-def load_for_serving(checkpoint: str, device: str, dtype: str, quantize: str,
-                     trust_remote_code: bool = False):
-    """(model in eval mode on its device, tokenizer) for a HF causal-LM folder."""
-    from aigc_ray.model import load_model, load_tokenizer
-
-    device = resolve_device(device)
-    model = load_model(checkpoint, trust_remote_code, dtype=resolve_dtype(dtype, device))
-    model = model.to(device).eval()
-    if quantize == "int8":
-        model = quantize_int8(model)
-    return model, load_tokenizer(checkpoint, trust_remote_code)
 
 
 class Batcher:
@@ -241,7 +189,7 @@ class Generator:
         # Ray gives the replica `cpus_per_replica` logical CPUs; more torch threads than that
         # only fight the other replicas on the same node.
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
-        self.model, self.tokenizer = load_for_serving(
+        self.model, self.tokenizer = load_for_inference(
             checkpoint, cfg.device, cfg.dtype, cfg.quantize, trust_remote_code)
         self.batcher = Batcher(self.model, self.tokenizer, cfg.max_batch_size,
                                cfg.batch_wait_timeout_s, _metrics())

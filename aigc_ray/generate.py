@@ -1,0 +1,313 @@
+"""Batch generation: prompts in files → Ray Data → a pool of model actors → completions in files.
+
+Read tasks stream the input (jsonl, parquet or text; local paths or object-store URIs) and check
+each row where it is read: a row with no usable prompt is skipped, counted and listed, never
+fatal unless `generate.strict` is set. `Completer` actors each hold the model and decode a batch
+of prompts together with the same batched decoder the serving replicas use (left padding, KV
+cache, per-row stop strings and seeds), so a temperature-0 completion is what `model.generate`
+gives for that prompt alone. Ray Data writes the rows as they come (parquet or JSONL).
+
+Every output row carries its input id, so output rows plus skipped rows equal input rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from aigc_ray.config import Config, ConfigError, Data, Generate
+from aigc_ray.data import (
+    SKIP_REASONS,
+    DataError,
+    clean,
+    create_stats,
+    field_text,
+    iter_records,
+    ray_get,
+    resolve_files,
+    stream_datasource,
+)
+
+OUTPUT_COLUMNS = ("id", "prompt", "completion", "prompt_tokens", "completion_tokens",
+                  "finish_reason")
+SUMMARY_FILE = "_summary.json"  # a leading "_": parquet and Ray Data readers skip it
+SKIPPED_FILE = "_skipped.jsonl"
+GENERATE_KEYS = ("generate", "model.trust_remote_code")
+FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+                       ".parquet": "parquet", ".txt": "text", ".text": "text"}
+MAX_LISTED_SKIPS = 10_000  # rows named in _skipped.jsonl per run; the counts are always whole
+
+
+def input_format(files: list[str], chosen: str) -> str:
+    """`generate.input_format`, or for `auto` the format the first file's extension names."""
+    if chosen != "auto":
+        return chosen
+    suffix = Path(files[0].split("?")[0]).suffix.lower()
+    if suffix not in FORMAT_BY_EXTENSION:
+        raise ConfigError(f"cannot tell the format of {files[0]} from its extension; set "
+                          "generate.input_format to jsonl, parquet or text")
+    return FORMAT_BY_EXTENSION[suffix]
+
+
+def row_seed(seed: int, row_id: str) -> int:
+    """A row's sampling seed: the same for the same id however the rows are batched."""
+    digest = hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1
+
+
+# ── 1. Read prompts ──────────────────────────────────────────────────────────────────────────
+
+
+def read_prompts(f, path: str, data: Data, gen: Generate, stats) -> Iterator[pa.Table]:
+    """Blocks of {id, prompt} from one file; bad rows are counted and listed in `stats`."""
+    rows: list[dict] = []
+    counts: Counter = Counter()
+    skipped: list[dict] = []
+    first = 1
+    name = Path(path).name
+    for number, record in iter_records(f, data):
+        counts["rows"] += 1
+        prompt = record if isinstance(record, str) else field_text(record, gen.prompt_field)
+        row_id = f"{name}:{number}"
+        if isinstance(record, dict) and record.get(gen.id_field) is not None:
+            row_id = str(record[gen.id_field])
+        if prompt in SKIP_REASONS:
+            if gen.strict:
+                raise DataError(f"{path} line {number}: {prompt.replace('_', ' ')} (field "
+                                f"{gen.prompt_field!r}; generate.strict is true: set it false "
+                                "to skip and count bad rows)")
+            counts[f"skipped.{prompt}"] += 1
+            if len(skipped) < MAX_LISTED_SKIPS:
+                skipped.append({"id": row_id, "file": path, "line": number, "reason": prompt})
+        else:
+            rows.append({"id": row_id, "prompt": prompt})
+        if len(rows) >= 4096:
+            yield from _flush(rows, counts, skipped, stats, f"read:{path}:{first}")
+            rows, counts, skipped, first = [], Counter(), [], number + 1
+    yield from _flush(rows, counts, skipped, stats, f"read:{path}:{first}")
+
+
+def _flush(rows, counts, skipped, stats, key) -> Iterator[pa.Table]:
+    if counts:
+        ray_get(stats.record.remote(key, dict(counts), skipped))
+    if rows:
+        yield pa.table({"id": [r["id"] for r in rows], "prompt": [r["prompt"] for r in rows]})
+
+
+def prompts_dataset(files: list[str], cfg: Config, stats):
+    """The input rows as a Ray Data Dataset of {id, prompt}."""
+    import ray
+
+    gen = cfg.generate
+    fmt = input_format(files, gen.input_format)
+    data = Data(path=files, format=fmt, text_field=gen.prompt_field)
+
+    def read_stream(f, path: str) -> Iterator[pa.Table]:
+        return read_prompts(f, path, data, gen, stats)
+
+    return ray.data.read_datasource(stream_datasource(files, fmt == "parquet", read_stream),
+                                    num_cpus=cfg.data.cpus_per_task)
+
+
+# ── 2. Generate ──────────────────────────────────────────────────────────────────────────────
+
+
+class Completer:
+    """Ray Data callable class: each actor loads the model once, then completes batches.
+
+    Output rows: id, prompt, completion, prompt_tokens, completion_tokens, finish_reason ("stop":
+    EOS or a stop string; "length": max_tokens or the model's context), plus `keep` columns.
+    A prompt that alone fills the model's context is skipped and counted as prompt_too_long.
+    """
+
+    def __init__(self, checkpoint: str, generate: dict, trust_remote_code: bool = False,
+                 stats=None, prompt_column: str = "prompt", id_column: str = "id",
+                 keep: tuple[str, ...] = ()):
+        import torch
+
+        from aigc_ray.model import load_for_inference
+
+        self.gen = Generate.model_validate(generate)
+        # Ray gives the actor `cpus_per_actor` CPUs; more torch threads only fight the others.
+        torch.set_num_threads(max(1, int(self.gen.cpus_per_actor)))
+        self.model, self.tokenizer = load_for_inference(
+            checkpoint, self.gen.device, self.gen.dtype, "none", trust_remote_code)
+        config = self.model.config
+        self.context = getattr(config, "n_positions", None) or getattr(
+            config, "max_position_embeddings", None)
+        self.stats = stats
+        self.prompt_column, self.id_column, self.keep = prompt_column, id_column, tuple(keep)
+
+    def __call__(self, batch: dict) -> dict:
+        from aigc_ray.serve_decode import GenerationRequest, decode_all
+
+        gen = self.gen
+        prompts = [str(p) for p in batch[self.prompt_column]]
+        ids = [str(i) for i in batch[self.id_column]]
+        encoded = self.tokenizer([clean(p) for p in prompts], verbose=False)["input_ids"]
+        requests, rows, skipped = [], [], []
+        for index, (row_id, prompt_ids) in enumerate(zip(ids, encoded)):
+            room = gen.max_tokens if self.context is None else min(
+                gen.max_tokens, self.context - len(prompt_ids))
+            if room < 1 or not prompt_ids:
+                skipped.append({"id": row_id, "reason": "prompt_too_long" if prompt_ids
+                                else "empty_text"})
+                continue
+            rows.append(index)
+            requests.append(GenerationRequest(
+                prompt_ids=prompt_ids, max_tokens=room, temperature=gen.temperature,
+                top_p=gen.top_p, stop=list(gen.stop), seed=row_seed(gen.seed, row_id)))
+        results = decode_all(self.model, self.tokenizer, requests) if requests else []
+        if self.stats is not None:
+            counts = Counter(f"skipped.{s['reason']}" for s in skipped)
+            counts["generated"] = len(rows)
+            counts["completion_tokens"] = sum(len(r["token_ids"]) for r in results)
+            ray_get(self.stats.record.remote(f"generate:{ids[0]}:{len(ids)}", dict(counts),
+                                             skipped))
+        out = {
+            "id": np.array([ids[i] for i in rows], dtype=object),
+            "prompt": np.array([prompts[i] for i in rows], dtype=object),
+            "completion": np.array([r["text"] for r in results], dtype=object),
+            "prompt_tokens": np.array([len(encoded[i]) for i in rows], dtype=np.int64),
+            "completion_tokens": np.array([len(r["token_ids"]) for r in results],
+                                          dtype=np.int64),
+            "finish_reason": np.array([r["finish_reason"] for r in results], dtype=object),
+        }
+        for column in self.keep:
+            out[column] = np.array([batch[column][i] for i in rows], dtype=object)
+        return out
+
+
+def use_gpu(gen: Generate) -> bool:
+    """Whether model actors take GPUs: `cuda`, or `auto` on a cluster that has GPUs."""
+    import ray
+
+    return gen.device == "cuda" or (gen.device == "auto"
+                                    and ray.cluster_resources().get("GPU", 0) > 0)
+
+
+def complete(dataset, checkpoint: str, cfg: Config, stats=None, prompt_column: str = "prompt",
+             id_column: str = "id", keep: tuple[str, ...] = (), generate: Generate | None = None):
+    """`dataset` → completions, by a pool of `generate.concurrency` model actors."""
+    gen = generate or cfg.generate
+    import ray
+
+    gpu = use_gpu(gen)
+    return dataset.map_batches(
+        Completer,
+        fn_constructor_kwargs={"checkpoint": str(checkpoint), "generate": gen.model_dump(),
+                               "trust_remote_code": cfg.model.trust_remote_code, "stats": stats,
+                               "prompt_column": prompt_column, "id_column": id_column,
+                               "keep": tuple(keep)},
+        batch_size=gen.batch_size,
+        compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
+        num_cpus=gen.cpus_per_actor,
+        num_gpus=gen.gpus_per_actor if gpu else None,
+        batch_format="numpy",
+    )
+
+
+# ── 3. The command ───────────────────────────────────────────────────────────────────────────
+
+
+@dataclass
+class GenerateSummary:
+    output: str
+    input_rows: int
+    written_rows: int
+    skipped: dict  # reason → rows
+    completion_tokens: int
+    seconds: float
+    files: int
+
+    def line(self) -> str:
+        rate = self.written_rows / self.seconds if self.seconds else 0.0
+        skipped = sum(self.skipped.values())
+        detail = ", ".join(f"{reason} {n:,}" for reason, n in sorted(self.skipped.items()))
+        files = f" in {self.files} file(s)" if self.files else ""
+        line = (f"wrote {self.written_rows:,} completions ({self.completion_tokens:,} tokens) to "
+                f"{self.output}{files}; {self.input_rows:,} input rows, {skipped:,} skipped")
+        if skipped:
+            line += f" ({detail}; listed in {SKIPPED_FILE})"
+        return line + f"; {rate:.1f} completions/s over {self.seconds:.1f} s"
+
+
+def check_generate(input_path: str, output: str, cfg: Config) -> list[str]:
+    """Checks that need no Ray: the input exists and has a known format, the output is new."""
+    try:
+        files = resolve_files(Data(path=input_path, format="text"))
+    except DataError as exc:
+        raise ConfigError(str(exc).replace("data.path", "--input")) from None
+    input_format(files, cfg.generate.input_format)
+    if "://" not in output:
+        out = Path(output).expanduser()
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise ConfigError(f"--output {output} already exists and is not empty; name a new "
+                              "folder (generate never overwrites results)")
+    return files
+
+
+def _write_text(uri_or_path: str, text: str) -> None:
+    from pyarrow import fs as pafs
+
+    filesystem, path = pafs.FileSystem.from_uri(uri_or_path) if "://" in uri_or_path else (
+        pafs.LocalFileSystem(), str(Path(uri_or_path).resolve()))
+    with filesystem.open_output_stream(path) as f:
+        f.write(text.encode("utf-8"))
+
+
+def run_generate(checkpoint: str, input_path: str, output: str, cfg: Config,
+                 files: list[str] | None = None) -> GenerateSummary:
+    """Generate a completion for every good input row and write them to `output`."""
+    import ray
+
+    from aigc_ray.cluster import start_ray
+
+    files = files or check_generate(input_path, output, cfg)
+    start_ray(ray_logs=cfg.run.ray_logs)
+    ray.data.DataContext.get_current().enable_progress_bars = True  # the one long wait here
+    started = time.perf_counter()
+    stats = create_stats()
+    try:
+        completions = complete(prompts_dataset(files, cfg, stats), checkpoint, cfg, stats)
+        out = output if "://" in output else str(Path(output).expanduser().resolve())
+        if cfg.generate.output_format == "parquet":
+            completions.write_parquet(out)
+        else:
+            completions.write_json(out)
+        totals = ray.get(stats.totals.remote())
+        skipped_rows = ray.get(stats.details.remote())
+    finally:
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ray.kill(stats)
+    seconds = time.perf_counter() - started
+    skipped = {key.split(".", 1)[1]: int(n) for key, n in totals.items()
+               if key.startswith("skipped.")}
+    summary = GenerateSummary(
+        output=out, input_rows=int(totals.get("rows", 0)),
+        written_rows=int(totals.get("generated", 0)), skipped=skipped,
+        completion_tokens=int(totals.get("completion_tokens", 0)), seconds=seconds,
+        files=_count_files(out))
+    _write_text(f"{out.rstrip('/')}/{SUMMARY_FILE}", json.dumps({
+        "checkpoint": str(checkpoint), "input": input_path, "input_rows": summary.input_rows,
+        "written_rows": summary.written_rows, "skipped": skipped,
+        "completion_tokens": summary.completion_tokens, "seconds": round(seconds, 3),
+        "generate": cfg.generate.model_dump()}, indent=2) + "\n")
+    if skipped_rows:
+        _write_text(f"{out.rstrip('/')}/{SKIPPED_FILE}",
+                    "".join(json.dumps(row) + "\n" for row in skipped_rows))
+    return summary
+
+
+def _count_files(out: str) -> int:
+    if "://" in out:
+        return 0
+    return sum(1 for p in Path(out).iterdir() if not p.name.startswith(("_", ".")))
