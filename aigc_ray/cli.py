@@ -52,6 +52,10 @@ def cmd_train(ns: argparse.Namespace) -> int:
     summary = run_train(_config(ns))
     for sample in summary.samples:
         print(f"sample reply  {sample['prompt']!r}\n           → {sample['reply']!r}")
+    if summary.evaluation:
+        from aigc_ray.evaluate import format_report
+
+        print(format_report(summary.evaluation))
     print(summary.line())
     return 0
 
@@ -108,6 +112,22 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(ns: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from aigc_ray.checkpoint import checkpoint_config, resolve_checkpoint
+    from aigc_ray.evaluate import EVAL_FILE, EVAL_KEYS, eval_data, format_report, run_eval
+
+    path, cfg = checkpoint_config(ns.checkpoint, ns.overrides, EVAL_KEYS, "eval")
+    baseline = ns.baseline
+    if baseline and Path(baseline).expanduser().exists():
+        baseline = str(resolve_checkpoint(baseline))
+    eval_data(cfg, ns.data)  # a missing validation split fails before Ray starts
+    output = Path(ns.output) if ns.output else path / EVAL_FILE
+    print(format_report(run_eval(str(path), cfg, ns.data, baseline, output)))
+    return 0
+
+
 def not_built(issue: int) -> Callable[[argparse.Namespace], int]:
     def command(ns: argparse.Namespace) -> int:
         print(f"error: `aigc-ray {ns.command}` is not built yet (tracked in issue {issue})",
@@ -121,7 +141,6 @@ COMMANDS = {
     # name: (help, handler, takes CONFIG)
     "train": ("fine-tune a causal LM on Ray Train workers (DDP); rerun to resume", cmd_train,
               True),
-    "eval": ("perplexity, ROUGE-L and BLEU of a checkpoint", not_built(7), True),
     "submit": ("submit a job spec to a Ray cluster", not_built(6), False),
     "jobs": ("list, follow or stop submitted jobs", not_built(6), False),
     "config": ("print the resolved config as YAML", cmd_config, True),
@@ -193,6 +212,25 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--output", required=True, metavar="DIR",
                           help="a new folder (or URI) for the result files")
     generate.set_defaults(handler=cmd_generate)
+    evaluate = sub.add_parser(
+        "eval", help="perplexity, ROUGE-L and BLEU of a checkpoint, optionally against a baseline",
+        description="Score a model on held-out rows with Ray Data: perplexity (over completion "
+        "tokens for prompt/completion data) and, for prompt/completion data, ROUGE-L and BLEU "
+        "of greedy completions against the references. Without --data: the validation split "
+        "of the corpus in the checkpoint's config.yaml. Prints a table and writes eval.json.",
+        epilog="key=value pairs override eval.*, data.* and generate.* settings, e.g. "
+        "eval.generate_rows=500 eval.max_tokens=128 data.prompt_field=question "
+        "generate.concurrency=2")
+    evaluate.add_argument("checkpoint", metavar="CHECKPOINT",
+                          help="a Hugging Face model folder (a run folder means its final/)")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value")
+    evaluate.add_argument("--data", metavar="FILE",
+                          help="rows to score (jsonl/parquet pairs or text), read whole")
+    evaluate.add_argument("--baseline", metavar="CHECKPOINT_OR_MODEL",
+                          help="a model folder or hub id to score on the same rows, side by side")
+    evaluate.add_argument("--output", metavar="FILE",
+                          help="where to write the report (default: CHECKPOINT/eval.json)")
+    evaluate.set_defaults(handler=cmd_eval)
     return parser
 
 

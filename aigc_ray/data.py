@@ -110,6 +110,15 @@ def resolve_files(data: Data) -> list[str]:
     return files
 
 
+FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
+                       ".parquet": "parquet", ".txt": "text", ".text": "text"}
+
+
+def format_of(path: str) -> str | None:
+    """The data format a file's extension names (jsonl, parquet, text), or None."""
+    return FORMAT_BY_EXTENSION.get(Path(path.split("?")[0]).suffix.lower())
+
+
 # ── 2. Read, validate, split ────────────────────────────────────────────────────────────────
 
 

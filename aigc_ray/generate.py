@@ -30,6 +30,7 @@ from aigc_ray.data import (
     clean,
     create_stats,
     field_text,
+    format_of,
     iter_records,
     ray_get,
     resolve_files,
@@ -41,8 +42,6 @@ OUTPUT_COLUMNS = ("id", "prompt", "completion", "prompt_tokens", "completion_tok
 SUMMARY_FILE = "_summary.json"  # a leading "_": parquet and Ray Data readers skip it
 SKIPPED_FILE = "_skipped.jsonl"
 GENERATE_KEYS = ("generate", "model.trust_remote_code")
-FORMAT_BY_EXTENSION = {".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl",
-                       ".parquet": "parquet", ".txt": "text", ".text": "text"}
 MAX_LISTED_SKIPS = 10_000  # rows named in _skipped.jsonl per run; the counts are always whole
 
 
@@ -50,11 +49,11 @@ def input_format(files: list[str], chosen: str) -> str:
     """`generate.input_format`, or for `auto` the format the first file's extension names."""
     if chosen != "auto":
         return chosen
-    suffix = Path(files[0].split("?")[0]).suffix.lower()
-    if suffix not in FORMAT_BY_EXTENSION:
+    fmt = format_of(files[0])
+    if fmt is None:
         raise ConfigError(f"cannot tell the format of {files[0]} from its extension; set "
                           "generate.input_format to jsonl, parquet or text")
-    return FORMAT_BY_EXTENSION[suffix]
+    return fmt
 
 
 def row_seed(seed: int, row_id: str) -> int:
@@ -124,13 +123,14 @@ class Completer:
     """Ray Data callable class: each actor loads the model once, then completes batches.
 
     Output rows: id, prompt, completion, prompt_tokens, completion_tokens, finish_reason ("stop":
-    EOS or a stop string; "length": max_tokens or the model's context), plus `keep` columns.
+    EOS or a stop string; "length": max_tokens or the model's context), plus the input columns
+    `keep` names ({output name: input column}).
     A prompt that alone fills the model's context is skipped and counted as prompt_too_long.
     """
 
     def __init__(self, checkpoint: str, generate: dict, trust_remote_code: bool = False,
                  stats=None, prompt_column: str = "prompt", id_column: str = "id",
-                 keep: tuple[str, ...] = ()):
+                 keep: dict[str, str] | None = None):
         import torch
 
         from aigc_ray.model import load_for_inference
@@ -144,7 +144,7 @@ class Completer:
         self.context = getattr(config, "n_positions", None) or getattr(
             config, "max_position_embeddings", None)
         self.stats = stats
-        self.prompt_column, self.id_column, self.keep = prompt_column, id_column, tuple(keep)
+        self.prompt_column, self.id_column, self.keep = prompt_column, id_column, keep or {}
 
     def __call__(self, batch: dict) -> dict:
         from aigc_ray.serve_decode import GenerationRequest, decode_all
@@ -181,8 +181,8 @@ class Completer:
                                           dtype=np.int64),
             "finish_reason": np.array([r["finish_reason"] for r in results], dtype=object),
         }
-        for column in self.keep:
-            out[column] = np.array([batch[column][i] for i in rows], dtype=object)
+        for name, column in self.keep.items():
+            out[name] = np.array([batch[column][i] for i in rows], dtype=object)
         return out
 
 
@@ -195,7 +195,8 @@ def use_gpu(gen: Generate) -> bool:
 
 
 def complete(dataset, checkpoint: str, cfg: Config, stats=None, prompt_column: str = "prompt",
-             id_column: str = "id", keep: tuple[str, ...] = (), generate: Generate | None = None):
+             id_column: str = "id", keep: dict[str, str] | None = None,
+             generate: Generate | None = None):
     """`dataset` → completions, by a pool of `generate.concurrency` model actors."""
     gen = generate or cfg.generate
     import ray
@@ -206,7 +207,7 @@ def complete(dataset, checkpoint: str, cfg: Config, stats=None, prompt_column: s
         fn_constructor_kwargs={"checkpoint": str(checkpoint), "generate": gen.model_dump(),
                                "trust_remote_code": cfg.model.trust_remote_code, "stats": stats,
                                "prompt_column": prompt_column, "id_column": id_column,
-                               "keep": tuple(keep)},
+                               "keep": keep},
         batch_size=gen.batch_size,
         compute=ray.data.ActorPoolStrategy(size=gen.concurrency),
         num_cpus=gen.cpus_per_actor,

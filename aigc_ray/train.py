@@ -380,6 +380,7 @@ class TrainSummary:
     val_perplexity_before: float | None
     val_perplexity_after: float | None  # of the exported model (the best checkpoint)
     samples: list[dict]
+    evaluation: dict | None = None  # eval.json: final/ against the starting model
 
     def line(self) -> str:
         steps = f"{self.steps} steps"
@@ -520,13 +521,21 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
 
     rows = read_jsonl(run_dir / METRICS_FILE)
     plot_loss_curve(rows, run_dir / "loss_curve.png")
+    evaluation = None
+    if cfg.eval.after_training and "val" in datasets:
+        from aigc_ray.evaluate import EVAL_FILE, run_eval
+
+        print(f"[aigc-ray] evaluating {final_dir.name}/ against the starting model on the "
+              "validation split", flush=True)
+        evaluation = run_eval(str(final_dir), cfg, baseline=model_path,
+                              output=run_dir / EVAL_FILE)
     before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r["val_perplexity"]]
     after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r["val_perplexity"]]
     return TrainSummary(
         run_dir=run_dir, final_dir=final_dir, steps=max((r["step"] for r in rows), default=0),
         total_steps=total_steps, val_perplexity_before=before[0] if before else None,
         val_perplexity_after=min(after, default=None),
-        samples=_last_samples(run_dir / SAMPLES_FILE),
+        samples=_last_samples(run_dir / SAMPLES_FILE), evaluation=evaluation,
     )
 
 

@@ -99,6 +99,7 @@ def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: st
     if model_path:  # built once by the driver, shared by every trial
         raw["model"]["name_or_path"] = model_path
     raw["run"].update(output_dir=trials_dir, name=tune.get_context().get_trial_id())
+    raw["eval"]["after_training"] = False  # trials compare by val_loss; generation would slow them
     run_train(trial_config(raw, params), callbacks=[TuneReportCallback()], follow=False)
 
 

@@ -1,0 +1,190 @@
+"""Evaluation: perplexity on held-out text, ROUGE-L and BLEU of generated completions.
+
+Both run on Ray Data. Perplexity: the documents go through the training pipeline's tokenizer
+and packer (so it is the `val_perplexity` training reports, for prompt/completion data over the
+completion tokens only), then `LossSum` actors sum next-token cross-entropy and count target
+tokens per batch; perplexity is exp(total loss / total tokens) over the whole set. ROUGE-L and
+BLEU: the same `Completer` actors batch generation uses write greedy completions of the first
+`eval.generate_rows` prompts, scored against the references with Google's `rouge-score` (mean
+ROUGE-L F1, stemmed) and `sacrebleu` (corpus BLEU), both reported ×100.
+
+With a baseline (`--baseline`, or the starting model at the end of `aigc-ray train`) both models
+see the same rows; each tokenizes with its own tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from aigc_ray.config import Config, ConfigError
+from aigc_ray.data import ROW_COLUMN, check_config, format_of, read_corpus, tokenize
+
+EVAL_FILE = "eval.json"
+EVAL_KEYS = ("eval", "data", "generate", "model.trust_remote_code")
+METRICS = (("perplexity", "lower is better"), ("rouge_l", "higher is better"),
+           ("bleu", "higher is better"))
+
+
+class LossSum:
+    """Ray Data callable class: (summed next-token loss, target tokens) of each batch."""
+
+    def __init__(self, model_path: str, generate: dict, trust_remote_code: bool = False):
+        import torch
+
+        from aigc_ray.config import Generate
+        from aigc_ray.model import load_for_inference
+
+        gen = Generate.model_validate(generate)
+        torch.set_num_threads(max(1, int(gen.cpus_per_actor)))
+        # float32 everywhere: perplexity is a comparison, and bf16 logits would blur it.
+        self.model, _ = load_for_inference(model_path, gen.device, "float32", "none",
+                                           trust_remote_code)
+        self.device = next(self.model.parameters()).device
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+        import torch
+
+        from aigc_ray.train import token_loss_sum, trim_padding
+
+        tensors = trim_padding({k: torch.as_tensor(v).to(self.device) for k, v in batch.items()})
+        with torch.inference_mode():
+            loss, tokens = token_loss_sum(self.model, tensors)
+        return {"loss_sum": np.array([float(loss)]), "tokens": np.array([int(tokens)])}
+
+
+def perplexity(model_path: str, cfg: Config, split: str | None, files: list[str]) -> dict:
+    """{'perplexity', 'loss', 'tokens'} of a model on the split's documents (None: all)."""
+    import ray
+
+    from aigc_ray.generate import use_gpu
+
+    blocks = tokenize(read_corpus(cfg, split, files=files), cfg, model_path, split or "all")
+    gen = cfg.generate
+    sums = blocks.map_batches(
+        LossSum,
+        fn_constructor_kwargs={"model_path": model_path, "generate": gen.model_dump(),
+                               "trust_remote_code": cfg.model.trust_remote_code},
+        batch_size=cfg.eval.batch_size, batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=gen.concurrency), num_cpus=gen.cpus_per_actor,
+        num_gpus=gen.gpus_per_actor if use_gpu(gen) else None,
+    )
+    loss, tokens = 0.0, 0
+    for batch in sums.iter_batches(batch_size=None, batch_format="numpy"):
+        loss += float(batch["loss_sum"].sum())
+        tokens += int(batch["tokens"].sum())
+    if tokens == 0:
+        raise ConfigError("the evaluation data has no tokens to score; pass --data with rows")
+    return {"perplexity": math.exp(loss / tokens), "loss": loss / tokens, "tokens": tokens}
+
+
+def generation_scores(model_path: str, cfg: Config, split: str | None,
+                      files: list[str]) -> dict:
+    """{'rouge_l', 'bleu', 'generated'} of greedy completions against the references."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    from aigc_ray.generate import complete
+
+    data = cfg.data
+    rows = read_corpus(cfg, split, files=files)
+    if cfg.eval.generate_rows:
+        rows = rows.limit(cfg.eval.generate_rows)
+    greedy = cfg.generate.model_copy(update={"temperature": 0.0, "max_tokens": cfg.eval.max_tokens,
+                                             "stop": []})
+    done = complete(rows, model_path, cfg, prompt_column=data.prompt_field, id_column=ROW_COLUMN,
+                    keep={"reference": data.completion_field}, generate=greedy).take_all()
+    if not done:
+        return {"rouge_l": None, "bleu": None, "generated": 0}
+    done.sort(key=lambda row: row["id"])  # a stable order for eval.json and BLEU's corpus
+    hypotheses = [row["completion"].strip() for row in done]
+    references = [str(row["reference"]).strip() for row in done]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    rouge = [scorer.score(ref, hyp)["rougeL"].fmeasure for ref, hyp in zip(references, hypotheses)]
+    bleu = sacrebleu.corpus_bleu(hypotheses, [references])
+    return {"rouge_l": 100 * sum(rouge) / len(rouge), "bleu": bleu.score, "generated": len(done),
+            "examples": [{"prompt": row["prompt"], "reference": ref, "completion": hyp}
+                         for row, ref, hyp in list(zip(done, references, hypotheses))[:3]]}
+
+
+def evaluate_model(model_path: str, cfg: Config, split: str | None, files: list[str]) -> dict:
+    """Every metric the data allows: perplexity always, ROUGE-L/BLEU for prompt/completion."""
+    result = {"model": str(model_path), **perplexity(model_path, cfg, split, files)}
+    if cfg.data.supervised:
+        result.update(generation_scores(model_path, cfg, split, files))
+    return result
+
+
+def eval_data(cfg: Config, data_path: str | None) -> tuple[Config, str | None]:
+    """(config whose data section reads the evaluation rows, split): `--data FILE` is read
+    whole (its format from its extension); without it, the checkpoint's validation split."""
+    if data_path is None:
+        if cfg.data.val_fraction == 0:
+            raise ConfigError("the checkpoint's config has data.val_fraction 0, so there is no "
+                              "validation split; pass --data FILE")
+        return cfg, "val"
+    fmt = format_of(data_path) or cfg.data.format
+    update = {"path": data_path, "format": fmt}
+    if fmt == "text":  # plain text has no prompt/completion fields: perplexity only
+        update.update(prompt_field=None, completion_field=None)
+    data = cfg.data.model_validate({**cfg.data.model_dump(), **update})
+    return cfg.model_copy(update={"data": data}), None
+
+
+def run_eval(checkpoint: str, cfg: Config, data_path: str | None = None,
+             baseline: str | None = None, output: Path | None = None) -> dict:
+    """Evaluate `checkpoint` (and `baseline` on the same rows); write and return the report."""
+    from aigc_ray.cluster import start_ray
+
+    cfg, split = eval_data(cfg, data_path)
+    files = check_config(cfg)  # the data exists: before Ray starts
+    start_ray(ray_logs=cfg.run.ray_logs)
+    report = {
+        "data": {"path": cfg.data.paths, "format": cfg.data.format,
+                 "split": split or "all", "prompt_completion": cfg.data.supervised},
+        "model": evaluate_model(str(checkpoint), cfg, split, files),
+    }
+    if baseline:
+        report["baseline"] = evaluate_model(baseline, cfg, split, files)
+        report["difference"] = {
+            name: report["model"][name] - report["baseline"][name]
+            for name, _ in METRICS
+            if report["model"].get(name) is not None and report["baseline"].get(name) is not None}
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps(report, indent=2) + "\n")
+        report["written_to"] = str(output)
+    return report
+
+
+def _short(path: str) -> str:
+    parts = Path(path).parts
+    return "/".join(parts[-2:]) if len(parts) > 1 else path
+
+
+def format_report(report: dict) -> str:
+    """The table `aigc-ray eval` and `aigc-ray train` print."""
+    model, baseline = report["model"], report.get("baseline")
+    data = report["data"]
+    generated = model.get("generated")
+    header = (f"eval on {', '.join(data['path'])} ({data['split']} rows): "
+              f"{model['tokens']:,} tokens scored")
+    if generated is not None:
+        header += f", {generated} completions generated (greedy)"
+    names = [_short(model["model"])] + ([f"baseline {_short(baseline['model'])}"]
+                                        if baseline else [])
+    width = max(12, *(len(n) for n in names)) + 2
+    lines = [header, f"{'metric':<12}" + "".join(f"{n:>{width}}" for n in names)
+             + ("  difference" if baseline else "")]
+    for name, better in METRICS:
+        if model.get(name) is None:
+            continue
+        line = f"{name:<12}{model[name]:>{width}.2f}"
+        if baseline and baseline.get(name) is not None:
+            line += f"{baseline[name]:>{width}.2f}  {report['difference'][name]:+.2f}"
+        lines.append(f"{line}   ({better})")
+    if "written_to" in report:
+        lines.append(f"written to {report['written_to']}")
+    return "\n".join(lines)
