@@ -115,13 +115,16 @@ def cmd_generate(ns: argparse.Namespace) -> int:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aigc_ray.checkpoint import checkpoint_config, resolve_checkpoint
+    from aigc_ray.checkpoint import CHECKPOINT_CONFIG, checkpoint_config, resolve_checkpoint
     from aigc_ray.evaluate import EVAL_FILE, EVAL_KEYS, eval_data, format_report, run_eval
 
     path, cfg = checkpoint_config(ns.checkpoint, ns.overrides, EVAL_KEYS, "eval")
     baseline = ns.baseline
     if baseline and Path(baseline).expanduser().exists():
         baseline = str(resolve_checkpoint(baseline))
+    if ns.data is None and not (path / CHECKPOINT_CONFIG).is_file():
+        raise ConfigError(f"{path} has no config.yaml naming the data it was trained on; pass "
+                          "--data FILE with the rows to score")
     eval_data(cfg, ns.data)  # a missing validation split fails before Ray starts
     output = Path(ns.output) if ns.output else path / EVAL_FILE
     print(format_report(run_eval(str(path), cfg, ns.data, baseline, output)))
@@ -252,7 +255,15 @@ def user_error(exc: BaseException) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    # argparse stops filling `key=value ...` at the first option, so overrides written after
+    # `--input FILE` land here; they are overrides all the same.
+    if extra and isinstance(getattr(ns, "overrides", None), list) and all(
+            "=" in item and not item.startswith("-") for item in extra):
+        ns.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return ns.handler(ns)
     except KeyboardInterrupt:

@@ -49,7 +49,8 @@ class LossSum:
 
         from aigc_ray.train import token_loss_sum, trim_padding
 
-        tensors = trim_padding({k: torch.as_tensor(v).to(self.device) for k, v in batch.items()})
+        tensors = trim_padding({k: torch.from_numpy(np.array(v)).to(self.device)
+                                for k, v in batch.items()})
         with torch.inference_mode():
             loss, tokens = token_loss_sum(self.model, tensors)
         return {"loss_sum": np.array([float(loss)]), "tokens": np.array([int(tokens)])}

@@ -29,9 +29,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture
 def train_args(sample_corpus, tiny_model_dir, tmp_path):
-    """The shipped default config pointed at the test corpus, tiny model and a temp run folder."""
+    """The shipped default config pointed at the test corpus, tiny model and a temp run folder.
+    The evaluation after training is off here (it has its own test below) to keep runs short."""
     return [f"model.name_or_path={tiny_model_dir}", f"data.path={sample_corpus['jsonl']}",
-            "train.seed=0", "train.log_every=5", f"run.output_dir={tmp_path}"]
+            "train.seed=0", "train.log_every=5", f"run.output_dir={tmp_path}",
+            "eval.after_training=false"]
 
 
 def metrics_of(run_dir: Path) -> list[dict]:
@@ -66,9 +68,11 @@ def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "aigc_ray", *args]
 
 
-def test_two_worker_run_lowers_val_loss_and_exports_final(ray_cluster, train_args):
+def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cluster,
+                                                                         train_args):
     cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=30", "train.eval_every=15",
-                                   "run.name=t2"])
+                                   "run.name=t2", "eval.after_training=true",
+                                   "eval.generate_rows=24"])
     summary = run_train(cfg)
 
     rows = metrics_of(summary.run_dir)
@@ -92,6 +96,17 @@ def test_two_worker_run_lowers_val_loss_and_exports_final(ray_cluster, train_arg
     ids = tokenizer("Customer: I want a refund for my Orbit Watch.\nAgent:", return_tensors="pt")
     out = model.generate(**ids, max_new_tokens=8, do_sample=False)
     assert out.shape[1] > ids["input_ids"].shape[1]
+
+    # The evaluation at the end: final/ against the model it started from, same val rows.
+    report = json.loads((summary.run_dir / "eval.json").read_text())
+    assert report == {k: v for k, v in summary.evaluation.items() if k != "written_to"}
+    tuned, start = report["model"], report["baseline"]
+    assert tuned["model"] == str(final) and report["data"]["split"] == "val"
+    assert tuned["perplexity"] < start["perplexity"] / 2, (tuned, start)
+    assert tuned["rouge_l"] > start["rouge_l"] + 5, (tuned, start)
+    assert tuned["generated"] == start["generated"] == 24
+    # Its perplexity is the run's own final val_perplexity, computed a second way.
+    assert tuned["perplexity"] == pytest.approx(summary.val_perplexity_after, rel=1e-4)
 
 
 def test_one_and_two_workers_follow_the_same_curve(ray_cluster, train_args):
