@@ -256,6 +256,21 @@ def check_generate(input_path: str, output: str, cfg: Config) -> list[str]:
     return files
 
 
+def resource_warning(cfg: Config, cluster: dict) -> str | None:
+    """A warning when the model actors leave no CPU for reading and writing: the pipeline
+    then stalls until an autoscaler adds a node, which on a fixed cluster means forever."""
+    gen = cfg.generate
+    need = gen.concurrency * gen.cpus_per_actor + 2 * cfg.data.cpus_per_task
+    have = cluster.get("CPU", 0)
+    if need <= have:
+        return None
+    return (f"[aigc-ray] warning: generate.concurrency {gen.concurrency} × "
+            f"generate.cpus_per_actor {gen.cpus_per_actor:g} plus reading and writing "
+            f"(2 × data.cpus_per_task {cfg.data.cpus_per_task:g}) need {need:g} CPUs; the "
+            f"cluster has {have:g} now. Generation waits for an autoscaler to add them; on a "
+            "fixed cluster lower generate.concurrency or generate.cpus_per_actor (e.g. 0.75)")
+
+
 def _write_text(uri_or_path: str, text: str) -> None:
     from pyarrow import fs as pafs
 
@@ -274,16 +289,21 @@ def run_generate(checkpoint: str, input_path: str, output: str, cfg: Config,
 
     files = files or check_generate(input_path, output, cfg)
     start_ray(ray_logs=cfg.run.ray_logs)
+    warning = resource_warning(cfg, ray.cluster_resources())
+    if warning:
+        print(warning, flush=True)
     ray.data.DataContext.get_current().enable_progress_bars = True  # the one long wait here
     started = time.perf_counter()
     stats = create_stats()
     try:
         completions = complete(prompts_dataset(files, cfg, stats), checkpoint, cfg, stats)
         out = output if "://" in output else str(Path(output).expanduser().resolve())
+        # Writing is light: a fraction of a CPU, like reading, leaves whole CPUs to the models.
+        write_args = {"ray_remote_args": {"num_cpus": cfg.data.cpus_per_task}}
         if cfg.generate.output_format == "parquet":
-            completions.write_parquet(out)
+            completions.write_parquet(out, **write_args)
         else:
-            completions.write_json(out)
+            completions.write_json(out, **write_args)
         totals = ray.get(stats.totals.remote())
         skipped_rows = ray.get(stats.details.remote())
     finally:
