@@ -37,6 +37,7 @@ bench: $(STAMP) data/sample/support.jsonl
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/tune_efficiency.py
 	$(BIN)/python benchmarks/serve_throughput.py
+	$(BIN)/python benchmarks/generate_throughput.py
 
 clean:
 	rm -rf runs data/sample
