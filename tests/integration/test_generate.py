@@ -90,3 +90,22 @@ def test_cli_text_input_jsonl_output_and_strict_mode(ray_cluster, tiny_model_dir
                  str(tmp_path / "strict"), "generate.strict=true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "line 3: empty text" in err and "generate.strict" in err
+
+
+def test_parquet_in_and_out_through_uris(ray_cluster, tiny_model_dir, tmp_path):
+    """Object-store style: file:// URIs go through the same pyarrow filesystems as s3:// and gs://."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"sku": [7, 8, 9], "prompt": ["Customer: A\nAgent:", None,
+                                                           "Customer: B\nAgent:"]}),
+                   tmp_path / "prompts.parquet")
+    path, cfg = checkpoint_config(tiny_model_dir, ["generate.id_field=sku",
+                                                   "generate.max_tokens=4"], GENERATE_KEYS,
+                                  "generate")
+    summary = run_generate(str(path), f"file://{tmp_path}/prompts.parquet",
+                           f"file://{tmp_path}/out", cfg)
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert sorted(r["id"] for r in rows) == ["7", "9"]
+    assert summary.skipped == {"missing_field": 1} and summary.input_rows == 3
+    assert json.loads((tmp_path / "out" / SKIPPED_FILE).read_text())["id"] == "8"
