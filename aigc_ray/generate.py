@@ -271,6 +271,70 @@ def resource_warning(cfg: Config, cluster: dict) -> str | None:
             "fixed cluster lower generate.concurrency or generate.cpus_per_actor (e.g. 0.75)")
 
 
+def count_input_rows(files: list[str], fmt: str) -> int | None:
+    """Rows in local input files (lines, or parquet metadata), for the progress line's total;
+    None for object-store URIs, which would have to be read twice to count."""
+    if any("://" in f and not f.startswith("file://") for f in files):
+        return None
+    total = 0
+    for name in files:
+        local = name.removeprefix("file://")
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            total += pq.ParquetFile(local).metadata.num_rows
+            continue
+        with open(local, "rb") as f:
+            newlines, last = 0, b"\n"
+            while chunk := f.read(1 << 20):
+                newlines += chunk.count(b"\n")
+                last = chunk[-1:]
+            total += newlines + (last != b"\n")
+    return total
+
+
+class Progress:
+    """Prints `[aigc-ray] generated N/TOTAL rows ...` every `interval_s` from a thread."""
+
+    def __init__(self, stats, total: int | None, interval_s: float = 10.0, out=None):
+        import threading
+
+        self.stats, self.total, self.interval_s = stats, total, interval_s
+        self.out = out or (lambda line: print(line, flush=True))
+        self.started = time.perf_counter()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="aigc-ray-progress")
+
+    def __enter__(self) -> Progress:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            totals = ray_get(self.stats.totals.remote())
+            self.out(progress_line(totals, self.total, time.perf_counter() - self.started))
+
+
+def progress_line(totals: dict, total: int | None, seconds: float) -> str:
+    done = int(totals.get("generated", 0))
+    skipped = sum(int(n) for key, n in totals.items() if key.startswith("skipped."))
+    rate = done / seconds if seconds else 0.0
+    line = f"[aigc-ray] generated {done:,}"
+    if total:
+        finished = done + skipped
+        line += f"/{total:,} rows ({100 * finished / total:.0f}%"
+        if rate > 0 and finished < total:
+            line += f", about {(total - finished) / rate:.0f} s left"
+        line += ")"
+    else:
+        line += " rows"
+    return line + f" | {skipped:,} skipped | {rate:.1f} completions/s"
+
+
 def _write_text(uri_or_path: str, text: str) -> None:
     from pyarrow import fs as pafs
 
@@ -292,22 +356,22 @@ def run_generate(checkpoint: str, input_path: str, output: str, cfg: Config,
     warning = resource_warning(cfg, ray.cluster_resources())
     if warning:
         print(warning, flush=True)
-    ray.data.DataContext.get_current().enable_progress_bars = True  # the one long wait here
     started = time.perf_counter()
     stats = create_stats()
+    total = count_input_rows(files, input_format(files, cfg.generate.input_format))
     try:
         completions = complete(prompts_dataset(files, cfg, stats), checkpoint, cfg, stats)
         out = output if "://" in output else str(Path(output).expanduser().resolve())
         # Writing is light: a fraction of a CPU, like reading, leaves whole CPUs to the models.
         write_args = {"ray_remote_args": {"num_cpus": cfg.data.cpus_per_task}}
-        if cfg.generate.output_format == "parquet":
-            completions.write_parquet(out, **write_args)
-        else:
-            completions.write_json(out, **write_args)
+        with Progress(stats, total):
+            if cfg.generate.output_format == "parquet":
+                completions.write_parquet(out, **write_args)
+            else:
+                completions.write_json(out, **write_args)
         totals = ray.get(stats.totals.remote())
         skipped_rows = ray.get(stats.details.remote())
     finally:
-        ray.data.DataContext.get_current().enable_progress_bars = False
         ray.kill(stats)
     seconds = time.perf_counter() - started
     skipped = {key.split(".", 1)[1]: int(n) for key, n in totals.items()

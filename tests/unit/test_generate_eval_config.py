@@ -11,7 +11,9 @@ from aigc_ray.evaluate import eval_data, format_report
 from aigc_ray.generate import (
     GENERATE_KEYS,
     check_generate,
+    count_input_rows,
     input_format,
+    progress_line,
     resource_warning,
     row_seed,
 )
@@ -90,3 +92,14 @@ def test_report_table_shows_both_models_and_the_difference():
 def test_cli_eval_rejects_a_missing_checkpoint_before_ray_starts(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "nope")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_progress_line_counts_rows_against_the_input_total(tmp_path):
+    source = tmp_path / "p.txt"
+    source.write_text("a\n\nb\nc")  # four rows: the blank one is skipped, the last has no \n
+    assert count_input_rows([str(source)], "text") == 4
+    assert count_input_rows(["s3://bucket/p.txt"], "text") is None
+    line = progress_line({"generated": 30, "skipped.empty_text": 10}, 100, 10.0)
+    assert line == ("[aigc-ray] generated 30/100 rows (40%, about 20 s left) | 10 skipped | "
+                    "3.0 completions/s")
+    assert "generated 5 rows | 0 skipped" in progress_line({"generated": 5}, None, 1.0)
