@@ -340,6 +340,7 @@ def _write_text(uri_or_path: str, text: str) -> None:
 
     filesystem, path = pafs.FileSystem.from_uri(uri_or_path) if "://" in uri_or_path else (
         pafs.LocalFileSystem(), str(Path(uri_or_path).resolve()))
+    filesystem.create_dir(path.rsplit("/", 1)[0], recursive=True)  # no rows: no folder yet
     with filesystem.open_output_stream(path) as f:
         f.write(text.encode("utf-8"))
 
