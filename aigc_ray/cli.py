@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
 from aigc_ray.config import DEFAULT_CONFIG, ConfigError, load_config, shipped_configs, to_yaml
 
@@ -131,21 +130,50 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     return 0
 
 
-def not_built(issue: int) -> Callable[[argparse.Namespace], int]:
-    def command(ns: argparse.Namespace) -> int:
-        print(f"error: `aigc-ray {ns.command}` is not built yet (tracked in issue {issue})",
-              file=sys.stderr)
-        return 2
+def cmd_submit(ns: argparse.Namespace) -> int:
+    from aigc_ray.jobs import follow, load_job_spec, submit
 
-    return command
+    spec = load_job_spec(ns.jobspec, ns.overrides)  # before contacting the cluster
+    jobs, job_id = submit(spec, ns.address)
+    print(job_id, flush=True)
+    if not ns.follow:
+        print(f"follow it with: aigc-ray jobs logs {job_id} --follow", file=sys.stderr)
+        return 0
+    status = follow(jobs, job_id)
+    print(f"job {job_id} {status}", file=sys.stderr)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def cmd_jobs(ns: argparse.Namespace) -> int:
+    from aigc_ray.jobs import client, follow, status_line
+
+    jobs = client(ns.address)
+    if ns.action == "list":
+        for info in sorted(jobs.list_jobs(), key=lambda i: i.start_time or 0):
+            print(status_line(info))
+        return 0
+    if ns.job_id is None:
+        raise ConfigError(f"aigc-ray jobs {ns.action} needs a JOB_ID (see aigc-ray jobs list)")
+    if ns.action == "status":
+        info = jobs.get_job_info(ns.job_id)
+        print(status_line(info))
+        return 0 if str(info.status).endswith(("SUCCEEDED", "RUNNING", "PENDING")) else 1
+    if ns.action == "stop":
+        stopped = jobs.stop_job(ns.job_id)
+        print(f"job {ns.job_id}: {'stop requested' if stopped else 'already ended'}")
+        return 0
+    if ns.follow:
+        status = follow(jobs, ns.job_id)
+        print(f"job {ns.job_id} {status}", file=sys.stderr)
+        return 0 if status == "SUCCEEDED" else 1
+    print(jobs.get_job_logs(ns.job_id), end="")
+    return 0
 
 
 COMMANDS = {
     # name: (help, handler, takes CONFIG)
     "train": ("fine-tune a causal LM on Ray Train workers (DDP); rerun to resume", cmd_train,
               True),
-    "submit": ("submit a job spec to a Ray cluster", not_built(6), False),
-    "jobs": ("list, follow or stop submitted jobs", not_built(6), False),
     "config": ("print the resolved config as YAML", cmd_config, True),
     "data": ("run the data pipeline once and print corpus statistics", cmd_data, True),
 }
@@ -234,6 +262,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FILE",
                           help="where to write the report (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(handler=cmd_eval)
+    address_help = ("the Ray dashboard (job API) address, e.g. http://HEAD:8265; default: "
+                    "RAY_ADDRESS, else the head `ray start --head` started on this machine")
+    submit = sub.add_parser(
+        "submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster through its job API",
+        description="Check JOBSPEC (its aigc-ray entrypoint and the config it names) here, "
+        "then submit it with its runtime_env (working_dir uploaded, pip/uv packages, env_vars) "
+        "and entrypoint resources; prints the job id. Ray's token authentication is honoured: "
+        "the token in RAY_AUTH_TOKEN or ~/.ray/auth_token is sent.",
+        epilog="key=value pairs are appended to the entrypoint (its last command), e.g. "
+        "aigc-ray submit jobs/train.yaml train.max_steps=2000 run.output_dir=/mnt/shared/runs")
+    submit.add_argument("jobspec", metavar="JOBSPEC")
+    submit.add_argument("overrides", nargs="*", metavar="key=value")
+    submit.add_argument("--address", help=address_help)
+    submit.add_argument("--follow", action="store_true",
+                        help="stream the job's logs until it ends; exit 1 unless it SUCCEEDED")
+    submit.set_defaults(handler=cmd_submit)
+    jobs = sub.add_parser(
+        "jobs", help="list submitted jobs, or show the status or logs of one, or stop it",
+        description="aigc-ray jobs list | status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
+    jobs.add_argument("job_id", nargs="?", metavar="JOB_ID")
+    jobs.add_argument("--address", help=address_help)
+    jobs.add_argument("--follow", action="store_true",
+                      help="logs: stream until the job ends; exit 1 unless it SUCCEEDED")
+    jobs.set_defaults(handler=cmd_jobs)
     return parser
 
 

@@ -19,9 +19,14 @@ def start_ray(num_cpus: int | None = None, ray_logs: bool = False) -> None:
     if ray.is_initialized():
         return
     address = os.environ.get("RAY_ADDRESS")
+    # Forked tokenizers with threads only slow each other down. A value already in this
+    # environment wins: inside a Ray job it comes from the job's runtime_env, and Ray refuses a
+    # driver runtime_env that sets the same variable again.
+    env_vars = {name: value for name, value in {"TOKENIZERS_PARALLELISM": "false"}.items()
+                if name not in os.environ}
     ray.init(address=address, num_cpus=None if address else num_cpus,
              logging_level=logging.WARNING, configure_logging=True, log_to_driver=ray_logs,
-             runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}})
+             runtime_env={"env_vars": env_vars} if env_vars else None)
     from ray.data import DataContext
     from transformers.utils import logging as hf_logging
 

@@ -1,0 +1,252 @@
+"""Cluster jobs: a job spec (YAML) → Ray's job submission API; list, status, logs, stop.
+
+A job spec names what `ray job submit` takes, in a file that lives with the project:
+
+    name: train-tiny-cpu                     # becomes the submission id's prefix
+    entrypoint: aigc-ray train tiny_cpu train.max_steps=100
+    config: my_config.yaml                   # optional: checked here, uploaded with working_dir
+    runtime_env:
+      working_dir: .                         # uploaded; relative paths are from where you submit
+      excludes: [.venv, runs, .git]
+      pip: ["aigc-ray"]                      # or uv: [...]; leave out when the image has it
+      env_vars: {TOKENIZERS_PARALLELISM: "false"}
+    entrypoint_num_cpus: 1
+    entrypoint_num_gpus: 0
+    entrypoint_resources: {}
+
+Before anything reaches the cluster the spec is validated, an `aigc-ray ...` entrypoint is
+parsed by our own CLI parser, and a train/tune entrypoint's config (with its overrides) is
+loaded, so a typo fails here with one line instead of minutes later on the cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import difflib
+import os
+import shlex
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aigc_ray.config import ConfigError
+
+TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+TOKEN_HELP = ("put the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (Ray's token "
+              "authentication)")
+
+
+class RuntimeEnv(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    working_dir: str | None = "."  # uploaded to the cluster (Ray caps it at 512 MB)
+    excludes: list[str] = [".venv", ".git", "runs", "data", "__pycache__", "*.egg-info"]
+    pip: list[str] | None = None  # packages installed for the job (a cached virtualenv)
+    uv: list[str] | None = None  # the same, installed with uv
+    env_vars: dict[str, str] = {}
+    py_modules: list[str] | None = None
+
+
+class JobSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("aigc-ray", pattern=r"^[A-Za-z0-9._-]+$")
+    entrypoint: str = Field(min_length=1)
+    config: str | None = None  # a config file the entrypoint names; must sit in working_dir
+    runtime_env: RuntimeEnv = RuntimeEnv()
+    entrypoint_num_cpus: float | None = Field(None, ge=0)
+    entrypoint_num_gpus: float | None = Field(None, ge=0)
+    entrypoint_memory: int | None = Field(None, ge=0)
+    entrypoint_resources: dict[str, float] = {}
+    metadata: dict[str, str] = {}
+
+
+def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
+    """Read and check a job spec; `overrides` (key=value) are appended to the entrypoint."""
+    spec_path = Path(path).expanduser()
+    if not spec_path.is_file():
+        raise ConfigError(f"job spec {path} does not exist (see jobs/ for examples)")
+    try:
+        raw = yaml.safe_load(spec_path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc.__class__.__name__}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping (entrypoint, runtime_env, ...)")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {_spec_error(exc.errors()[0])}") from None
+    if overrides:
+        spec.entrypoint = f"{spec.entrypoint} {shlex.join(overrides)}"
+    check_entrypoint(spec, path)
+    return spec
+
+
+def _spec_error(error: dict) -> str:
+    loc = [str(part) for part in error["loc"]]
+    key = ".".join(loc)
+    if error["type"] == "extra_forbidden":
+        model = RuntimeEnv if loc[0] == "runtime_env" and len(loc) > 1 else JobSpec
+        known = list(model.model_fields)
+        close = difflib.get_close_matches(loc[-1], known, n=1)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        return f"{key} is not a job spec key (known here: {', '.join(known)}){hint}"
+    if error["type"] == "missing":
+        return f"{key} is required"
+    return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]}, got {error.get('input')!r}"
+
+
+def aigc_commands(entrypoint: str) -> list[list[str]]:
+    """The `aigc-ray ...` (or `python -m aigc_ray ...`) commands in a shell entrypoint."""
+    commands = []
+    for part in entrypoint.replace("||", "&&").replace(";", "&&").split("&&"):
+        try:
+            words = shlex.split(part)
+        except ValueError:
+            raise ConfigError(f"entrypoint {entrypoint!r} has unbalanced quotes") from None
+        if words[:1] == ["aigc-ray"]:
+            commands.append(words[1:])
+        elif len(words) > 2 and words[1:3] == ["-m", "aigc_ray"]:
+            commands.append(words[3:])
+    return commands
+
+
+def check_entrypoint(spec: JobSpec, path: str) -> None:
+    """Parse each aigc-ray command with our CLI; load train/tune configs with their overrides."""
+    from aigc_ray.cli import build_parser
+
+    parser = build_parser()
+    working_dir = Path(spec.runtime_env.working_dir or ".").expanduser().resolve()
+    if spec.config:
+        config = Path(spec.config).expanduser().resolve()
+        if not config.is_file():
+            raise ConfigError(f"{path}: config {spec.config} does not exist")
+        if spec.runtime_env.working_dir and working_dir not in config.parents:
+            raise ConfigError(f"{path}: config {spec.config} is outside working_dir "
+                              f"{spec.runtime_env.working_dir}, so the job would not see it; "
+                              "move it into working_dir")
+    for args in aigc_commands(spec.entrypoint):
+        try:
+            ns, extra = parser.parse_known_args(args)
+        except SystemExit:
+            raise ConfigError(f"{path}: entrypoint `aigc-ray {shlex.join(args)}` is not a valid "
+                              "aigc-ray command (see aigc-ray --help)") from None
+        if extra and not all("=" in item for item in extra):
+            raise ConfigError(f"{path}: entrypoint `aigc-ray {shlex.join(args)}`: unrecognized "
+                              f"arguments {' '.join(extra)}")
+        if ns.command in ("train", "tune"):
+            _check_config_args(ns.args + extra, working_dir, path)
+
+
+def _check_config_args(args: list[str], working_dir: Path, path: str) -> None:
+    from aigc_ray.cli import _split_args
+    from aigc_ray.config import load_config, shipped_configs
+
+    name, overrides = _split_args(args)
+    if name and name not in shipped_configs():
+        local = Path(name) if Path(name).is_absolute() else working_dir / name
+        if not local.is_file():
+            raise ConfigError(f"{path}: the entrypoint's config {name} is neither a shipped "
+                              f"config nor a file in working_dir {working_dir}")
+        name = str(local)
+    try:
+        load_config(name, overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: entrypoint config: {exc}") from None
+
+
+def runtime_env(spec: JobSpec) -> dict[str, Any]:
+    """The spec's runtime_env as Ray takes it: working_dir absolute, empty keys left out."""
+    env = spec.runtime_env.model_dump(exclude_none=True)
+    if "working_dir" in env:
+        env["working_dir"] = str(Path(env["working_dir"]).expanduser().resolve())
+    else:
+        env.pop("excludes", None)
+    if not env.get("env_vars"):
+        env.pop("env_vars", None)
+    return env
+
+
+# ── talking to the cluster ───────────────────────────────────────────────────────────────────
+
+
+def auth_token() -> str | None:
+    """Ray's token, where Ray's own clients look for it: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
+    then ~/.ray/auth_token (written when a local cluster first starts)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token")).expanduser()
+    if path.is_file():
+        return path.read_text().strip() or None
+    return None
+
+
+def client(address: str | None):
+    """A `JobSubmissionClient` for `--address`, else RAY_ADDRESS, else the local head.
+
+    Ray's client sends the token only when this process has RAY_AUTH_MODE=token; a `ray start`
+    head turns token authentication on whenever a token exists, so we send the token we find
+    (unless RAY_AUTH_MODE says otherwise) instead of leaving the user to export the mode."""
+    from ray.job_submission import JobSubmissionClient
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    headers = {}
+    token = auth_token()
+    if token and os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
+        headers["Authorization"] = f"Bearer {token}"
+    try:
+        return JobSubmissionClient(address, headers=headers or None)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "the local Ray head (no --address and no RAY_ADDRESS)"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = TOKEN_HELP if "uthentication" in str(exc) else (
+            "pass --address http://HEAD:8265 or set RAY_ADDRESS")
+        raise ConfigError(f"cannot reach the Ray job API at {where}: {first[:200]}; "
+                          f"{hint}") from None
+
+
+def submit(spec: JobSpec, address: str | None) -> tuple[Any, str]:
+    """(client, submission id) of the submitted job."""
+    jobs = client(address)
+    submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    job_id = jobs.submit_job(
+        entrypoint=spec.entrypoint, submission_id=submission_id, runtime_env=runtime_env(spec),
+        entrypoint_num_cpus=spec.entrypoint_num_cpus,
+        entrypoint_num_gpus=spec.entrypoint_num_gpus, entrypoint_memory=spec.entrypoint_memory,
+        entrypoint_resources=spec.entrypoint_resources or None,
+        metadata={"aigc_ray_spec": spec.name, **spec.metadata})
+    return jobs, job_id
+
+
+def follow(jobs, job_id: str, out=sys.stdout) -> str:
+    """Stream the job's logs until it ends; its final status."""
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            out.write(lines)
+            out.flush()
+
+    try:
+        asyncio.run(tail())
+    except Exception:  # the log stream closed early (head restarted): fall back to polling
+        pass
+    status = str(jobs.get_job_status(job_id))
+    while status.split(".")[-1] not in TERMINAL:
+        time.sleep(1)
+        status = str(jobs.get_job_status(job_id))
+    return status.split(".")[-1]
+
+
+def status_line(info) -> str:
+    """One line per job: id, status, start time, entrypoint (and why it failed)."""
+    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.start_time / 1000)) \
+        if info.start_time else "-"
+    status = str(info.status).split(".")[-1]
+    line = f"{info.submission_id or info.job_id}  {status:<9}  {started}  {info.entrypoint}"
+    if status == "FAILED" and info.message:
+        line += f"  ({info.message.strip().splitlines()[-1][:200]})"
+    return line
