@@ -80,7 +80,9 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
     try:
         spec = JobSpec.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_spec_error(exc.errors()[0])}") from None
+        # A misspelt key also makes the real one "missing": name the typo, it is the cause.
+        errors = sorted(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise ConfigError(f"{path}: {_spec_error(errors[0])}") from None
     if overrides:
         spec.entrypoint = f"{spec.entrypoint} {shlex.join(overrides)}"
     check_entrypoint(spec, path)
