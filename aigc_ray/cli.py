@@ -12,7 +12,7 @@ CONFIG_HELP = (f"CONFIG is a YAML file or a shipped config name ({', '.join(sort
                "scaling.num_workers=4")
 
 
-def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
     """[CONFIG] [key=value ...] → (config or None, overrides)."""
     if args and "=" not in args[0]:
         return args[0], args[1:]
@@ -20,7 +20,7 @@ def _split_args(args: list[str]) -> tuple[str | None, list[str]]:
 
 
 def _config(ns: argparse.Namespace):
-    path, overrides = _split_args(ns.args)
+    path, overrides = split_config_args(ns.args)
     bad = [item for item in overrides if "=" not in item]
     if bad:
         raise ConfigError(f"{bad[0]!r} is not key=value; only the first argument may name a config")

@@ -146,10 +146,10 @@ def check_entrypoint(spec: JobSpec, path: str) -> None:
 
 
 def _check_config_args(args: list[str], working_dir: Path, path: str) -> None:
-    from aigc_ray.cli import _split_args
+    from aigc_ray.cli import split_config_args
     from aigc_ray.config import load_config, shipped_configs
 
-    name, overrides = _split_args(args)
+    name, overrides = split_config_args(args)
     if name and name not in shipped_configs():
         local = Path(name) if Path(name).is_absolute() else working_dir / name
         if not local.is_file():
