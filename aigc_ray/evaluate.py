@@ -4,9 +4,10 @@ Both run on Ray Data. Perplexity: the documents go through the training pipeline
 and packer (so it is the `val_perplexity` training reports, for prompt/completion data over the
 completion tokens only), then `LossSum` actors sum next-token cross-entropy and count target
 tokens per batch; perplexity is exp(total loss / total tokens) over the whole set. ROUGE-L and
-BLEU: the same `Completer` actors batch generation uses write greedy completions of the first
-`eval.generate_rows` prompts, scored against the references with Google's `rouge-score` (mean
-ROUGE-L F1, stemmed) and `sacrebleu` (corpus BLEU), both reported ×100.
+BLEU: the same `Completer` actors batch generation uses write greedy completions of up to
+`eval.generate_rows` prompts (the same rows for a model and its baseline), scored against the
+references with Google's `rouge-score` (mean ROUGE-L F1, stemmed) and `sacrebleu` (corpus
+BLEU), both reported ×100.
 
 With a baseline (`--baseline`, or the starting model at the end of `aigc-ray train`) both models
 see the same rows; each tokenizes with its own tokenizer.
@@ -81,18 +82,23 @@ def perplexity(model_path: str, cfg: Config, split: str | None, files: list[str]
     return {"perplexity": math.exp(loss / tokens), "loss": loss / tokens, "tokens": tokens}
 
 
-def generation_scores(model_path: str, cfg: Config, split: str | None,
-                      files: list[str]) -> dict:
-    """{'rouge_l', 'bleu', 'generated'} of greedy completions against the references."""
+def generation_rows(cfg: Config, split: str | None, files: list[str]):
+    """Up to `eval.generate_rows` prompt/completion rows, materialized once so that the model
+    and its baseline are scored on the very same rows however the files were read."""
+    rows = read_corpus(cfg, split, files=files)
+    if cfg.eval.generate_rows:
+        rows = rows.limit(cfg.eval.generate_rows)
+    return rows.materialize()
+
+
+def generation_scores(model_path: str, cfg: Config, rows) -> dict:
+    """{'rouge_l', 'bleu', 'generated'} of greedy completions of `rows` against references."""
     import sacrebleu
     from rouge_score import rouge_scorer
 
     from aigc_ray.generate import complete
 
     data = cfg.data
-    rows = read_corpus(cfg, split, files=files)
-    if cfg.eval.generate_rows:
-        rows = rows.limit(cfg.eval.generate_rows)
     greedy = cfg.generate.model_copy(update={"temperature": 0.0, "max_tokens": cfg.eval.max_tokens,
                                              "stop": []})
     done = complete(rows, model_path, cfg, prompt_column=data.prompt_field, id_column=ROW_COLUMN,
@@ -110,11 +116,13 @@ def generation_scores(model_path: str, cfg: Config, split: str | None,
                          for row, ref, hyp in list(zip(done, references, hypotheses))[:3]]}
 
 
-def evaluate_model(model_path: str, cfg: Config, split: str | None, files: list[str]) -> dict:
-    """Every metric the data allows: perplexity always, ROUGE-L/BLEU for prompt/completion."""
+def evaluate_model(model_path: str, cfg: Config, split: str | None, files: list[str],
+                   rows=None) -> dict:
+    """Every metric the data allows: perplexity always, ROUGE-L/BLEU on `rows` (from
+    `generation_rows`) for prompt/completion data."""
     result = {"model": str(model_path), **perplexity(model_path, cfg, split, files)}
-    if cfg.data.supervised:
-        result.update(generation_scores(model_path, cfg, split, files))
+    if rows is not None:
+        result.update(generation_scores(model_path, cfg, rows))
     return result
 
 
@@ -145,10 +153,11 @@ def run_eval(checkpoint: str, cfg: Config, data_path: str | None = None,
     report = {
         "data": {"path": cfg.data.paths, "format": cfg.data.format,
                  "split": split or "all", "prompt_completion": cfg.data.supervised},
-        "model": evaluate_model(str(checkpoint), cfg, split, files),
     }
+    rows = generation_rows(cfg, split, files) if cfg.data.supervised else None
+    report["model"] = evaluate_model(str(checkpoint), cfg, split, files, rows)
     if baseline:
-        report["baseline"] = evaluate_model(baseline, cfg, split, files)
+        report["baseline"] = evaluate_model(baseline, cfg, split, files, rows)
         report["difference"] = {
             name: report["model"][name] - report["baseline"][name]
             for name, _ in METRICS
