@@ -139,21 +139,33 @@ def cmd_submit(ns: argparse.Namespace) -> int:
     if not ns.follow:
         print(f"follow it with: aigc-ray jobs logs {job_id} --follow", file=sys.stderr)
         return 0
-    status = follow(jobs, job_id)
+    try:
+        status = follow(jobs, job_id)
+    except KeyboardInterrupt:
+        print(f"stopped following; the job goes on (aigc-ray jobs stop {job_id} ends it)",
+              file=sys.stderr)
+        return 130
     print(f"job {job_id} {status}", file=sys.stderr)
     return 0 if status == "SUCCEEDED" else 1
 
 
 def cmd_jobs(ns: argparse.Namespace) -> int:
-    from aigc_ray.jobs import client, follow, status_line
+    from aigc_ray.jobs import client, job_api
 
     jobs = client(ns.address)
+    if ns.action != "list" and ns.job_id is None:
+        raise ConfigError(f"aigc-ray jobs {ns.action} needs a JOB_ID (see aigc-ray jobs list)")
+    with job_api(f"aigc-ray jobs {ns.action}"):
+        return _jobs_action(jobs, ns)
+
+
+def _jobs_action(jobs, ns: argparse.Namespace) -> int:
+    from aigc_ray.jobs import follow, status_line
+
     if ns.action == "list":
         for info in sorted(jobs.list_jobs(), key=lambda i: i.start_time or 0):
             print(status_line(info))
         return 0
-    if ns.job_id is None:
-        raise ConfigError(f"aigc-ray jobs {ns.action} needs a JOB_ID (see aigc-ray jobs list)")
     if ns.action == "status":
         info = jobs.get_job_info(ns.job_id)
         print(status_line(info))
@@ -262,8 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output", metavar="FILE",
                           help="where to write the report (default: CHECKPOINT/eval.json)")
     evaluate.set_defaults(handler=cmd_eval)
-    address_help = ("the Ray dashboard (job API) address, e.g. http://HEAD:8265; default: "
-                    "RAY_ADDRESS, else the head `ray start --head` started on this machine")
+    address_help = ("the Ray dashboard (job API) address, e.g. http://HEAD:8265; it wins over "
+                    "RAY_ADDRESS. Default: RAY_API_SERVER_ADDRESS or RAY_ADDRESS, else the head "
+                    "`ray start --head` started on this machine")
     submit = sub.add_parser(
         "submit", help="submit a job spec (jobs/*.yaml) to a Ray cluster through its job API",
         description="Check JOBSPEC (its aigc-ray entrypoint and the config it names) here, "
@@ -272,17 +285,24 @@ def build_parser() -> argparse.ArgumentParser:
         "the token in RAY_AUTH_TOKEN or ~/.ray/auth_token is sent.",
         epilog="key=value pairs are appended to the entrypoint (its last command), e.g. "
         "aigc-ray submit jobs/train.yaml train.max_steps=2000 run.output_dir=/mnt/shared/runs")
-    submit.add_argument("jobspec", metavar="JOBSPEC")
-    submit.add_argument("overrides", nargs="*", metavar="key=value")
+    submit.add_argument("jobspec", metavar="JOBSPEC",
+                        help="a job spec YAML: entrypoint, runtime_env, entrypoint resources "
+                        "(see jobs/)")
+    submit.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides appended to the entrypoint")
     submit.add_argument("--address", help=address_help)
     submit.add_argument("--follow", action="store_true",
                         help="stream the job's logs until it ends; exit 1 unless it SUCCEEDED")
     submit.set_defaults(handler=cmd_submit)
     jobs = sub.add_parser(
         "jobs", help="list submitted jobs, or show the status or logs of one, or stop it",
-        description="aigc-ray jobs list | status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID")
-    jobs.add_argument("action", choices=["list", "status", "logs", "stop"])
-    jobs.add_argument("job_id", nargs="?", metavar="JOB_ID")
+        description="aigc-ray jobs list | status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID. "
+        "`status` exits 1 when the job FAILED or was STOPPED.")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop"],
+                      help="list: every job, oldest first; status: one line; logs: the job's "
+                      "output so far; stop: ask the job to end")
+    jobs.add_argument("job_id", nargs="?", metavar="JOB_ID",
+                      help="the id `aigc-ray submit` printed (see `aigc-ray jobs list`)")
     jobs.add_argument("--address", help=address_help)
     jobs.add_argument("--follow", action="store_true",
                       help="logs: stream until the job ends; exit 1 unless it SUCCEEDED")

@@ -22,7 +22,9 @@ loaded, so a typo fails here with one line instead of minutes later on the clust
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import difflib
+import io
 import os
 import shlex
 import sys
@@ -37,6 +39,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from aigc_ray.config import ConfigError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+# Where Ray's job client looks for the address when it is given none, first match wins.
+ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TOKEN_HELP = ("put the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (Ray's token "
               "authentication)")
 
@@ -123,18 +127,28 @@ def check_entrypoint(spec: JobSpec, path: str) -> None:
     from aigc_ray.cli import build_parser
 
     parser = build_parser()
-    working_dir = Path(spec.runtime_env.working_dir or ".").expanduser().resolve()
+    working_dir = (Path(spec.runtime_env.working_dir).expanduser().resolve()
+                   if spec.runtime_env.working_dir else None)
     if spec.config:
         config = Path(spec.config).expanduser().resolve()
         if not config.is_file():
             raise ConfigError(f"{path}: config {spec.config} does not exist")
-        if spec.runtime_env.working_dir and working_dir not in config.parents:
+        if working_dir is None:
+            raise ConfigError(f"{path}: config {spec.config} would not reach the job: the spec "
+                              "uploads no working_dir; set runtime_env.working_dir")
+        if working_dir not in config.parents:
             raise ConfigError(f"{path}: config {spec.config} is outside working_dir "
                               f"{spec.runtime_env.working_dir}, so the job would not see it; "
                               "move it into working_dir")
+        relative = str(config.relative_to(working_dir))
+        if not any(relative in command for command in aigc_commands(spec.entrypoint)):
+            raise ConfigError(f"{path}: config {spec.config} is not what the entrypoint runs; "
+                              f"the job sees it as {relative} (e.g. aigc-ray train {relative})")
     for args in aigc_commands(spec.entrypoint):
         try:
-            ns, extra = parser.parse_known_args(args)
+            # argparse would print its usage text too; the error below is the one line.
+            with contextlib.redirect_stderr(io.StringIO()):
+                ns, extra = parser.parse_known_args(args)
         except SystemExit:
             raise ConfigError(f"{path}: entrypoint `aigc-ray {shlex.join(args)}` is not a valid "
                               "aigc-ray command (see aigc-ray --help)") from None
@@ -145,17 +159,33 @@ def check_entrypoint(spec: JobSpec, path: str) -> None:
             _check_config_args(ns.args + extra, working_dir, path)
 
 
-def _check_config_args(args: list[str], working_dir: Path, path: str) -> None:
+def _check_config_args(args: list[str], working_dir: Path | None, path: str) -> None:
+    """Load a train/tune command's config with its overrides, as the job will. A config file
+    must travel with the job: relative to working_dir, which is uploaded."""
     from aigc_ray.cli import split_config_args
     from aigc_ray.config import load_config, shipped_configs
 
     name, overrides = split_config_args(args)
     if name and name not in shipped_configs():
-        local = Path(name) if Path(name).is_absolute() else working_dir / name
-        if not local.is_file():
+        file = Path(name).expanduser()
+        if working_dir is None:
+            if file.is_absolute():  # a path on the cluster's own disks: nothing to check here
+                return
+            raise ConfigError(f"{path}: the entrypoint's config {name} is a relative path but "
+                              "the spec uploads no working_dir; set runtime_env.working_dir to "
+                              "the folder that holds it, or name a shipped config")
+        if file.is_absolute():
+            file = file.resolve()
+            where = (f"name it relative to working_dir: {file.relative_to(working_dir)}"
+                     if working_dir in file.parents else
+                     f"move it into working_dir {working_dir} and name it relative to it")
+            raise ConfigError(f"{path}: the entrypoint's config {name} is an absolute path, "
+                              f"which the job (running in an uploaded copy of working_dir) would "
+                              f"not find; {where}")
+        if not (working_dir / file).is_file():
             raise ConfigError(f"{path}: the entrypoint's config {name} is neither a shipped "
                               f"config nor a file in working_dir {working_dir}")
-        name = str(local)
+        name = str(working_dir / file)
     try:
         load_config(name, overrides)
     except ConfigError as exc:
@@ -189,22 +219,27 @@ def auth_token() -> str | None:
 
 
 def client(address: str | None):
-    """A `JobSubmissionClient` for `--address`, else RAY_ADDRESS, else the local head.
+    """A `JobSubmissionClient` for `--address`, else RAY_API_SERVER_ADDRESS or RAY_ADDRESS (Ray's
+    own order), else the head `ray start --head` started on this machine.
 
-    Ray's client sends the token only when this process has RAY_AUTH_MODE=token; a `ray start`
-    head turns token authentication on whenever a token exists, so we send the token we find
-    (unless RAY_AUTH_MODE says otherwise) instead of leaving the user to export the mode."""
+    Ray's client lets RAY_ADDRESS override the address it is given; an explicit `--address`
+    must win, so those variables are hidden while it resolves one. Ray sends the token only when
+    this process has RAY_AUTH_MODE=token, but a `ray start` head turns token authentication on
+    whenever a token exists, so we send the token we find (unless RAY_AUTH_MODE says otherwise)
+    instead of leaving the user to export the mode."""
     from ray.job_submission import JobSubmissionClient
 
-    address = address or os.environ.get("RAY_ADDRESS")
     headers = {}
     token = auth_token()
     if token and os.environ.get("RAY_AUTH_MODE", "token").lower() == "token":
         headers["Authorization"] = f"Bearer {token}"
     try:
-        return JobSubmissionClient(address, headers=headers or None)
+        with _address_env_hidden(bool(address)):
+            return JobSubmissionClient(address, headers=headers or None)
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        where = address or "the local Ray head (no --address and no RAY_ADDRESS)"
+        where = address or next((f"{name}={os.environ[name]}" for name in ADDRESS_ENV
+                                 if os.environ.get(name)), None) or (
+            "the local Ray head (no --address and no RAY_ADDRESS)")
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = TOKEN_HELP if "uthentication" in str(exc) else (
             "pass --address http://HEAD:8265 or set RAY_ADDRESS")
@@ -212,16 +247,40 @@ def client(address: str | None):
                           f"{hint}") from None
 
 
+@contextlib.contextmanager
+def _address_env_hidden(hide: bool):
+    saved = {name: os.environ.pop(name) for name in ADDRESS_ENV if hide and name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+@contextlib.contextmanager
+def job_api(what: str):
+    """Ray's job client reports a refused request (an unknown job id, a runtime_env it cannot
+    take) as RuntimeError with the HTTP status and body; one line of it instead."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (RuntimeError, ValueError) as exc:
+        text = " ".join(str(exc).split()) or type(exc).__name__
+        raise ConfigError(f"{what}: {text[:300]}") from None
+
+
 def submit(spec: JobSpec, address: str | None) -> tuple[Any, str]:
     """(client, submission id) of the submitted job."""
     jobs = client(address)
     submission_id = f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    job_id = jobs.submit_job(
-        entrypoint=spec.entrypoint, submission_id=submission_id, runtime_env=runtime_env(spec),
-        entrypoint_num_cpus=spec.entrypoint_num_cpus,
-        entrypoint_num_gpus=spec.entrypoint_num_gpus, entrypoint_memory=spec.entrypoint_memory,
-        entrypoint_resources=spec.entrypoint_resources or None,
-        metadata={"aigc_ray_spec": spec.name, **spec.metadata})
+    with job_api(f"the cluster refused job {spec.name}"):
+        job_id = jobs.submit_job(
+            entrypoint=spec.entrypoint, submission_id=submission_id,
+            runtime_env=runtime_env(spec), entrypoint_num_cpus=spec.entrypoint_num_cpus,
+            entrypoint_num_gpus=spec.entrypoint_num_gpus,
+            entrypoint_memory=spec.entrypoint_memory,
+            entrypoint_resources=spec.entrypoint_resources or None,
+            metadata={"aigc_ray_spec": spec.name, **spec.metadata})
     return jobs, job_id
 
 

@@ -113,7 +113,9 @@ def test_tiny_training_spec_runs_to_success_and_writes_final(ray_head, tmp_path)
     final = runs / "job-tiny" / "final"
     assert (final / "model.safetensors").is_file() and (final / "config.yaml").is_file()
 
-    listed = aigc(env, "jobs", "list", "--address", address)
+    # --address wins over RAY_ADDRESS (Ray's own client would try the dead RAY_ADDRESS).
+    dead = {**env, "RAY_ADDRESS": "http://127.0.0.1:1"}
+    listed = aigc(dead, "jobs", "list", "--address", address)
     assert listed.returncode == 0 and any(
         line.startswith(job_id) and "SUCCEEDED" in line for line in listed.stdout.splitlines())
     status = aigc(env, "jobs", "status", job_id, "--address", address)
@@ -151,8 +153,12 @@ def test_stop_ends_a_running_job(ray_head, tmp_path):
         time.sleep(1)
 
 
-def test_bad_spec_and_unreachable_cluster_fail_with_one_line(tmp_path, ray_head):
-    _, env = ray_head
+def test_bad_spec_unknown_job_and_unreachable_cluster_fail_with_one_line(tmp_path, ray_head):
+    address, env = ray_head
+    unknown = aigc(env, "jobs", "status", "no-such-job", "--address", address)
+    assert unknown.returncode == 2
+    assert unknown.stderr.strip().splitlines()[-1].startswith("error: aigc-ray jobs status: ")
+    assert "no-such-job" in unknown.stderr
     spec = tmp_path / "typo.yaml"
     spec.write_text("name: typo\nentrypoint: aigc-ray train tiny_cpu train.lrr=1\n"
                     "runtime_env: {working_dir: null}\n")

@@ -3,6 +3,7 @@ parses and runs a command our CLI accepts on a config that exists, images and re
 across manifests, and every job spec loads (bad ones fail with one line). No cluster needed."""
 
 import copy
+import os
 import shlex
 from pathlib import Path
 
@@ -84,6 +85,16 @@ def test_manifests_agree_on_image_resources_and_gpus():
     assert head["requests"] == head["limits"] and worker["requests"] == worker["limits"]
 
 
+def test_manifests_let_kuberay_wire_the_token():
+    # A token put in the containers' env by hand never reaches the autoscaler sidecar, the RayJob
+    # submitter pod or the operator's own dashboard calls: every one of those would get a 401.
+    for path in MANIFESTS:
+        manifest = yaml.safe_load(path.read_text())
+        assert _cluster_spec(manifest)["authOptions"] == {"mode": "token"}, path.name
+        env = {e["name"] for c in _containers(manifest) for e in c.get("env", [])}
+        assert not env & {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"}, path.name
+
+
 def test_rayjob_runs_commands_the_cli_accepts_on_a_shipped_config():
     manifest = yaml.safe_load((REPO / "clusters" / "kuberay" / "rayjob.yaml").read_text())
     entrypoint = manifest["spec"]["entrypoint"]
@@ -142,6 +153,75 @@ def test_bad_job_specs_fail_with_one_line(tmp_path, text, words):
     with pytest.raises(ConfigError) as error:
         load_job_spec(str(path))
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def _tiny_config(folder: Path) -> Path:
+    from aigc_ray.config import shipped_configs
+
+    (folder / "configs").mkdir()
+    config = folder / "configs" / "mine.yaml"
+    config.write_text(shipped_configs()["tiny_cpu"].read_text())
+    return config
+
+
+def test_a_config_file_in_working_dir_is_loaded_as_the_job_will(tmp_path):
+    config = _tiny_config(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"entrypoint: aigc-ray train configs/mine.yaml train.max_steps=3\n"
+                    f"config: {config}\nruntime_env: {{working_dir: {tmp_path}}}\n")
+    assert load_job_spec(str(spec)).config == str(config)
+    spec.write_text(f"entrypoint: aigc-ray train configs/mine.yaml train.lrr=1\n"
+                    f"runtime_env: {{working_dir: {tmp_path}}}\n")
+    with pytest.raises(ConfigError, match="did you mean train.lr"):
+        load_job_spec(str(spec))
+
+
+@pytest.mark.parametrize("entrypoint, extra, words", [
+    ("aigc-ray train {config}", "", "name it relative to working_dir: configs/mine.yaml"),
+    ("aigc-ray train /etc/hostname", "", "move it into working_dir"),
+    ("aigc-ray train configs/mine.yaml", "", None),
+    ("aigc-ray train tiny_cpu", "config: {config}\n", "not what the entrypoint runs"),
+    ("aigc-ray train configs/mine.yaml", "config: /etc/hostname\n", "outside working_dir"),
+])
+def test_configs_must_travel_with_the_job(tmp_path, entrypoint, extra, words):
+    config = _tiny_config(tmp_path)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"entrypoint: {entrypoint.format(config=config)}\n"
+                    f"{extra.format(config=config)}runtime_env: {{working_dir: {tmp_path}}}\n")
+    if words is None:
+        load_job_spec(str(spec))
+        return
+    with pytest.raises(ConfigError) as error:
+        load_job_spec(str(spec))
+    assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_without_working_dir_only_shipped_names_and_cluster_paths_pass(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("entrypoint: aigc-ray train configs/mine.yaml\n"
+                    "runtime_env: {working_dir: null}\n")
+    with pytest.raises(ConfigError, match="uploads no working_dir"):
+        load_job_spec(str(spec))
+    spec.write_text("entrypoint: aigc-ray train /mnt/cluster_storage/cfg.yaml\n"
+                    "runtime_env: {working_dir: null}\n")
+    load_job_spec(str(spec))  # a path on the cluster: nothing here to check it against
+
+
+def test_address_flag_wins_over_ray_address(monkeypatch):
+    import socket
+
+    from aigc_ray.jobs import client
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:1")
+    with pytest.raises(ConfigError) as error:  # Ray alone would try RAY_ADDRESS instead
+        client(closed)
+    assert f"Failed to connect to Ray at address: {closed}." in str(error.value)
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:1"  # put back
+    with pytest.raises(ConfigError, match="RAY_ADDRESS=http://127.0.0.1:1"):
+        client(None)
 
 
 def test_shell_chains_are_split_into_commands():
