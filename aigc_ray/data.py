@@ -14,7 +14,7 @@ import hashlib
 import json
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -271,8 +271,44 @@ def clean(text: str) -> str:
     return unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\x00", "")
 
 
+def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict:
+    """What a `TokenizeAndPack` actor needs to tokenize exactly as transformers does without
+    importing torch and transformers itself (that import was ~2 s of every actor's start): the
+    fast tokenizer's Rust backend serialized as transformers configured it (normalizer,
+    pre-tokenizer, added tokens, the post-processor that adds BOS/EOS), and the EOS and pad ids.
+    A tokenizer with no fast backend is loaded from `path` by the actor instead."""
+    from aigc_ray.model import load_tokenizer
+
+    tokenizer = load_tokenizer(path, trust_remote_code)
+    spec = {"path": path, "trust_remote_code": trust_remote_code,
+            "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+    if tokenizer.is_fast:
+        spec["backend"] = tokenizer.backend_tokenizer.to_str()
+        spec["split_special_tokens"] = bool(getattr(tokenizer, "split_special_tokens", False))
+    return spec
+
+
+def encoder(spec: dict) -> Callable[[list[str], bool], list[list[int]]]:
+    """(texts, add_special_tokens) → token ids, from a `tokenizer_spec`."""
+    if "backend" not in spec:
+        from aigc_ray.model import load_tokenizer
+
+        tokenizer = load_tokenizer(spec["path"], spec["trust_remote_code"])
+        return lambda texts, special: tokenizer(texts, add_special_tokens=special,
+                                                verbose=False)["input_ids"]
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(spec["backend"])
+    # What transformers' fast tokenizer sets before each unpadded, untruncated call.
+    backend.no_padding()
+    backend.no_truncation()
+    backend.encode_special_tokens = spec["split_special_tokens"]
+    return lambda texts, special: [encoding.ids for encoding in
+                                   backend.encode_batch(texts, add_special_tokens=special)]
+
+
 class TokenizeAndPack:
-    """Ray Data callable class: each actor loads the tokenizer once, then packs batches.
+    """Ray Data callable class: each actor builds the tokenizer once, then packs batches.
 
     Causal-LM text: documents joined with EOS and cut into `block_size` blocks; the tail of a
     batch becomes one last padded block rather than being dropped. Prompt/completion: one
@@ -280,19 +316,15 @@ class TokenizeAndPack:
     truncated and counted, and pairs whose prompt alone fills the block are skipped and counted.
     """
 
-    def __init__(self, tokenizer_path: str, data: dict, split: str, stats=None,
-                 trust_remote_code: bool = False):
-        from aigc_ray.model import load_tokenizer
-
-        self.tokenizer = load_tokenizer(tokenizer_path, trust_remote_code)
+    def __init__(self, tokenizer: dict, data: dict, split: str, stats=None):
+        self.encode = encoder(tokenizer)
         self.data = Data.model_validate(data)
         self.split, self.stats = split, stats
         self.block_size = self.data.block_size
-        self.eos, self.pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        self.eos, self.pad = tokenizer["eos"], tokenizer["pad"]
 
     def _ids(self, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
-        return self.tokenizer([clean(t) for t in texts], add_special_tokens=add_special_tokens,
-                              verbose=False)["input_ids"]
+        return self.encode([clean(t) for t in texts], add_special_tokens)
 
     def __call__(self, batch: dict) -> dict:
         counts: Counter = Counter()
@@ -441,9 +473,9 @@ def tokenize(documents, cfg: Config, tokenizer_path: str, split: str, stats=None
 
     return documents.map_batches(
         TokenizeAndPack,
-        fn_constructor_kwargs={"tokenizer_path": tokenizer_path, "data": cfg.data.model_dump(),
-                               "split": split, "stats": stats,
-                               "trust_remote_code": cfg.model.trust_remote_code},
+        fn_constructor_kwargs={"tokenizer": tokenizer_spec(tokenizer_path,
+                                                           cfg.model.trust_remote_code),
+                               "data": cfg.data.model_dump(), "split": split, "stats": stats},
         batch_size=cfg.data.tokenize_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenizer_actors),
         num_cpus=cfg.data.cpus_per_task,

@@ -33,9 +33,9 @@ SIZES = {  # model.builtin settings; "default" is the shipped tiny_cpu model
 
 def corpus_blocks(cfg, model_dir: str) -> list[dict]:
     """Every training block of the corpus, tokenized and packed by our own `TokenizeAndPack`."""
-    from aigc_ray.data import ROW_COLUMN, TokenizeAndPack, document_text, split_of
+    from aigc_ray.data import ROW_COLUMN, TokenizeAndPack, document_text, split_of, tokenizer_spec
 
-    pack = TokenizeAndPack(model_dir, cfg.data.model_dump(), "train")
+    pack = TokenizeAndPack(tokenizer_spec(model_dir), cfg.data.model_dump(), "train")
     prompts, completions = [], []
     with open(cfg.data.paths[0], encoding="utf-8") as f:
         for line in f:
