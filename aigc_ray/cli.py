@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from aigc_ray.config import DEFAULT_CONFIG, ConfigError, load_config, shipped_configs, to_yaml
+from aigc_ray.config import (
+    DEFAULT_CONFIG,
+    ConfigError,
+    load_config,
+    shipped_configs,
+    to_yaml,
+    user_error,
+)
 
 CONFIG_HELP = (f"CONFIG is a YAML file or a shipped config name ({', '.join(sorted(shipped_configs()))}; "
                f"default {DEFAULT_CONFIG}); key=value pairs override it, e.g. train.lr=3e-4 "
@@ -308,23 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="logs: stream until the job ends; exit 1 unless it SUCCEEDED")
     jobs.set_defaults(handler=cmd_jobs)
     return parser
-
-
-def user_error(exc: BaseException) -> str | None:
-    """The one-line message of a user-fixable error, even when Ray wrapped it on the way."""
-    from aigc_ray.data import DataError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        # Ray re-raises a task's error as RayTaskError(DataError): a DataError too, but its str
-        # is the remote traceback; the original is its `cause`.
-        cause = getattr(exc, "cause", None)
-        if isinstance(exc, (ConfigError, DataError)) and cause is None:
-            # Ray Data appends retry advice to the message as further lines; ours is the first.
-            return str(exc).splitlines()[0]
-        exc = cause or exc.__cause__ or exc.__context__
-    return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from aigc_ray.config import Config, ConfigError, set_key, to_yaml
+from aigc_ray.config import Config, ConfigError, set_key, to_yaml, user_error
 from aigc_ray.data import GLOB_CHARS
 
 TRIALS_DIR = "trials"
@@ -262,8 +262,6 @@ def _first_line(error) -> str | None:
     """The message a user needs from a trial's error (Ray wraps it in tracebacks)."""
     if error is None:
         return None
-    from aigc_ray.cli import user_error
-
     lines = [line for line in str(error).splitlines() if line.strip()]
     return user_error(error) or (lines[-1] if lines else type(error).__name__)
 
