@@ -208,6 +208,8 @@ class Serve(Section):
     gpus_per_replica: float = Field(1.0, gt=0)  # used only when the device is cuda
     max_batch_size: int = Field(16, ge=1)  # rows per forward pass; CPU steps cost ~flat to 16
     batch_wait_timeout_s: float = Field(0.005, ge=0)  # what a lone request waits for company
+    # Requests join a running batch at its next step; false: they wait for it to finish.
+    continuous_batching: bool = True
     autoscaling: Autoscaling = Autoscaling()
     # In flight per replica: a running batch plus a full one waiting, so no step idles.
     max_ongoing_requests: int = Field(32, ge=1)

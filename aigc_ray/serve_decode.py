@@ -72,76 +72,159 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 
 
 class BatchDecoder:
-    """Decodes a batch of requests together with a KV cache; finished rows leave the batch."""
+    """Decodes requests together with one KV cache; rows join and leave between steps.
 
-    def __init__(self, model, tokenizer, requests: list[GenerationRequest]):
+    `add` admits requests at any time (continuous batching): at the next `step` they are
+    prefilled on their own, their KV cache is left-padded to the running batch's length (or the
+    batch's to theirs) and joined to it, and from then on they decode with the rest. Finished
+    and cancelled rows leave the batch and its cache, and padding columns no row needs any more
+    are trimmed, so a long-lived batch costs what its live rows cost.
+    """
+
+    def __init__(self, model, tokenizer, requests: list[GenerationRequest] = ()):
         self.model = model
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
-        self.rows = [_Row(r, self.device) for r in requests]
         eos = getattr(model.generation_config, "eos_token_id", None)
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        width = max(len(r.prompt_ids) for r in requests)
-        ids = torch.full((len(requests), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(requests), width), dtype=torch.long)
-        for i, r in enumerate(requests):
-            ids[i, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-            mask[i, width - len(r.prompt_ids):] = 1
-        self.next_input = ids.to(self.device)
-        self.attention_mask = mask.to(self.device)
-        self.active = list(range(len(requests)))  # batch row → index in self.rows
-        self.cache = None
+        self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.rows: dict[int, _Row] = {}  # request index → state, until it has finished
+        self.next_index = 0
+        self.waiting: list[int] = []  # admitted, prefilled at the next step
+        self.active: list[int] = []  # batch row → request index
+        self.next_input = self.attention_mask = self.cache = None
         self.steps = 0
+        self.add(requests)
+
+    def add(self, requests: list[GenerationRequest]) -> list[int]:
+        """Admit requests; returns their indices (the keys of their chunks from `step`)."""
+        indices = list(range(self.next_index, self.next_index + len(requests)))
+        for index, request in zip(indices, requests):
+            self.rows[index] = _Row(request, self.device)
+        self.next_index += len(requests)
+        self.waiting += indices
+        return indices
 
     @property
     def done(self) -> bool:
-        return not self.active
+        return not self.active and not self.waiting
 
     @property
     def batch_size(self) -> int:
-        """Rows still decoding: what the next forward pass costs."""
-        return len(self.active)
+        """Rows the next forward pass decodes or prefills."""
+        return len(self.active) + len(self.waiting)
+
+    @property
+    def joinable(self) -> bool:
+        """Whether newcomers can join the running rows' cache (plain per-token KV layers);
+        otherwise they wait until the running rows have finished."""
+        from transformers.cache_utils import DynamicLayer
+
+        return self.cache is None or not self.active or all(
+            type(layer) is DynamicLayer for layer in self.cache.layers)
 
     def cancel(self, index: int) -> None:
         """Stop decoding request `index` (its caller went away); it leaves at the next step."""
-        if self.rows[index].finish_reason is None:
-            self.rows[index].finish_reason = "cancelled"
+        row = self.rows.get(index)
+        if row is not None and row.finish_reason is None:
+            row.finish_reason = "cancelled"
 
     def _keep(self, batch_rows: list[int]) -> None:
         """Shrink the batch to `batch_rows` (positions in the current batch)."""
+        kept_rows = set(batch_rows)
+        for b, index in enumerate(self.active):
+            if b not in kept_rows:
+                del self.rows[index]
         self.active = [self.active[b] for b in batch_rows]
-        if batch_rows:
-            kept = torch.tensor(batch_rows, device=self.device)
-            if self.cache is not None:
-                self.cache.batch_select_indices(kept)
-            self.attention_mask = self.attention_mask[kept]
+        if not batch_rows:
+            self.next_input = self.attention_mask = self.cache = None
+            return
+        kept = torch.tensor(batch_rows, device=self.device)
+        self.cache.batch_select_indices(kept)
+        self.attention_mask = self.attention_mask[kept]
+        if self.next_input is not None:
             self.next_input = self.next_input[kept]
+        # Columns that are padding in every row left (the longest row left with them).
+        used = self.attention_mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start > 0 and self.joinable:
+            self.attention_mask = self.attention_mask[:, start:]
+            for layer in self.cache.layers:
+                layer.keys = layer.keys[:, :, start:, :]
+                layer.values = layer.values[:, :, start:, :]
 
-    @torch.inference_mode()
-    def step(self) -> list[Chunk | None]:
-        """One forward pass for every unfinished row; one entry per request (None: finished before)."""
+    def _forward(self, input_ids, attention_mask, cache) -> torch.Tensor:
+        # Positions count real tokens only, so left padding does not shift them.
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask,
+                         position_ids=positions, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.logits[:, -1, :]
+
+    def _prefill(self, indices: list[int]):
+        """(logits, attention mask, cache) of the newcomers' prompts, left-padded together."""
         from transformers import DynamicCache
 
-        live = [b for b, index in enumerate(self.active) if self.rows[index].finish_reason is None]
+        prompts = [self.rows[i].request.prompt_ids for i in indices]
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
+        mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
+            mask[i, width - len(prompt):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        cache = DynamicCache(config=self.model.config)
+        return self._forward(ids, mask, cache), mask, cache
+
+    def _join(self, mask, cache) -> None:
+        """Append prefilled rows to the running batch, left-padding the shorter side."""
+        if self.cache is None:
+            self.attention_mask, self.cache = mask, cache
+            return
+        width = max(mask.shape[1], self.attention_mask.shape[1])
+
+        def left_pad(tensor, dim):
+            missing = width - tensor.shape[dim]
+            if not missing:
+                return tensor
+            shape = list(tensor.shape)
+            shape[dim] = missing
+            return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+        self.attention_mask = torch.cat([left_pad(self.attention_mask, 1), left_pad(mask, 1)])
+        for mine, theirs in zip(self.cache.layers, cache.layers):
+            mine.keys = torch.cat([left_pad(mine.keys, 2), left_pad(theirs.keys, 2)])
+            mine.values = torch.cat([left_pad(mine.values, 2), left_pad(theirs.values, 2)])
+
+    @torch.inference_mode()
+    def step(self) -> dict[int, Chunk]:
+        """One forward pass for the running rows and, when any are waiting (and can join),
+        one prefill for the newcomers; returns a chunk per request that produced one."""
+        live = [b for b, index in enumerate(self.active)
+                if self.rows[index].finish_reason is None]
         if len(live) < len(self.active):  # cancelled since the last step
             self._keep(live)
-        if self.done:
-            return [None] * len(self.rows)
-        if self.cache is None:
-            self.cache = DynamicCache(config=self.model.config)
-        # Positions count real tokens only, so left padding does not shift them.
-        positions = (self.attention_mask.cumsum(-1) - 1).clamp(min=0)
-        positions = positions[:, -self.next_input.shape[1]:]
-        out = self.model(input_ids=self.next_input, attention_mask=self.attention_mask,
-                         position_ids=positions, past_key_values=self.cache, use_cache=True,
-                         logits_to_keep=1)
-        logits = out.logits[:, -1, :]
+        for index in [i for i in self.waiting if self.rows[i].finish_reason is not None]:
+            self.waiting.remove(index)  # cancelled before it started
+            del self.rows[index]
+        newcomers = self.waiting if self.joinable else []
+        if not self.active and not newcomers:
+            return {}
+        logits = []
+        if self.active:
+            logits.append(self._forward(self.next_input, self.attention_mask, self.cache))
+        if newcomers:
+            new_logits, mask, cache = self._prefill(newcomers)
+            logits.append(new_logits)
+            self._join(mask, cache)
+            self.active += newcomers
+            self.waiting = [i for i in self.waiting if i not in newcomers]
+        logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         greedy = torch.argmax(logits, dim=-1).tolist()
         self.steps += 1
 
-        results: list[Chunk | None] = [None] * len(self.rows)
+        results: dict[int, Chunk] = {}
         tokens, keep = [], []
         for batch_row, index in enumerate(self.active):
             row = self.rows[index]
@@ -153,8 +236,9 @@ class BatchDecoder:
                 tokens.append(token)
                 keep.append(batch_row)
 
+        self.next_input = None  # consumed; the sampled tokens are the next input
         if len(keep) < len(self.active):
-            # A finished row stops costing compute: drop it from the inputs and the KV cache.
+            # A finished row stops costing compute: drop it from the batch and the KV cache.
             self._keep(keep)
         if self.active:
             self.next_input = torch.tensor(tokens, device=self.device).unsqueeze(-1)
@@ -195,9 +279,8 @@ def decode_all(model, tokenizer, requests: list[GenerationRequest]) -> list[dict
     decoder = BatchDecoder(model, tokenizer, requests)
     results = [{"text": "", "token_ids": [], "finish_reason": None} for _ in requests]
     while not decoder.done:
-        for index, chunk in enumerate(decoder.step()):
-            if chunk is not None:
-                results[index]["text"] += chunk.text
-                results[index]["token_ids"] += chunk.token_ids
-                results[index]["finish_reason"] = chunk.finish_reason
+        for index, chunk in decoder.step().items():
+            results[index]["text"] += chunk.text
+            results[index]["token_ids"] += chunk.token_ids
+            results[index]["finish_reason"] = chunk.finish_reason
     return results

@@ -1,15 +1,16 @@
 """The model deployment: one replica holds the model and decodes concurrent requests in batches.
 
-`Batcher` gathers the requests waiting when the decoder is free (waiting up to
-`serve.batch_wait_timeout_s` for more, up to `serve.max_batch_size`) into one `BatchDecoder`;
-decoding runs in a thread of its own so the replica keeps accepting requests, and they queue
-for the next batch, while the model runs.
+`Batcher` runs one `BatchDecoder` at a time in a decode thread of its own, so the replica keeps
+accepting requests while the model runs. Batching is continuous: a request that arrives while
+the batch decodes joins it at the next step (up to `serve.max_batch_size` rows) instead of
+waiting for the whole batch to finish, and a finished row leaves at once. When the decoder is
+idle, the first request waits up to `serve.batch_wait_timeout_s` for company.
 
 Why not `serve.batch`: its loop forms the next batch as soon as the wait timeout passes, even
 while the previous one still decodes (ray/serve/batching.py `_process_batches`), so with one
 batch running at a time the queue is split into many small batches: at 32 concurrent requests
-its own metrics showed 95 requests in 51 batches. Here the next batch is formed only when the
-decoder is free, from everything that queued meanwhile.
+its own metrics showed 95 requests in 51 batches, and a batch, once formed, never takes in a
+newcomer.
 """
 
 from __future__ import annotations
@@ -40,13 +41,16 @@ class Batcher:
     steps per request cost more than the model itself on a small model.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int, wait_s: float, metrics: dict):
+    def __init__(self, model, tokenizer, max_batch_size: int, wait_s: float, metrics: dict,
+                 continuous: bool = True):
         self.model, self.tokenizer = model, tokenizer
         self.max_batch_size, self.wait_s, self.metrics = max_batch_size, wait_s, metrics
+        self.continuous = continuous
         self.pending: queue.Queue = queue.Queue()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
         self.step_started: float | None = None  # monotonic start of the step now running
+        self.observations: list[tuple[str, float]] = []  # metrics waiting for the next delivery
 
     async def submit(self, request: GenerationRequest, stream: bool = True
                      ) -> AsyncIterator[Chunk]:
@@ -57,7 +61,8 @@ class Batcher:
             self.thread.start()
         self.loop = asyncio.get_running_loop()  # the replica's one serving loop
         entry = {"request": request, "chunks": asyncio.Queue(), "cancel": None,
-                 "cancelled": False, "stream": stream, "text": [], "token_ids": []}
+                 "cancelled": False, "stream": stream, "text": [], "token_ids": [],
+                 "first_token_at": None}
         self.pending.put(entry)
         try:
             while True:
@@ -72,26 +77,40 @@ class Batcher:
             if entry["cancel"] is not None:
                 entry["cancel"]()
 
-    def _next_batch(self) -> list[dict]:
-        batch = [self.pending.get()]
+    def _take(self, room: int, wait: bool) -> list[dict]:
+        """Up to `room` queued requests. With `wait` (the decoder is idle) block for the first
+        and give company `wait_s` to arrive; otherwise only what has queued already."""
+        batch = [self.pending.get()] if wait else []
         deadline = time.monotonic() + self.wait_s
-        while len(batch) < self.max_batch_size:
+        while len(batch) < room:
             try:
-                batch.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic())))
+                batch.append(self.pending.get(timeout=max(0.0, deadline - time.monotonic()))
+                             if wait else self.pending.get_nowait())
             except queue.Empty:
                 break
         return [entry for entry in batch if not entry["cancelled"]]
 
     def _run(self) -> None:
+        decoder, entries = None, {}  # entries: decoder's request index → the caller's entry
         while True:
-            batch = self._next_batch()
-            if not batch:
-                continue
+            idle = decoder is None or decoder.done
+            if idle:
+                room = self.max_batch_size
+            else:
+                room = self.max_batch_size - decoder.batch_size if self.continuous else 0
+            newcomers = self._take(room, wait=idle) if room > 0 else []
+            if idle:
+                if not newcomers:
+                    continue
+                decoder = BatchDecoder(self.model, self.tokenizer)
+            if newcomers:
+                self._admit(decoder, entries, newcomers)
             try:
-                self._decode(batch)
-            except Exception as exc:  # fail this batch's requests, keep serving the next
-                self._deliver([(entry, exc) for entry in batch])
-            self._deliver([(entry, _DONE) for entry in batch])
+                self._step(decoder, entries)
+            except Exception as exc:  # fail the requests in this batch, keep serving the next
+                self._deliver([(entry, item) for entry in entries.values()
+                               for item in (exc, _DONE)])
+                decoder, entries = None, {}
 
     def _deliver(self, items: list[tuple[dict, object]], after=None) -> None:
         """Hand chunks to their callers' event loop: one wake-up per step, not per chunk."""
@@ -104,49 +123,53 @@ class Batcher:
         if items or after is not None:
             self.loop.call_soon_threadsafe(put_all)
 
-    def _decode(self, batch: list[dict]) -> None:
-        requests = [entry["request"] for entry in batch]
-        decoder = BatchDecoder(self.model, self.tokenizer, requests)
-        for index, entry in enumerate(batch):
+    def _admit(self, decoder: BatchDecoder, entries: dict, batch: list[dict]) -> None:
+        """Requests join the running batch (continuous batching): prefilled at the next step."""
+        indices = decoder.add([entry["request"] for entry in batch])
+        for index, entry in zip(indices, batch):
+            entries[index] = entry
             entry["cancel"] = lambda index=index: decoder.cancel(index)
-            if entry["cancelled"]:
+            if entry["cancelled"]:  # gone before `cancel` was set
                 decoder.cancel(index)
-        first_token_at: list[float | None] = [None] * len(batch)
-        observations = [("batch_size", len(batch))]
-        while not decoder.done:
-            self.step_started = time.monotonic()
-            try:
-                chunks = decoder.step()
-            finally:
-                self.step_started = None
-            now, generated, out = time.time(), 0, []
-            for index, chunk in enumerate(chunks):
-                if chunk is None:
+        self.observations.append(("batch_size", decoder.batch_size))
+
+    def _step(self, decoder: BatchDecoder, entries: dict) -> None:
+        """One decoder step; chunks (and a request's end) go to their callers."""
+        self.step_started = time.monotonic()
+        try:
+            chunks = decoder.step()
+        finally:
+            self.step_started = None
+        now, generated, out = time.time(), 0, []
+        observations, self.observations = self.observations, []
+        for index, chunk in chunks.items():
+            entry = entries[index]
+            generated += len(chunk.token_ids)
+            if entry["first_token_at"] is None:
+                entry["first_token_at"] = now
+                observations.append(("ttft", max(0.0, now - entry["request"].arrival_time)))
+            if chunk.finish_reason is not None and chunk.completion_tokens > 1:
+                per_token = (now - entry["first_token_at"]) / (chunk.completion_tokens - 1)
+                observations.append(("tpot", per_token))
+            if not entry["stream"]:  # hold it back until the completion is whole
+                entry["text"].append(chunk.text)
+                entry["token_ids"] += chunk.token_ids
+                if chunk.finish_reason is None:
                     continue
-                generated += len(chunk.token_ids)
-                if first_token_at[index] is None:
-                    first_token_at[index] = now
-                    observations.append(("ttft", max(0.0, now - requests[index].arrival_time)))
-                if chunk.finish_reason is not None and chunk.completion_tokens > 1:
-                    per_token = (now - first_token_at[index]) / (chunk.completion_tokens - 1)
-                    observations.append(("tpot", per_token))
-                entry = batch[index]
-                if not entry["stream"]:  # hold it back until the completion is whole
-                    entry["text"].append(chunk.text)
-                    entry["token_ids"] += chunk.token_ids
-                    if chunk.finish_reason is None:
-                        continue
-                    chunk = Chunk("".join(entry["text"]), entry["token_ids"],
-                                  chunk.completion_tokens, chunk.prompt_tokens,
-                                  chunk.finish_reason)
-                out.append((entry, chunk))
-            if generated:
-                observations.append(("tokens", generated))
-            if out or decoder.done:
-                # Metrics are recorded on the event loop, beside the rest of Ray's bookkeeping,
-                # riding along with chunks so that no step wakes the loop for metrics alone.
-                self._deliver(out, after=lambda seen=observations: self._observe(seen))
-                observations = []
+                chunk = Chunk("".join(entry["text"]), entry["token_ids"],
+                              chunk.completion_tokens, chunk.prompt_tokens, chunk.finish_reason)
+            out.append((entry, chunk))
+            if chunk.finish_reason is not None:
+                out.append((entry, _DONE))
+                del entries[index]
+        for index in [i for i in entries if i not in decoder.rows]:
+            del entries[index]  # cancelled: its caller is gone
+        if generated:
+            observations.append(("tokens", generated))
+        if out or observations:
+            # Metrics are recorded on the event loop, beside the rest of Ray's bookkeeping,
+            # riding along with chunks so that no step wakes the loop for metrics alone.
+            self._deliver(out, after=lambda seen=observations: self._observe(seen))
 
     def _observe(self, observations: list[tuple[str, float]]) -> None:
         for name, value in observations:
@@ -192,7 +215,7 @@ class Generator:
         self.model, self.tokenizer = load_for_inference(
             checkpoint, cfg.device, cfg.dtype, cfg.quantize, trust_remote_code)
         self.batcher = Batcher(self.model, self.tokenizer, cfg.max_batch_size,
-                               cfg.batch_wait_timeout_s, _metrics())
+                               cfg.batch_wait_timeout_s, _metrics(), cfg.continuous_batching)
         self._probe()  # a replica that cannot run its model must fail here, not on traffic
 
     async def complete(self, request: GenerationRequest) -> dict:

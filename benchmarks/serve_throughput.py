@@ -3,12 +3,17 @@
 Same checkpoint, same machine, same run, same greedy requests (so both produce the same tokens):
 
     .venv/bin/python benchmarks/serve_throughput.py [--checkpoint DIR] [--max-tokens 32] [--int8]
+        [--mixed] [--static]
 
 The baseline is one uvicorn process whose endpoint calls `model.generate` per request (FastAPI
 runs sync endpoints on its thread pool, so concurrent requests overlap as well as the GIL lets
 them). Ours is `aigc_ray.serve` with a fixed replica count (autoscaling delays would otherwise
 be what is measured). Each level sends requests from `concurrency` clients in parallel; the
 ratios are ours / baseline (requests per second: higher is better; latency: lower is better).
+`--mixed` gives requests different lengths (max_tokens × 0.25, 0.5, 1, 2 in turn), as real
+traffic has; `--static` also measures ours with `serve.continuous_batching=false` (a request
+waits for the running batch to finish), so continuous batching is measured against it in the
+same run.
 """
 
 import argparse
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 LEVELS = {1: 16, 8: 64, 32: 160}  # concurrency → requests measured
+MIXED = (0.25, 0.5, 1, 2)  # --mixed: request i asks for max_tokens × MIXED[i % 4]
 
 
 def free_port() -> int:
@@ -91,8 +97,9 @@ def baseline_server(port: int, checkpoint: str) -> None:
 
 
 async def measure(url: str, texts: list[str], concurrency: int, total: int,
-                  max_tokens: int) -> dict:
-    """Send `total` greedy completions from `concurrency` clients; throughput and latency."""
+                  lengths: list[int]) -> dict:
+    """Send `total` greedy completions from `concurrency` clients (request i asks for
+    lengths[i % len(lengths)] tokens); throughput and latency."""
     import httpx
 
     latencies, tokens, failures = [], 0, 0
@@ -104,7 +111,8 @@ async def measure(url: str, texts: list[str], concurrency: int, total: int,
             i = queue.pop()
             start = time.perf_counter()
             response = await http.post(url + "/v1/completions", json={
-                "prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0})
+                "prompt": texts[i % len(texts)], "max_tokens": lengths[i % len(lengths)],
+                "temperature": 0})
             latencies.append(time.perf_counter() - start)
             if response.status_code == 200:
                 tokens += response.json()["usage"]["completion_tokens"]
@@ -115,7 +123,7 @@ async def measure(url: str, texts: list[str], concurrency: int, total: int,
     async with httpx.AsyncClient(timeout=300, limits=limits) as http:
         for i in range(min(4, total)):  # warm up: first calls pay for lazy initialization
             await http.post(url + "/v1/completions", json={
-                "prompt": texts[i], "max_tokens": max_tokens, "temperature": 0})
+                "prompt": texts[i], "max_tokens": lengths[0], "temperature": 0})
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - start
@@ -126,10 +134,10 @@ async def measure(url: str, texts: list[str], concurrency: int, total: int,
             "failures": failures}
 
 
-def run_levels(name: str, url: str, texts: list[str], max_tokens: int) -> dict:
+def run_levels(name: str, url: str, texts: list[str], lengths: list[int]) -> dict:
     results = {}
     for concurrency, total in LEVELS.items():
-        results[concurrency] = asyncio.run(measure(url, texts, concurrency, total, max_tokens))
+        results[concurrency] = asyncio.run(measure(url, texts, concurrency, total, lengths))
         r = results[concurrency]
         print(f"  {name:<10} c={concurrency:<3} {r['requests_per_second']:7.1f} req/s "
               f"{r['tokens_per_second']:8.0f} tok/s  p50 {r['p50_s'] * 1000:7.1f} ms  "
@@ -151,28 +159,28 @@ def wait_healthy(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} did not become healthy")
 
 
-def run_baseline(checkpoint: str, texts: list[str], max_tokens: int) -> dict:
+def run_baseline(checkpoint: str, texts: list[str], lengths: list[int]) -> dict:
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port),
                                checkpoint])
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        return run_levels("baseline", url, texts, max_tokens)
+        return run_levels("baseline", url, texts, lengths)
     finally:
         server.terminate()  # the server this function started, by its handle
         server.wait(timeout=30)
 
 
-def run_ours(checkpoint: str, texts: list[str], max_tokens: int, replicas: int,
-             quantize: str, label: str) -> dict:
+def run_ours(checkpoint: str, texts: list[str], lengths: list[int], replicas: int,
+             label: str, overrides: list[str]) -> dict:
     from ray import serve
 
     from aigc_ray.serve import deploy, serve_config
 
     port = free_port()
     path, cfg = serve_config(checkpoint, [
-        f"serve.port={port}", f"serve.app_name={label}", f"serve.quantize={quantize}",
+        f"serve.port={port}", f"serve.app_name={label}", *overrides,
         f"serve.autoscaling.min_replicas={replicas}", f"serve.autoscaling.max_replicas={replicas}",
         "serve.max_batch_size=32", "serve.max_ongoing_requests=64",
         "serve.cpus_per_replica=1"])  # the default: one torch thread per replica
@@ -180,7 +188,7 @@ def run_ours(checkpoint: str, texts: list[str], max_tokens: int, replicas: int,
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        return run_levels(label, url, texts, max_tokens)
+        return run_levels(label, url, texts, lengths)
     finally:
         serve.delete(label)
         serve.shutdown()
@@ -193,6 +201,10 @@ def main() -> None:
     parser.add_argument("--replicas", type=int, default=1,
                         help="model replicas for our app (1: the same cores as the baseline)")
     parser.add_argument("--int8", action="store_true", help="also measure serve.quantize=int8")
+    parser.add_argument("--mixed", action="store_true",
+                        help="requests of different lengths: max_tokens x 0.25, 0.5, 1, 2")
+    parser.add_argument("--static", action="store_true",
+                        help="also measure ours with serve.continuous_batching=false")
     parser.add_argument("--baseline-server", nargs=2, metavar=("PORT", "CHECKPOINT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -206,18 +218,22 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or build_checkpoint(Path(tmp))
         texts = prompts(64)
-        print(f"checkpoint {checkpoint}, {os.cpu_count()} CPUs, max_tokens {args.max_tokens}, "
+        lengths = ([max(1, round(args.max_tokens * m)) for m in MIXED] if args.mixed
+                   else [args.max_tokens])
+        print(f"checkpoint {checkpoint}, {os.cpu_count()} CPUs, max_tokens {lengths}, "
               f"greedy; concurrency: requests = {LEVELS}", flush=True)
-        baseline = run_baseline(checkpoint, texts, args.max_tokens)
+        baseline = run_baseline(checkpoint, texts, lengths)
         # A cluster of its own (address="local"), never whichever one is already running here.
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  logging_level=logging.ERROR, log_to_driver=False)
         try:
-            ours = {"ours": run_ours(checkpoint, texts, args.max_tokens, args.replicas, "none",
-                                     "ours")}
+            variants = {"ours": []}
+            if args.static:
+                variants["ours-static"] = ["serve.continuous_batching=false"]
             if args.int8:
-                ours["ours-int8"] = run_ours(checkpoint, texts, args.max_tokens, args.replicas,
-                                             "int8", "ours-int8")
+                variants["ours-int8"] = ["serve.quantize=int8"]
+            ours = {label: run_ours(checkpoint, texts, lengths, args.replicas, label, overrides)
+                    for label, overrides in variants.items()}
         finally:
             ray.shutdown()
 
@@ -227,6 +243,12 @@ def main() -> None:
             o, b = results[concurrency], baseline[concurrency]
             print(f"  {name:<10} c={concurrency:<3} throughput x{o['requests_per_second'] / b['requests_per_second']:5.2f}"
                   f"  p50 x{o['p50_s'] / b['p50_s']:5.2f}  p99 x{o['p99_s'] / b['p99_s']:5.2f}")
+    if "ours-static" in ours:
+        print("\ncontinuous / static batching (both ours)")
+        for concurrency in LEVELS:
+            o, s = ours["ours"][concurrency], ours["ours-static"][concurrency]
+            print(f"  c={concurrency:<3} throughput x{o['requests_per_second'] / s['requests_per_second']:5.2f}"
+                  f"  p50 x{o['p50_s'] / s['p50_s']:5.2f}  p99 x{o['p99_s'] / s['p99_s']:5.2f}")
 
 
 if __name__ == "__main__":

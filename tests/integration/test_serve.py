@@ -211,6 +211,36 @@ def test_concurrent_requests_are_batched_per_metrics(app):
     assert tokens >= 16 * 8 and ttft and tpot
 
 
+def test_a_short_request_joins_a_running_long_one_and_finishes_first(app):
+    # Continuous batching: with a batch that only took requests when idle, the short request
+    # would wait for the long one to end (checked: it fails with serve.continuous_batching=false).
+    context = json.loads((Path(app["path"]) / "config.json").read_text())["n_positions"]
+    long_tokens = context - 8
+    ended: dict[str, float] = {}
+    started = threading.Event()
+
+    def long_stream():
+        with httpx.stream("POST", app["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                          json={"prompt": "Hi", "max_tokens": long_tokens, "temperature": 0,
+                                "stream": True}) as response:
+            for line in response.iter_lines():
+                if line.startswith("data: {"):
+                    started.set()
+                    reason = json.loads(line[6:])["choices"][0]["finish_reason"]
+                    ended["long_reason"] = reason or ended.get("long_reason")
+        ended["long"] = time.monotonic()
+
+    thread = threading.Thread(target=long_stream)
+    thread.start()
+    assert started.wait(30), "the long request produced nothing"
+    short = complete(app["url"], prompt=PROMPTS[3], max_tokens=2, temperature=0)
+    ended["short"] = time.monotonic()
+    thread.join(60)
+    assert short.status_code == 200 and short.json()["usage"]["completion_tokens"] >= 1
+    assert ended["long_reason"] == "length", ended  # it really ran all its steps
+    assert ended["short"] < ended["long"], "the short request waited for the long one"
+
+
 BAD_REQUESTS = [
     # (what, body or raw bytes, headers, status, words the error message must contain)
     ("empty prompt", {"prompt": ""}, AUTH, 400, "empty"),

@@ -1,4 +1,5 @@
-"""Batched decoding without Ray: same tokens as `generate`, per-row settings, rows leave early."""
+"""Batched decoding without Ray: same tokens as `generate`, per-row settings, rows leave early
+and join a running batch."""
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -32,9 +33,8 @@ def test_left_padded_greedy_batch_equals_generate_with_per_row_max_tokens(model_
     sizes = []
     while not decoder.done:
         sizes.append(decoder.batch_size)
-        for index, chunk in enumerate(decoder.step()):
-            if chunk is not None:
-                results[index] += chunk.token_ids
+        for index, chunk in decoder.step().items():
+            results[index] += chunk.token_ids
     for prompt, n, got in zip(PROMPTS, lengths, results):
         assert got == generate_ids(model, tokenizer, prompt, n)
     assert sizes[0] == 3 and sizes[-1] == 1  # finished rows left the batch
@@ -69,4 +69,35 @@ def test_cancelled_row_stops_costing_compute(model_and_tokenizer):
     decoder.step()
     decoder.cancel(1)
     chunks = decoder.step()
-    assert chunks[1] is None and decoder.batch_size == 2
+    assert 1 not in chunks and set(chunks) == {0, 2} and decoder.batch_size == 2
+
+
+def test_requests_joining_a_running_batch_decode_as_if_alone(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    decoder = BatchDecoder(model, tokenizer, [GenerationRequest(ids[1], 12, temperature=0)])
+    results: dict[int, list[int]] = {}
+    sizes, widths = [], []
+
+    def step():
+        sizes.append(decoder.batch_size)
+        for index, chunk in decoder.step().items():
+            results.setdefault(index, []).extend(chunk.token_ids)
+        if decoder.attention_mask is not None:
+            widths.append(decoder.attention_mask.shape[1])
+
+    for _ in range(3):
+        step()
+    # A longer prompt joins a 3-step-old row (its cache is padded to the newcomer's length),
+    # then a short one joins both (it is padded to theirs).
+    late = decoder.add([GenerationRequest(ids[2], 5, temperature=0)])
+    step()
+    later = decoder.add([GenerationRequest(ids[0], 8, temperature=0)])
+    while not decoder.done:
+        step()
+    assert results[0] == generate_ids(model, tokenizer, PROMPTS[1], 12)
+    assert results[late[0]] == generate_ids(model, tokenizer, PROMPTS[2], 5)
+    assert results[later[0]] == generate_ids(model, tokenizer, PROMPTS[0], 8)
+    assert sizes[:5] == [1, 1, 1, 2, 3]
+    # When the long-prompt row left, the padding columns only it needed were trimmed.
+    assert min(widths[-3:]) < max(widths) and not decoder.rows
