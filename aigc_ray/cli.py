@@ -159,9 +159,9 @@ def cmd_submit(ns: argparse.Namespace) -> int:
 def cmd_jobs(ns: argparse.Namespace) -> int:
     from aigc_ray.jobs import client, job_api
 
-    jobs = client(ns.address)
     if ns.action != "list" and ns.job_id is None:
         raise ConfigError(f"aigc-ray jobs {ns.action} needs a JOB_ID (see aigc-ray jobs list)")
+    jobs = client(ns.address)
     with job_api(f"aigc-ray jobs {ns.action}"):
         return _jobs_action(jobs, ns)
 
