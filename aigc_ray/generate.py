@@ -368,8 +368,11 @@ def run_generate(checkpoint: str, input_path: str, output: str, cfg: Config,
         with Progress(stats, total):
             if cfg.generate.output_format == "parquet":
                 completions.write_parquet(out, **write_args)
-            else:
-                completions.write_json(out, **write_args)
+            else:  # JSON Lines, named so (Ray Data's own names end in .json)
+                from ray.data.datasource import FilenameProvider
+
+                completions.write_json(out, filename_provider=FilenameProvider(
+                    file_format="jsonl"), **write_args)
         totals = ray.get(stats.totals.remote())
         skipped_rows = ray.get(stats.details.remote())
     finally:

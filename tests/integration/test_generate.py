@@ -78,7 +78,8 @@ def test_cli_text_input_jsonl_output_and_strict_mode(ray_cluster, tiny_model_dir
                  "generate.output_format=jsonl", "generate.max_tokens=4",
                  "generate.temperature=0.8", "generate.seed=3"]) == 0
     assert "wrote 3 completions" in capsys.readouterr().out
-    parts = [f for f in sorted(out.iterdir()) if not f.name.startswith("_")]  # JSON Lines
+    parts = [f for f in sorted(out.iterdir()) if not f.name.startswith("_")]
+    assert parts and all(f.suffix == ".jsonl" for f in parts)
     rows = [json.loads(line) for f in parts for line in f.read_text().splitlines()]
     assert sorted(r["id"] for r in rows) == ["prompts.txt:1", "prompts.txt:2", "prompts.txt:4"]
     assert json.loads((out / SUMMARY_FILE).read_text())["skipped"] == {"empty_text": 1}
