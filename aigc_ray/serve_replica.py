@@ -194,7 +194,8 @@ def _metrics():
         "tokens": Counter("aigc_ray_tokens_generated",
                           description="Completion tokens generated."),
         "batch_size": Histogram(
-            "aigc_ray_batch_size", description="Requests decoded together in one batch.",
+            "aigc_ray_batch_size",
+            description="Rows decoding together, sampled each time requests join the batch.",
             boundaries=[1, 2, 4, 8, 16, 32, 64, 128]),
     }
 
