@@ -181,6 +181,11 @@ def _jobs_action(jobs, ns: argparse.Namespace) -> int:
         stopped = jobs.stop_job(ns.job_id)
         print(f"job {ns.job_id}: {'stop requested' if stopped else 'already ended'}")
         return 0
+    if ns.action == "delete":  # Ray refuses a job that has not ended: one line, exit 2
+        if not jobs.delete_job(ns.job_id):
+            raise ConfigError(f"aigc-ray jobs delete: the cluster did not delete {ns.job_id}")
+        print(f"job {ns.job_id}: deleted (its record and logs are gone from the cluster)")
+        return 0
     if ns.follow:
         status = follow(jobs, ns.job_id)
         print(f"job {ns.job_id} {status}", file=sys.stderr)
@@ -302,12 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stream the job's logs until it ends; exit 1 unless it SUCCEEDED")
     submit.set_defaults(handler=cmd_submit)
     jobs = sub.add_parser(
-        "jobs", help="list submitted jobs, or show the status or logs of one, or stop it",
-        description="aigc-ray jobs list | status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID. "
-        "`status` exits 1 when the job FAILED or was STOPPED.")
-    jobs.add_argument("action", choices=["list", "status", "logs", "stop"],
+        "jobs", help="list submitted jobs, or show the status or logs of one, stop or delete it",
+        description="aigc-ray jobs list | status JOB_ID | logs JOB_ID [--follow] | stop JOB_ID "
+        "| delete JOB_ID. `status` exits 1 when the job FAILED or was STOPPED.")
+    jobs.add_argument("action", choices=["list", "status", "logs", "stop", "delete"],
                       help="list: every job, oldest first; status: one line; logs: the job's "
-                      "output so far; stop: ask the job to end")
+                      "output so far; stop: ask the job to end; delete: forget an ended job "
+                      "(its record and logs)")
     jobs.add_argument("job_id", nargs="?", metavar="JOB_ID",
                       help="the id `aigc-ray submit` printed (see `aigc-ray jobs list`)")
     jobs.add_argument("--address", help=address_help)

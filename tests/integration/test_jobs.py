@@ -1,6 +1,6 @@
 """Cluster jobs end to end: a real Ray head (`ray start --head`, dashboard on loopback) that this
 test starts and stops itself, the shipped tiny training job spec submitted and followed to
-SUCCEEDED through `aigc-ray submit`, a failing spec, and `aigc-ray jobs list|status|logs|stop`.
+SUCCEEDED through `aigc-ray submit`, a failing spec, and `aigc-ray jobs list|status|logs|stop|delete`.
 
 The head runs next to the test session's own local cluster, so every port is chosen free and
 its temp dir is its own (a `ray start` writes the address other `ray.init()` calls would find
@@ -122,6 +122,8 @@ def test_tiny_training_spec_runs_to_success_and_writes_final(ray_head, tmp_path)
     assert status.returncode == 0 and "SUCCEEDED" in status.stdout
     logs = aigc(env, "jobs", "logs", job_id, "--address", address)
     assert "final model in" in logs.stdout
+    assert aigc(env, "jobs", "delete", job_id, "--address", address).returncode == 0
+    assert aigc(env, "jobs", "status", job_id, "--address", address).returncode == 2  # gone
 
 
 def test_a_failing_spec_ends_failed_with_its_error_shown(ray_head, tmp_path):
@@ -146,6 +148,9 @@ def test_stop_ends_a_running_job(ray_head, tmp_path):
     submitted = aigc(env, "submit", str(spec), "--address", address)
     assert submitted.returncode == 0
     job_id = submitted.stdout.strip()
+    running = aigc(env, "jobs", "delete", job_id, "--address", address)  # not ended: refused
+    assert running.returncode == 2
+    assert running.stderr.strip().splitlines()[-1].startswith("error: aigc-ray jobs delete: ")
     assert aigc(env, "jobs", "stop", job_id, "--address", address).returncode == 0
     deadline = time.monotonic() + 60
     while "STOPPED" not in aigc(env, "jobs", "status", job_id, "--address", address).stdout:
