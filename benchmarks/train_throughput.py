@@ -119,12 +119,14 @@ def main() -> None:
         size = [f"model.builtin.{key}={value}" for key, value in SIZES[args.size].items()]
 
         def config(workers: int):
-            # One evaluation, at the end; batch 8 per worker as in tiny_cpu.
+            # One evaluation, at the end; batch 8 per worker as in tiny_cpu; no generation
+            # report after training (the whole-run wall time is training's own).
             return load_config("tiny_cpu", [
                 f"data.path={corpus['jsonl']}", f"run.output_dir={tmp}/runs",
                 f"run.name=w{workers}", f"train.max_steps={args.steps}",
                 f"train.eval_every={args.steps}", f"train.log_every={log_every}",
-                "train.sample_prompts=[]", f"scaling.num_workers={workers}", *size])
+                "train.sample_prompts=[]", "eval.after_training=false",
+                f"scaling.num_workers={workers}", *size])
 
         start = time.perf_counter()
         start_ray()
