@@ -94,7 +94,13 @@ class BatchDecoder:
         self.waiting: list[int] = []  # admitted, prefilled at the next step
         self.active: list[int] = []  # batch row → request index
         self.next_input = self.attention_mask = self.cache = None
-        self.steps = 0
+        # Rows can join and padding can be trimmed only in a plain per-token KV cache (not in
+        # sliding-window layers, say); that is fixed by the model, so it is read once here.
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+
+        self.plain_cache = all(type(layer) is DynamicLayer
+                               for layer in DynamicCache(config=model.config).layers)
         self.add(requests)
 
     def add(self, requests: list[GenerationRequest]) -> list[int]:
@@ -117,12 +123,9 @@ class BatchDecoder:
 
     @property
     def joinable(self) -> bool:
-        """Whether newcomers can join the running rows' cache (plain per-token KV layers);
-        otherwise they wait until the running rows have finished."""
-        from transformers.cache_utils import DynamicLayer
-
-        return self.cache is None or not self.active or all(
-            type(layer) is DynamicLayer for layer in self.cache.layers)
+        """Whether newcomers can join now: with a plain cache always, otherwise only once the
+        running rows have finished."""
+        return self.plain_cache or not self.active
 
     def cancel(self, index: int) -> None:
         """Stop decoding request `index` (its caller went away); it leaves at the next step."""
@@ -148,7 +151,7 @@ class BatchDecoder:
         # Columns that are padding in every row left (the longest row left with them).
         used = self.attention_mask.any(dim=0).nonzero()
         start = int(used[0]) if len(used) else 0
-        if start > 0 and self.joinable:
+        if start > 0 and self.plain_cache:
             self.attention_mask = self.attention_mask[:, start:]
             for layer in self.cache.layers:
                 layer.keys = layer.keys[:, :, start:, :]
@@ -219,10 +222,9 @@ class BatchDecoder:
             logits.append(new_logits)
             self._join(mask, cache)
             self.active += newcomers
-            self.waiting = [i for i in self.waiting if i not in newcomers]
+            self.waiting = []
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         greedy = torch.argmax(logits, dim=-1).tolist()
-        self.steps += 1
 
         results: dict[int, Chunk] = {}
         tokens, keep = [], []

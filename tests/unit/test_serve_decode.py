@@ -101,3 +101,37 @@ def test_requests_joining_a_running_batch_decode_as_if_alone(model_and_tokenizer
     assert sizes[:5] == [1, 1, 1, 2, 3]
     # When the long-prompt row left, the padding columns only it needed were trimmed.
     assert min(widths[-3:]) < max(widths) and not decoder.rows
+
+
+def test_a_sliding_window_cache_makes_newcomers_wait_and_still_decodes_right(
+        model_and_tokenizer):
+    # Sliding-window KV layers cannot be left-padded and joined: a request added mid-batch
+    # waits until the running rows finish, then decodes as it would alone.
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=32,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    first = GenerationRequest(tokenizer(PROMPTS[1])["input_ids"], 5, temperature=0)
+    late = GenerationRequest(tokenizer(PROMPTS[0])["input_ids"], 4, temperature=0)
+    decoder = BatchDecoder(model, tokenizer, [first])
+    assert not decoder.plain_cache
+    results: dict[int, list[int]] = {}
+    for index, chunk in decoder.step().items():
+        results.setdefault(index, []).extend(chunk.token_ids)
+    [late_index] = decoder.add([late])
+    started_with = None
+    while not decoder.done:
+        chunks = decoder.step()
+        if late_index in chunks and started_with is None:
+            started_with = set(decoder.rows) - {late_index}
+        for index, chunk in chunks.items():
+            results.setdefault(index, []).extend(chunk.token_ids)
+    assert len(results[0]) == 5  # it ran all its steps, so the newcomer really waited
+    assert started_with == set()  # the first row had left before the newcomer started
+    assert results[0] == generate_ids(model, tokenizer, PROMPTS[1], 5)
+    assert results[late_index] == generate_ids(model, tokenizer, PROMPTS[0], 4)
