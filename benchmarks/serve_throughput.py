@@ -239,17 +239,19 @@ def main() -> None:
 
     print("\nratios (ours / baseline): throughput higher is better, latency lower is better")
     for name, results in ours.items():
-        for concurrency in LEVELS:
-            o, b = results[concurrency], baseline[concurrency]
-            print(f"  {name:<10} c={concurrency:<3} throughput x{o['requests_per_second'] / b['requests_per_second']:5.2f}"
-                  f"  p50 x{o['p50_s'] / b['p50_s']:5.2f}  p99 x{o['p99_s'] / b['p99_s']:5.2f}")
+        print_ratios(name, results, baseline)
     if "ours-static" in ours:
         print("\ncontinuous / static batching (both ours)")
-        for concurrency in LEVELS:
-            o, s = ours["ours"][concurrency], ours["ours-static"][concurrency]
-            print(f"  c={concurrency:<3} throughput x{o['requests_per_second'] / s['requests_per_second']:5.2f}"
-                  f"  p50 x{o['p50_s'] / s['p50_s']:5.2f}  p99 x{o['p99_s'] / s['p99_s']:5.2f}")
+        print_ratios("ours", ours["ours"], ours["ours-static"])
 
+
+def print_ratios(name: str, results: dict, reference: dict) -> None:
+    """One line per concurrency level: throughput, p50 and p99 of `results` / `reference`."""
+    for concurrency in LEVELS:
+        o, r = results[concurrency], reference[concurrency]
+        print(f"  {name:<11} c={concurrency:<3} throughput "
+              f"x{o['requests_per_second'] / r['requests_per_second']:5.2f}  "
+              f"p50 x{o['p50_s'] / r['p50_s']:5.2f}  p99 x{o['p99_s'] / r['p99_s']:5.2f}")
 
 if __name__ == "__main__":
     main()
