@@ -462,20 +462,20 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> 
 
     files = files if files is not None else resolve_files(cfg.data)  # listed once per run
     splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
-    return {split: tokenize(read_corpus(cfg, split, stats, files), cfg, tokenizer_path, split,
-                            stats)
+    tokenizer = tokenizer_spec(tokenizer_path, cfg.model.trust_remote_code)  # once for both
+    return {split: tokenize(read_corpus(cfg, split, stats, files), cfg, tokenizer, split, stats)
             for split in splits}
 
 
-def tokenize(documents, cfg: Config, tokenizer_path: str, split: str, stats=None):
-    """Documents (from `read_corpus`) → packed blocks, by a pool of tokenizer actors."""
+def tokenize(documents, cfg: Config, tokenizer: dict, split: str, stats=None):
+    """Documents (from `read_corpus`) → packed blocks, by a pool of tokenizer actors;
+    `tokenizer` is a `tokenizer_spec`."""
     import ray
 
     return documents.map_batches(
         TokenizeAndPack,
-        fn_constructor_kwargs={"tokenizer": tokenizer_spec(tokenizer_path,
-                                                           cfg.model.trust_remote_code),
-                               "data": cfg.data.model_dump(), "split": split, "stats": stats},
+        fn_constructor_kwargs={"tokenizer": tokenizer, "data": cfg.data.model_dump(),
+                               "split": split, "stats": stats},
         batch_size=cfg.data.tokenize_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenizer_actors),
         num_cpus=cfg.data.cpus_per_task,

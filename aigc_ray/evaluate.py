@@ -20,7 +20,14 @@ import math
 from pathlib import Path
 
 from aigc_ray.config import Config, ConfigError
-from aigc_ray.data import ROW_COLUMN, check_config, format_of, read_corpus, tokenize
+from aigc_ray.data import (
+    ROW_COLUMN,
+    check_config,
+    format_of,
+    read_corpus,
+    tokenize,
+    tokenizer_spec,
+)
 
 EVAL_FILE = "eval.json"
 EVAL_KEYS = ("eval", "data", "generate", "model.trust_remote_code")
@@ -63,7 +70,8 @@ def perplexity(model_path: str, cfg: Config, split: str | None, files: list[str]
 
     from aigc_ray.generate import use_gpu
 
-    blocks = tokenize(read_corpus(cfg, split, files=files), cfg, model_path, split or "all")
+    blocks = tokenize(read_corpus(cfg, split, files=files), cfg,
+                      tokenizer_spec(model_path, cfg.model.trust_remote_code), split or "all")
     gen = cfg.generate
     sums = blocks.map_batches(
         LossSum,
