@@ -14,28 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from aigc_ray.errors import ConfigError, user_error  # noqa: F401  (re-exported)
+
 DEFAULT_CONFIG = "tiny_cpu"
-
-
-class ConfigError(ValueError):
-    """A config problem the user can fix; its message is one line that says what to change."""
-
-
-def user_error(exc: BaseException) -> str | None:
-    """The one-line message of a user-fixable error, even when Ray wrapped it on the way."""
-    from aigc_ray.data import DataError
-
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        seen.add(id(exc))
-        # Ray re-raises a task's error as RayTaskError(DataError): a DataError too, but its str
-        # is the remote traceback; the original is its `cause`.
-        cause = getattr(exc, "cause", None)
-        if isinstance(exc, (ConfigError, DataError)) and cause is None:
-            # Ray Data appends retry advice to the message as further lines; ours is the first.
-            return str(exc).splitlines()[0]
-        exc = cause or exc.__cause__ or exc.__context__
-    return None
 
 
 class Section(BaseModel):

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from aigc_ray.config import Config, ConfigError, Data
+from aigc_ray.config import Config, Data
+from aigc_ray.errors import ConfigError, DataError
 
 IGNORE_INDEX = -100  # label value the HF loss ignores: prompt tokens and padding
 ROWS_PER_BLOCK = 4096  # rows per Ray Data block out of a read task
@@ -29,10 +30,6 @@ SKIP_REASONS = ("invalid_json", "missing_field", "wrong_type", "empty_text", "un
                 "prompt_too_long")
 GLOB_CHARS = set("*?[")
 ROW_COLUMN = "_aigc_row"  # "path:line" of each document: keys tokenizer counts per batch
-
-
-class DataError(ValueError):
-    """A corpus problem the user can fix (a missing file, a bad row in strict mode)."""
 
 
 # ── 1. Files ────────────────────────────────────────────────────────────────────────────────
