@@ -133,6 +133,7 @@ class Completer:
                  keep: dict[str, str] | None = None):
         import torch
 
+        from aigc_ray.decode import context_length
         from aigc_ray.model import load_for_inference
 
         self.gen = Generate.model_validate(generate)
@@ -140,14 +141,12 @@ class Completer:
         torch.set_num_threads(max(1, int(self.gen.cpus_per_actor)))
         self.model, self.tokenizer = load_for_inference(
             checkpoint, self.gen.device, self.gen.dtype, "none", trust_remote_code)
-        config = self.model.config
-        self.context = getattr(config, "n_positions", None) or getattr(
-            config, "max_position_embeddings", None)
+        self.context = context_length(self.model.config, self.tokenizer)  # None: no limit
         self.stats = stats
         self.prompt_column, self.id_column, self.keep = prompt_column, id_column, keep or {}
 
     def __call__(self, batch: dict) -> dict:
-        from aigc_ray.serve_decode import GenerationRequest, decode_all
+        from aigc_ray.decode import GenerationRequest, decode_all
 
         gen = self.gen
         prompts = [str(p) for p in batch[self.prompt_column]]

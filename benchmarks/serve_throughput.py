@@ -176,10 +176,10 @@ def run_ours(checkpoint: str, texts: list[str], lengths: list[int], replicas: in
              label: str, overrides: list[str]) -> dict:
     from ray import serve
 
-    from aigc_ray.serve import deploy, serve_config
+    from aigc_ray.serve import deploy, load_serve_config
 
     port = free_port()
-    path, cfg = serve_config(checkpoint, [
+    path, cfg = load_serve_config(checkpoint, [
         f"serve.port={port}", f"serve.app_name={label}", *overrides,
         f"serve.autoscaling.min_replicas={replicas}", f"serve.autoscaling.max_replicas={replicas}",
         "serve.max_batch_size=32", "serve.max_ongoing_requests=64",

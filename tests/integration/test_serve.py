@@ -21,7 +21,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from aigc_ray.model import load_tokenizer
-from aigc_ray.serve import build_app, model_name_for, serve_config
+from aigc_ray.serve import build_app, load_serve_config, model_name_for
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -67,7 +67,7 @@ def deploy(name: str, folder, port: int, *overrides: str) -> dict:
     """Run an app under /{name}; returns its base URL (add /v1/... to it) and model id."""
     from ray import serve
 
-    path, cfg = serve_config(str(folder), [
+    path, cfg = load_serve_config(str(folder), [
         f"serve.app_name={name}", f"serve.route_prefix=/{name}", f"serve.port={port}",
         "serve.cpus_per_replica=0.5", *overrides])
     serve.run(build_app(path, cfg), name=name, route_prefix=f"/{name}")

@@ -1,9 +1,11 @@
 """Batched decoding: many requests, one forward pass per step, each row with its own settings.
 
-Pure PyTorch + transformers, no Ray: the serving replica drives `BatchDecoder.step` from its
-batch loop, and unit tests drive it directly. Rows are left-padded so every row's next token sits
-in the last column; position ids come from the attention mask so a padded row sees the same
-positions (0, 1, 2, ...) as the same prompt alone, and greedy output equals `model.generate`.
+Pure PyTorch + transformers, no Ray: the serving replica (`aigc_ray.serve.replica`) drives
+`BatchDecoder.step` from its batch loop, batch generation (`aigc_ray.generate`) runs a batch to
+the end with `decode_all`, and unit tests drive it directly. Rows are left-padded so every
+row's next token sits in the last column; position ids come from the attention mask so a padded
+row sees the same positions (0, 1, 2, ...) as the same prompt alone, and greedy output equals
+`model.generate`.
 """
 
 from __future__ import annotations
@@ -12,6 +14,18 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+
+
+def context_length(model_config, tokenizer) -> int | None:
+    """Tokens the model attends over: its position table, else the tokenizer's stated limit;
+    None when neither states one. Serving and batch generation both size prompts by this."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers that state no limit report a huge sentinel (int(1e30)), not None.
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
 @dataclass

@@ -4,8 +4,8 @@ and join a running batch."""
 import pytest
 from transformers import AutoModelForCausalLM
 
+from aigc_ray.decode import BatchDecoder, GenerationRequest, context_length, decode_all
 from aigc_ray.model import load_tokenizer
-from aigc_ray.serve_decode import BatchDecoder, GenerationRequest, decode_all
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",
            "Customer: How do I reset my password for Nimbus Drive? It keeps failing.\nAgent:"]
@@ -135,3 +135,14 @@ def test_a_sliding_window_cache_makes_newcomers_wait_and_still_decodes_right(
     assert started_with == set()  # the first row had left before the newcomer started
     assert results[0] == generate_ids(model, tokenizer, PROMPTS[1], 5)
     assert results[late_index] == generate_ids(model, tokenizer, PROMPTS[0], 4)
+
+
+def test_context_length_is_the_position_table_else_the_tokenizer_limit(model_and_tokenizer):
+    # Serving and batch generation size prompts by this one rule.
+    from types import SimpleNamespace
+
+    model, tokenizer = model_and_tokenizer
+    assert context_length(model.config, tokenizer) == model.config.n_positions
+    no_positions = SimpleNamespace()
+    assert context_length(no_positions, SimpleNamespace(model_max_length=512)) == 512
+    assert context_length(no_positions, SimpleNamespace(model_max_length=int(1e30))) is None

@@ -7,8 +7,8 @@ import pytest
 import yaml
 
 from aigc_ray.cli import main
-from aigc_ray.config import ConfigError
-from aigc_ray.serve import app_builder, model_name_for, serve_config, write_serve_config
+from aigc_ray.errors import ConfigError
+from aigc_ray.serve import app_builder, load_serve_config, model_name_for, write_serve_config
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def run_dir(tiny_model_dir, tmp_path):
 
 
 def test_checkpoint_config_is_the_base_and_overrides_win(run_dir):
-    path, cfg = serve_config(str(run_dir), ["serve.max_batch_size=12", "serve.port=8100"])
+    path, cfg = load_serve_config(str(run_dir), ["serve.max_batch_size=12", "serve.port=8100"])
     assert path == (run_dir / "final").resolve()  # a run folder means its final/
     assert cfg.serve.max_batch_size == 12 and cfg.serve.port == 8100
     assert cfg.serve.autoscaling.max_replicas == 3  # from the checkpoint's config.yaml
@@ -40,7 +40,7 @@ def test_checkpoint_config_is_the_base_and_overrides_win(run_dir):
 ])
 def test_bad_overrides_fail_with_one_line(run_dir, overrides, words):
     with pytest.raises(ConfigError) as error:
-        serve_config(str(run_dir), overrides)
+        load_serve_config(str(run_dir), overrides)
     assert words in str(error.value) and "\n" not in str(error.value)
 
 
@@ -71,7 +71,7 @@ def test_build_writes_a_serve_deploy_config_that_app_builder_reads(run_dir, tmp_
 
 
 def test_write_serve_config_round_trips_the_serve_section(run_dir, tmp_path):
-    path, cfg = serve_config(str(run_dir), ["serve.host=0.0.0.0"])
+    path, cfg = load_serve_config(str(run_dir), ["serve.host=0.0.0.0"])
     document = yaml.safe_load(write_serve_config(path, cfg, tmp_path / "s.yaml").read_text())
     assert document["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert document["applications"][0]["args"]["checkpoint"] == str(path)

@@ -24,8 +24,8 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
+from aigc_ray.decode import BatchDecoder, Chunk, GenerationRequest
 from aigc_ray.model import load_for_inference
-from aigc_ray.serve_decode import BatchDecoder, Chunk, GenerationRequest
 
 _DONE = object()  # ends a request's chunk queue
 
@@ -204,12 +204,12 @@ def _metrics():
 class Generator:
     """Holds the model; `complete` and `stream` go through the replica's one `Batcher`."""
 
-    def __init__(self, checkpoint: str, serve_config: dict, trust_remote_code: bool = False):
+    def __init__(self, checkpoint: str, serve_section: dict, trust_remote_code: bool = False):
         import torch
 
         from aigc_ray.config import Serve
 
-        cfg = Serve.model_validate(serve_config)
+        cfg = Serve.model_validate(serve_section)
         # Ray gives the replica `cpus_per_replica` logical CPUs; more torch threads than that
         # only fight the other replicas on the same node.
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))

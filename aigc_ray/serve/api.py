@@ -1,6 +1,7 @@
 """The OpenAI wire format: request bodies, their checks, response and stream-chunk shapes, errors.
 
-No Ray and no FastAPI routes here: the ingress deployment (`aigc_ray.serve`) calls these.
+No Ray and no FastAPI routes here: the ingress deployment (`aigc_ray.serve.ingress`) calls
+these.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from aigc_ray.serve_decode import GenerationRequest
+from aigc_ray.decode import GenerationRequest
 
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_CHOICES = 64  # prompts x n in one request; more belongs in batch generation
