@@ -64,6 +64,9 @@ class Data(Section):
     # Logical CPUs per read task and tokenizer actor: light work that interleaves with training,
     # so a fraction leaves whole CPUs to the trainers (with 0 spare CPUs, reads would never run).
     cpus_per_task: float = Field(0.25, gt=0)
+    # Bytes of tokenized training blocks kept in the object store so later epochs re-read them
+    # instead of tokenizing again. None: a quarter of the object store; 0: always stream.
+    cache_max_bytes: int | None = Field(None, ge=0)
 
     @property
     def supervised(self) -> bool:
@@ -117,6 +120,10 @@ class Train(Section):
     keep_checkpoints: int = Field(2, ge=1)  # best K by validation loss
     early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement
     sample_prompts: list[str] = []  # generated from at each evaluation, written to the log
+    # torch.compile the model: faster steps on a GPU once compiled (a minute or two at start).
+    compile: bool = False
+    # Batches collated and pinned ahead of the step, so the GPU never waits for the next one.
+    prefetch_batches: int = Field(4, ge=1)
 
 
 class Scaling(Section):
@@ -126,6 +133,8 @@ class Scaling(Section):
     gpus_per_worker: float = Field(1, gt=0)  # used only when use_gpu is true
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1)  # worker-group restarts; -1 retries forever
+    # bf16 dense TFLOPS of one accelerator, for `mfu`; None: looked up by the GPU's name.
+    peak_tflops: float | None = Field(None, gt=0)
 
 
 SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")

@@ -15,6 +15,7 @@ import json
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -412,15 +413,23 @@ def _stats_actor_class():
         def __init__(self):
             self.by_key: dict[str, dict] = {}
             self.details_by_key: dict[str, list] = {}
+            self.times_recorded: Counter = Counter()
 
         def record(self, key: str, counts: dict, details: list | None = None) -> None:
             self.by_key[key] = counts
+            self.times_recorded[key] += 1
             if details:
                 self.details_by_key[key] = details
 
         def details(self) -> list:
             """What the recorders listed (e.g. which rows were skipped and why), in key order."""
             return [d for key in sorted(self.details_by_key) for d in self.details_by_key[key]]
+
+        def passes(self, prefix: str) -> int:
+            """How many times the most-recorded key under `prefix` was recorded: the number of
+            passes the pipeline made over that stage (e.g. 'tokenize:train')."""
+            return max((n for key, n in self.times_recorded.items() if key.startswith(prefix)),
+                       default=0)
 
         def totals(self) -> dict:
             total: Counter = Counter()
@@ -478,6 +487,110 @@ def tokenize(documents, cfg: Config, tokenizer: dict, split: str, stats=None):
         num_cpus=cfg.data.cpus_per_task,
         batch_format="numpy",
     )
+
+
+# ── 5. Tokenize once for every epoch ────────────────────────────────────────────────────────
+
+
+@dataclass
+class TrainingSplit:
+    """The training blocks as the trainer gets them: cached in the object store or streamed."""
+
+    dataset: object  # a MaterializedDataset when cached, else the lazy pipeline
+    rows: int | None  # blocks in the split, when a full pass counted them
+    cached_bytes: int | None  # None when streaming
+    note: str  # one line for the console: what was decided and why
+
+
+def corpus_bytes(files: list[str]) -> int | None:
+    """Bytes of the corpus files, or None when a size cannot be read cheaply (object stores)."""
+    import os
+
+    try:
+        return sum(os.path.getsize(path) for path in files)
+    except OSError:
+        return None
+
+
+def epochs_likely(cfg: Config, files: list[str], world_size: int) -> bool:
+    """Whether a `train.max_steps` run will probably read the corpus more than once, judged
+    from file sizes (about 4 bytes of text per token) before anything is tokenized."""
+    size = corpus_bytes(files)
+    if size is None or not cfg.train.max_steps:
+        return False
+    tokens_needed = (cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum_steps
+                     * world_size * cfg.data.block_size)
+    return size / 4 < tokens_needed
+
+
+def tokenize_once(dataset, max_bytes: int, count: bool) -> TrainingSplit:
+    """Run the pipeline once, keeping its blocks in the object store while they fit
+    `max_bytes`; later epochs then re-read them instead of tokenizing again (Ray Data's
+    multi-epoch pattern). Past the budget the blocks are let go and the split streams each
+    epoch; with `count` the pass still runs to the end to count the blocks.
+    """
+    import ray
+
+    refs: list | None = []
+    rows = size = 0
+    for bundle in dataset.iter_internal_ref_bundles():
+        rows += bundle.num_rows()
+        size += bundle.size_bytes()
+        if refs is not None and size <= max_bytes:
+            refs.extend(bundle.block_refs)
+        elif refs is not None:
+            refs = None  # over budget: let the blocks go
+            if not count:
+                break
+    if refs is None:
+        return TrainingSplit(dataset, rows if count else None, None, (
+            f"the tokenized training split passed data.cache_max_bytes ({_mb(max_bytes)}) at "
+            f"{_mb(size)}; streaming it each epoch instead (raise data.cache_max_bytes to "
+            "tokenize once)"))
+    if not refs:
+        return TrainingSplit(dataset, 0, None, "the training split is empty")
+    return TrainingSplit(ray.data.from_arrow_refs(refs), rows, size, (
+        f"{rows:,} training blocks ({_mb(size)}) tokenized once and kept in the object store "
+        "for every epoch"))
+
+
+CACHE_SHARE = 0.25  # of the object store, for data.cache_max_bytes None: room left for the rest
+
+
+def cache_budget(cfg: Config, object_store_bytes: float) -> tuple[int, str | None]:
+    """(bytes of tokenized training blocks to keep, a warning when the asked budget cannot be
+    met by this cluster's object store)."""
+    asked = cfg.data.cache_max_bytes
+    if asked is None:
+        return int(object_store_bytes * CACHE_SHARE), None
+    if asked > 0.8 * object_store_bytes:
+        return 0, (f"data.cache_max_bytes {_mb(asked)} is more than the object store can hold "
+                   f"({_mb(object_store_bytes)}); streaming instead (lower data.cache_max_bytes, "
+                   "or give Ray more --object-store-memory)")
+    return asked, None
+
+
+def training_split(cfg: Config, dataset, files: list[str], object_store_bytes: float,
+                   world_size: int) -> TrainingSplit:
+    """Cache the training blocks when the run will read them more than once and they fit the
+    budget; otherwise stream. A run bound by epochs counts its blocks in the same pass."""
+    budget, warning = cache_budget(cfg, object_store_bytes)
+    count = not cfg.train.max_steps
+    if budget and (count or epochs_likely(cfg, files, world_size)):
+        split = tokenize_once(dataset, budget, count)
+    elif count:  # a counting pass only
+        split = tokenize_once(dataset, 0, count)
+        split.note = "streaming the training split each epoch (data.cache_max_bytes is 0)"
+    else:
+        split = TrainingSplit(dataset, None, None, "streaming the training split "
+                              "(train.max_steps likely ends the run within one epoch)")
+    if warning:
+        split.note = warning
+    return split
+
+
+def _mb(size: float) -> str:
+    return f"{size / 2**20:,.1f} MiB"
 
 
 def corpus_sample(cfg: Config, limit: int) -> Iterator[str]:

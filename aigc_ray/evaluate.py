@@ -55,7 +55,7 @@ class LossSum:
         import numpy as np
         import torch
 
-        from aigc_ray.train import token_loss_sum, trim_padding
+        from aigc_ray.loss import token_loss_sum, trim_padding
 
         tensors = trim_padding({k: torch.from_numpy(np.array(v)).to(self.device)
                                 for k, v in batch.items()})

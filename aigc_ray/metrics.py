@@ -12,7 +12,8 @@ import json
 import threading
 from pathlib import Path
 
-METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "val_loss", "val_perplexity")
+METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "data_wait", "mfu", "val_loss",
+               "val_perplexity")
 METRICS_FILE = "metrics.jsonl"
 SAMPLES_FILE = "samples.jsonl"
 WORKERS_DIR = "workers"
@@ -60,6 +61,10 @@ def progress_line(row: dict, total_steps: int | None = None) -> str:
     of = f"/{total_steps}" if total_steps else ""
     parts = [f"step {row['step']}{of}", f"epoch {row['epoch']}", f"loss {row['loss']:.4f}",
              f"lr {row['lr']:.2e}", f"{row['tokens_per_second']:,.0f} tokens/s"]
+    if row.get("mfu") is not None:
+        parts.append(f"mfu {100 * row['mfu']:.1f}%")
+    if row.get("data_wait") is not None:  # the share of the interval spent waiting for data
+        parts.append(f"data_wait {100 * row['data_wait']:.0f}%")
     if row.get("val_loss") is not None:
         parts += [f"val_loss {row['val_loss']:.4f}", f"val_perplexity {row['val_perplexity']:.2f}"]
     return "[aigc-ray] " + " | ".join(parts)

@@ -9,6 +9,7 @@ batch, however many completion tokens each sequence holds.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aigc_ray.config import Config
+from aigc_ray.errors import ConfigError, DataError, UserError
 from aigc_ray.metrics import (
     METRIC_KEYS,
     METRICS_FILE,
@@ -33,6 +35,7 @@ from aigc_ray.metrics import (
 
 TRAINING_STATE = "training_state.pt"
 CONFIG_FILE = "config.yaml"
+DATA_FILE = "data.json"
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +77,7 @@ def freeze_bottom(model, num_layers: int) -> None:
     """Freeze the embeddings and the bottom `num_layers` blocks (tied heads freeze with them)."""
     blocks = transformer_blocks(model)
     if num_layers > len(blocks):
-        raise ValueError(f"train.freeze_layers is {num_layers} but the model has "
+        raise UserError(f"train.freeze_layers is {num_layers} but the model has "
                          f"{len(blocks)} blocks")
     frozen = [model.get_input_embeddings(), *list(blocks)[:num_layers]]
     position = getattr(getattr(model, "transformer", None), "wpe", None)  # GPT-2 style
@@ -90,7 +93,7 @@ def add_lora(model, cfg: Config, adapter_dir: str | None = None):
     try:
         from peft import LoraConfig, PeftModel, get_peft_model
     except ImportError:
-        raise ValueError("train.lora.enabled needs peft: pip install 'aigc-ray[lora]'") from None
+        raise UserError("train.lora.enabled needs peft: pip install 'aigc-ray[lora]'") from None
     if adapter_dir:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True)
     lora = cfg.train.lora
@@ -98,24 +101,6 @@ def add_lora(model, cfg: Config, adapter_dir: str | None = None):
                                             lora_dropout=lora.dropout,
                                             target_modules=lora.target_modules,
                                             task_type="CAUSAL_LM"))
-
-
-def token_loss_sum(model, batch: dict):
-    """(sum of next-token cross-entropy over target tokens, number of target tokens)."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    targets = batch["labels"][:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                           targets.reshape(-1), ignore_index=-100, reduction="sum")
-    return loss, (targets != -100).sum()
-
-
-def trim_padding(batch: dict) -> dict:
-    """Cut the columns past the longest real sequence: padding costs compute, not accuracy."""
-    length = int(batch["attention_mask"].sum(dim=1).max())
-    length = max(length, 2)
-    return {key: value[:, :length].long() for key, value in batch.items()}
 
 
 def all_reduce_sum(*values, device=None) -> list[float]:
@@ -164,6 +149,143 @@ def generate_samples(model, tokenizer, prompts: list[str], device, max_new_token
     return replies
 
 
+# ── feeding the GPU ─────────────────────────────────────────────────────────────────────────
+
+# bf16 dense TFLOPS of one accelerator by (a part of) its CUDA name; the first match wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+               ("A10", 125.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The bf16 dense peak of a GPU named like `torch.cuda.get_device_name()`, if known."""
+    for part, tflops in PEAK_TFLOPS:
+        if part in device_name:
+            return tflops
+    return None
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention's
+    12 · layers · width · context (the PaLM estimate). Embedding lookups cost no matmul; a tied
+    output head does, so it counts once."""
+    import torch
+
+    config = unwrap(model).config
+    total = sum(p.numel() for p in model.parameters())
+    lookups = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    head = unwrap(model).get_output_embeddings()
+    matmul_params = total - lookups + (head.weight.numel() if head is not None else 0)
+    layers = getattr(config, "num_hidden_layers", 0)
+    width = getattr(config, "hidden_size", 0)
+    return 6 * matmul_params + 12 * layers * width * seq_len
+
+
+def batch_collator(pin: bool):
+    """A Ray Data collate function that does a batch's CPU work in Ray's prefetch threads, off
+    the training step: trim the padding, make long tensors, count tokens and targets (so the
+    step never reads a device tensor), and pin the memory for a non-blocking copy to the GPU."""
+    import numpy as np
+    import torch
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    from aigc_ray.data import IGNORE_INDEX
+    from aigc_ray.loss import trimmed_length
+
+    class Collate(NumpyBatchCollateFn):
+        def __call__(self, batch: dict) -> dict:
+            mask, labels = batch["attention_mask"], batch["labels"]
+            lengths = mask.sum(axis=1)
+            length = trimmed_length(lengths, mask.shape[1])
+            counts = [int(lengths.sum()), int((labels[:, 1:length] != IGNORE_INDEX).sum())]
+            out = {"input_ids": torch.from_numpy(np.ascontiguousarray(
+                       batch["input_ids"][:, :length], dtype=np.int64)),
+                   "labels": torch.from_numpy(np.ascontiguousarray(labels[:, :length],
+                                                                   dtype=np.int64)),
+                   "counts": torch.tensor(counts, dtype=torch.int64)}  # tokens, targets
+            return {key: value.pin_memory() for key, value in out.items()} if pin else out
+
+    return Collate()
+
+
+def feed(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool = False):
+    """Batches of a dataset shard on `device`, each with `tokens` and `targets` as host ints.
+    The copy is issued non-blocking from pinned memory, so it overlaps the running step."""
+    pin = device.type == "cuda"
+    for batch in shard.iter_torch_batches(batch_size=batch_size, device="cpu",
+                                          collate_fn=batch_collator(pin), drop_last=drop_last,
+                                          prefetch_batches=prefetch_batches):
+        tokens, targets = batch["counts"].tolist()  # a pinned host tensor: no device sync
+        yield {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+               "labels": batch["labels"].to(device, non_blocking=True),
+               "counts": batch["counts"].to(device, non_blocking=True),
+               "tokens": tokens, "targets": targets}
+
+
+class WaitClock:
+    """Seconds the loop spent waiting for its next batch, as a share of the interval."""
+
+    def __init__(self):
+        self.waited, self.started = 0.0, time.perf_counter()
+
+    def next(self, batches):
+        start = time.perf_counter()
+        try:
+            return next(batches, None)  # None: the epoch ended
+        finally:
+            self.waited += time.perf_counter() - start
+
+    def share(self) -> tuple[float, float]:
+        """(data_wait share, seconds) of the interval since the last call; starts a new one."""
+        now = time.perf_counter()
+        seconds = now - self.started
+        share = self.waited / seconds if seconds > 0 else 0.0
+        self.waited, self.started = 0.0, now
+        return share, seconds
+
+    def pause(self) -> None:
+        """Restart the interval (evaluation and checkpoints are not training time)."""
+        self.waited, self.started = 0.0, time.perf_counter()
+
+
+def compiled(model, device) -> tuple[object, str | None]:
+    """(`torch.compile`d model, None), or (the model, a warning) where this platform cannot
+    compile: tried on a one-line function first, so a missing compiler fails in seconds."""
+    import torch
+
+    try:
+        probe = torch.compile(lambda x: x * 2 + 1)
+        probe(torch.ones(4, device=device))
+    except Exception as exc:  # no C++ compiler, no triton, an unsupported Python
+        return model, (f"[aigc-ray] warning: train.compile is true but torch.compile fails "
+                       f"here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
+                       "training without it")
+    return torch.compile(model), None
+
+
+@dataclass
+class LoopState:
+    """Where the loop is: saved in every checkpoint, restored on resume."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0  # of this worker's shard, consumed by finished steps
+    best_val_loss: float = math.inf
+    evals_without_gain: int = 0
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, state[field.name])
+
+    def note_eval(self, val_loss: float) -> None:
+        improved = val_loss < self.best_val_loss
+        self.best_val_loss = min(self.best_val_loss, val_loss)
+        self.evals_without_gain = 0 if improved else self.evals_without_gain + 1
+
+
 # ── the worker loop ─────────────────────────────────────────────────────────────────────────
 
 
@@ -177,6 +299,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
+    from aigc_ray.loss import token_loss_sum
     from aigc_ray.model import load_model, load_tokenizer
 
     # 1. Set up: config, device, model (from the latest checkpoint when resuming), optimizer.
@@ -191,11 +314,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg.train.mixed_precision == "auto" and device.type == "cuda")
 
     checkpoint = ray.train.get_checkpoint()
-    state, restore_dir = None, None
+    saved, restore_dir = None, None
     if checkpoint:
         restore_dir = tempfile.mkdtemp(prefix="aigc-ray-restore-")
         checkpoint.to_directory(restore_dir)
-        state = torch.load(Path(restore_dir) / TRAINING_STATE, weights_only=True)
+        saved = torch.load(Path(restore_dir) / TRAINING_STATE, weights_only=True)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     lora = cfg.train.lora.enabled
     # LoRA resumes from the base model plus the saved adapters; full fine-tuning from the
@@ -209,36 +332,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = ray.train.torch.prepare_model(model)
+    model.to(device)  # `model` stays the plain module: evaluation, samples and export use it
+    step_model = model
+    if cfg.train.compile:
+        step_model, warning = compiled(model, device)
+        if warning and rank == 0:
+            print(warning, flush=True)
+    step_model = ray.train.torch.prepare_model(step_model)  # DDP when world_size > 1
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
                                   betas=(0.9, 0.95), fused=device.type == "cuda")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, total_steps, cfg.train.warmup_steps, cfg.train.lr_schedule, cfg.train.min_lr_ratio))
 
-    step, epoch, batches_done, best_val, evals_without_gain = 0, 0, 0, math.inf, 0
-    if state:
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, epoch, batches_done = state["step"], state["epoch"], state["batches_in_epoch"]
-        best_val, evals_without_gain = state["best_val_loss"], state["evals_without_gain"]
-        torch.set_rng_state(state["rng"])
+    state = LoopState()
+    if saved:
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        state.load_state_dict(saved.get("loop", saved))  # runs saved before LoopState: flat keys
+        torch.set_rng_state(saved["rng"])
         shutil.rmtree(restore_dir, ignore_errors=True)
     if rank == 0:  # keep what the checkpoint had seen; a fresh start keeps nothing
         for name in (METRICS_FILE, SAMPLES_FILE):
-            truncate_after(run_dir / name, step if state else -1)
-    note_start(run_dir, rank, world_size, device, step, total_steps,
+            truncate_after(run_dir / name, state.step if saved else -1)
+    note_start(run_dir, rank, world_size, device, state.step, total_steps,
                global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size)
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    def batches_of(shard, **options):
-        # Trim on the CPU, then move: the trim reads the mask, which on a GPU would be a sync.
-        for batch in shard.iter_torch_batches(batch_size=cfg.train.batch_size, device="cpu",
-                                              **options):
-            yield {key: value.to(device, non_blocking=True)
-                   for key, value in trim_padding(batch).items()}
+    peak = cfg.scaling.peak_tflops or (
+        peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    flops = flops_per_token(model, cfg.data.block_size)
 
     def evaluate() -> dict | None:
         if val_shard is None:
@@ -247,7 +371,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         tokens = torch.zeros((), dtype=torch.float64, device=device)
         with torch.no_grad(), autocast:
-            for index, batch in enumerate(batches_of(val_shard)):
+            for index, batch in enumerate(feed(val_shard, cfg.train.batch_size, device, 1)):
                 if cfg.train.eval_batches and index >= cfg.train.eval_batches:
                     break
                 batch_loss, batch_tokens = token_loss_sum(model, batch)
@@ -264,11 +388,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         with tempfile.TemporaryDirectory(prefix="aigc-ray-ckpt-") as folder:
             export_model(model, tokenizer, Path(folder))
             if lora:
-                unwrap(model).save_pretrained(Path(folder) / "adapter")
+                model.save_pretrained(Path(folder) / "adapter")
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "step": step, "epoch": epoch, "batches_in_epoch": batches_done,
-                        "best_val_loss": best_val, "evals_without_gain": evals_without_gain,
-                        "rng": torch.get_rng_state()}, Path(folder) / TRAINING_STATE)
+                        "loop": state.state_dict(), "rng": torch.get_rng_state()},
+                       Path(folder) / TRAINING_STATE)
             shutil.copy(run_dir / CONFIG_FILE, Path(folder) / CONFIG_FILE)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
@@ -277,74 +400,91 @@ def train_loop_per_worker(loop_config: dict) -> None:
             append_jsonl(run_dir / METRICS_FILE, {key: row.get(key) for key in METRIC_KEYS})
 
     # 2. The perplexity before training, so the end of the run can say how much it gained.
-    if step == 0:
+    if state.step == 0:
         before = evaluate()
         if before:
             write_metrics({"step": 0, "epoch": 0, "lr": 0.0, **before})
 
     # 3. The loop: accumulate micro-batches, normalize by the global target-token count, step.
+    #    Nothing in a step reads a device tensor: counts come from the host side of the batch,
+    #    the loss sum stays on the device until a logging interval ends.
     model.train()
-    # Interval sums stay on the device: reading them every micro-step would sync a GPU.
-    interval = torch.zeros(3, dtype=torch.float64, device=device)  # loss, targets, tokens seen
-    interval_start = time.perf_counter()
-    finished = step >= total_steps
+    interval_loss = torch.zeros((), dtype=torch.float64, device=device)
+    interval_targets = interval_tokens = 0
+    clock = WaitClock()
+    finished = state.step >= total_steps
     while not finished:
-        micro: list[dict] = []
-        for index, batch in enumerate(batches_of(train_shard, drop_last=True)):
-            if index < batches_done:  # resuming mid-epoch: skip what the checkpoint saw
-                continue
-            micro.append(batch)
+        batches = feed(train_shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
+                       drop_last=True)
+        for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was consumed
+            next(batches, None)
+        while not finished:
+            micro = []
+            for _ in range(cfg.train.grad_accum_steps):
+                batch = clock.next(batches)
+                if batch is None:
+                    break
+                micro.append(batch)
             if len(micro) < cfg.train.grad_accum_steps:
-                continue
-            targets = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
-            (global_targets,) = all_reduce_sum(targets, device=device)
+                break  # the epoch ended
+            # The mean over every target token of the global batch: a device-side sum
+            # (all-reduced when there are several workers), never read back on the host.
+            global_targets = torch.stack([b["counts"][1] for b in micro]).sum()
+            if world_size > 1:
+                torch.distributed.all_reduce(global_targets)
+            scale = world_size / global_targets.clamp(min=1)  # DDP averages over workers
             for position, micro_batch in enumerate(micro):
-                sync = position == len(micro) - 1
-                with (model.no_sync() if not sync and world_size > 1 else contextlib.nullcontext()):
+                last = position == len(micro) - 1
+                with (step_model.no_sync() if not last and world_size > 1
+                      else contextlib.nullcontext()):
                     with autocast:
-                        loss_sum, _ = token_loss_sum(model, micro_batch)
-                    # DDP averages gradients over workers; scale so the result is the mean over
-                    # every target token of the global batch.
-                    (loss_sum * world_size / max(global_targets, 1)).backward()
-                interval[0] += loss_sum.detach()
-                interval[2] += micro_batch["attention_mask"].sum()
-            interval[1] += targets
+                        loss_sum, _ = token_loss_sum(step_model, micro_batch)
+                    (loss_sum * scale).backward()
+                interval_loss += loss_sum.detach()
+                interval_targets += micro_batch["targets"]
+                interval_tokens += micro_batch["tokens"]
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            micro, step, batches_done = [], step + 1, index + 1
+            state.step += 1
+            state.batches_in_epoch += len(micro)
 
-            evaluating = step % cfg.train.eval_every == 0 or step == total_steps
-            if evaluating or step % cfg.train.log_every == 0:
-                loss_all, targets_all, seen_all = all_reduce_sum(*interval, device=device)
-                row = {"step": step, "epoch": epoch, "loss": loss_all / max(targets_all, 1),
-                       "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_second": seen_all / (time.perf_counter() - interval_start)}
-                interval.zero_()
+            evaluating = state.step % cfg.train.eval_every == 0 or state.step == total_steps
+            if evaluating or state.step % cfg.train.log_every == 0:
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)  # the interval ends when its steps have run
+                share, seconds = clock.share()
+                loss_all, targets_all, seen_all, waited = all_reduce_sum(
+                    interval_loss, interval_targets, interval_tokens, share,
+                    device=device)
+                data_wait, rate = waited / world_size, seen_all / max(seconds, 1e-9)
+                row = {"step": state.step, "epoch": state.epoch,
+                       "loss": loss_all / max(targets_all, 1), "lr": scheduler.get_last_lr()[0],
+                       "tokens_per_second": rate, "data_wait": data_wait,
+                       "mfu": flops * rate / (peak * 1e12 * world_size) if peak else None}
+                interval_loss.zero_()
+                interval_targets = interval_tokens = 0
                 if evaluating:
                     row.update(evaluate() or {})
                     if "val_loss" in row:
-                        improved = row["val_loss"] < best_val
-                        best_val = min(best_val, row["val_loss"])
-                        evals_without_gain = 0 if improved else evals_without_gain + 1
+                        state.note_eval(row["val_loss"])
                     if rank == 0 and cfg.train.sample_prompts:
                         replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
                                                    device)
                         for prompt, reply in zip(cfg.train.sample_prompts, replies):
                             append_jsonl(run_dir / SAMPLES_FILE,
-                                         {"step": step, "prompt": prompt, "reply": reply})
+                                         {"step": state.step, "prompt": prompt, "reply": reply})
                 write_metrics(row)
                 if evaluating:
                     save_and_report(row)
-                interval_start = time.perf_counter()  # evaluation time is not training time
+                clock.pause()  # evaluation time is not training time
             patience = cfg.train.early_stopping_patience
-            finished = step >= total_steps or bool(patience and evals_without_gain >= patience)
-            if finished:
-                break
+            finished = state.step >= total_steps or bool(
+                patience and state.evals_without_gain >= patience)
         if not finished:
-            epoch, batches_done = epoch + 1, 0
-            finished = loop_config["epochs_bound"] and epoch >= cfg.train.epochs
+            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+            finished = loop_config["epochs_bound"] and state.epoch >= cfg.train.epochs
 
 
 def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: int,
@@ -393,17 +533,17 @@ class TrainSummary:
                 f"final model in {self.final_dir}")
 
 
-def count_steps(cfg: Config, train_dataset, world_size: int) -> tuple[int, bool]:
-    """(total optimizer steps, whether epochs bound the run). Epochs need one counting pass."""
+def count_steps(cfg: Config, blocks: int | None, world_size: int) -> tuple[int, bool]:
+    """(total optimizer steps, whether epochs bound the run); `blocks` in the training split
+    (counted when epochs bound the run)."""
     if cfg.train.max_steps:
         return cfg.train.max_steps, False
-    blocks = train_dataset.count()
     per_worker_batches = blocks // world_size // cfg.train.batch_size
     steps_per_epoch = per_worker_batches // cfg.train.grad_accum_steps
     if steps_per_epoch < 1:
-        raise ValueError(f"the training split has {blocks} blocks: too few for one step of "
-                         f"{world_size} worker(s) × train.batch_size {cfg.train.batch_size}; "
-                         "lower train.batch_size or add data")
+        raise DataError(f"the training split has {blocks} blocks: too few for one step of "
+                        f"{world_size} worker(s) × train.batch_size {cfg.train.batch_size}; "
+                        "lower train.batch_size or add data")
     return steps_per_epoch * cfg.train.epochs, True
 
 
@@ -468,7 +608,7 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
 
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import to_yaml
-    from aigc_ray.data import build_datasets, check_config
+    from aigc_ray.data import build_datasets, check_config, create_stats, training_split
     from aigc_ray.model import resolve_model_path
 
     files = check_config(cfg)  # files exist: fail before Ray starts
@@ -482,11 +622,18 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
     model_path = resolve_model_path(cfg)
-    datasets = build_datasets(cfg, model_path, files=files)
+    check_model_settings(cfg, model_path)
+    stats = create_stats()
+    datasets = build_datasets(cfg, model_path, stats=stats, files=files)
     if "val" in datasets:
         # Read at every evaluation: keep the small validation split in the object store once.
         datasets["val"] = datasets["val"].materialize()
-    total_steps, epochs_bound = count_steps(cfg, datasets["train"], cfg.scaling.num_workers)
+    train_split = training_split(cfg, datasets["train"], files,
+                                 ray.cluster_resources().get("object_store_memory", 0),
+                                 cfg.scaling.num_workers)
+    print(f"[aigc-ray] data: {train_split.note}", flush=True)
+    datasets["train"] = train_split.dataset
+    total_steps, epochs_bound = count_steps(cfg, train_split.rows, cfg.scaling.num_workers)
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -516,6 +663,7 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
     if result.error:
         raise result.error
 
+    write_data_record(run_dir / DATA_FILE, train_split, stats)
     final_dir = run_dir / "final"
     export_checkpoint(_best_checkpoint(result, "val" in datasets).path, final_dir)
 
@@ -537,6 +685,33 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
         val_perplexity_after=min(after, default=None),
         samples=_last_samples(run_dir / SAMPLES_FILE), evaluation=evaluation,
     )
+
+
+def check_model_settings(cfg: Config, model_path: str) -> None:
+    """Settings that need the model's config (not its weights): checked before any worker."""
+    from transformers import AutoConfig
+
+    depth = getattr(AutoConfig.from_pretrained(
+        model_path, trust_remote_code=cfg.model.trust_remote_code), "num_hidden_layers", None)
+    if depth is not None and cfg.train.freeze_layers > depth:
+        raise ConfigError(f"train.freeze_layers is {cfg.train.freeze_layers} but the model has "
+                          f"{depth} blocks; set it to at most {depth}")
+
+
+def write_data_record(path: Path, split, stats) -> None:
+    """`data.json`: how the training split was fed (cached or streamed), how many passes the
+    tokenizers made over each split, and the pipeline's counts (documents, skipped rows)."""
+    import json
+
+    import ray
+
+    record = {"training_split": "cached" if split.cached_bytes is not None else "streamed",
+              "cached_bytes": split.cached_bytes, "train_blocks": split.rows,
+              "tokenize_passes": {name: ray.get(stats.passes.remote(f"tokenize:{name}:"))
+                                  for name in ("train", "val")},
+              "counts": ray.get(stats.totals.remote())}
+    ray.kill(stats)
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def _best_checkpoint(result, has_val: bool):
