@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from aigc_ray.errors import ConfigError
+
 
 def start_ray(num_cpus: int | None = None, ray_logs: bool = False) -> None:
     """`ray.init` once. Honours RAY_ADDRESS like Ray itself; a local cluster keeps Ray's token
@@ -24,9 +26,16 @@ def start_ray(num_cpus: int | None = None, ray_logs: bool = False) -> None:
     # driver runtime_env that sets the same variable again.
     env_vars = {name: value for name, value in {"TOKENIZERS_PARALLELISM": "false"}.items()
                 if name not in os.environ}
-    ray.init(address=address, num_cpus=None if address else num_cpus,
-             logging_level=logging.WARNING, configure_logging=True, log_to_driver=ray_logs,
-             runtime_env={"env_vars": env_vars} if env_vars else None)
+    try:
+        ray.init(address=address, num_cpus=None if address else num_cpus,
+                 logging_level=logging.WARNING, configure_logging=True, log_to_driver=ray_logs,
+                 runtime_env={"env_vars": env_vars} if env_vars else None)
+    except ConnectionError as exc:
+        if not address:
+            raise  # starting a local cluster failed: not something the command line can fix
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"cannot reach the Ray cluster at RAY_ADDRESS={address}: {first[:200]}; "
+                          "start it, or unset RAY_ADDRESS to run on a local Ray") from None
     from ray.data import DataContext
     from transformers.utils import logging as hf_logging
 

@@ -14,13 +14,15 @@ A job spec names what `ray job submit` takes, in a file that lives with the proj
     entrypoint_num_gpus: 0
     entrypoint_resources: {}
 
-Before anything reaches the cluster the spec is validated, an `aigc-ray ...` entrypoint is
-parsed by our own CLI parser, and a train/tune entrypoint's config (with its overrides) is
-loaded, so a typo fails here with one line instead of minutes later on the cluster.
+Before anything reaches the cluster the spec is validated, each `aigc-ray ...` command in the
+entrypoint is parsed by the CLI's own parser (the CLI hands it in: jobs sits below the CLI and
+never imports it), and a train/tune entrypoint's config (with its overrides) is loaded, so a typo
+fails here with one line instead of minutes later on the cluster.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import difflib
@@ -36,13 +38,15 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aigc_ray.config import ConfigError
+from aigc_ray.config import _describe, load_config, shipped_configs
+from aigc_ray.errors import ConfigError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 # Where Ray's job client looks for the address when it is given none, first match wins.
 ADDRESS_ENV = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 TOKEN_HELP = ("put the cluster's token in ~/.ray/auth_token or RAY_AUTH_TOKEN (Ray's token "
               "authentication)")
+JOB_ACTIONS = ("list", "status", "logs", "stop", "delete")  # `aigc-ray jobs ACTION`
 
 
 class RuntimeEnv(BaseModel):
@@ -70,8 +74,20 @@ class JobSpec(BaseModel):
     metadata: dict[str, str] = {}
 
 
-def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
-    """Read and check a job spec; `overrides` (key=value) are appended to the entrypoint."""
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [key=value ...]` (the arguments of train, tune, config, data) → (config or None,
+    overrides); only the first argument may name a config."""
+    name, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"{bad[0]!r} is not key=value; only the first argument may name a config")
+    return name, overrides
+
+
+def load_job_spec(path: str, overrides: list[str] | None = None, *,
+                  parser: argparse.ArgumentParser) -> JobSpec:
+    """Read and check a job spec; `overrides` (key=value) are appended to the entrypoint, and its
+    aigc-ray commands must parse with `parser` (the CLI's, `aigc_ray.cli.build_parser()`)."""
     spec_path = Path(path).expanduser()
     if not spec_path.is_file():
         raise ConfigError(f"job spec {path} does not exist (see jobs/ for examples)")
@@ -89,22 +105,21 @@ def load_job_spec(path: str, overrides: list[str] | None = None) -> JobSpec:
         raise ConfigError(f"{path}: {_spec_error(errors[0])}") from None
     if overrides:
         spec.entrypoint = f"{spec.entrypoint} {shlex.join(overrides)}"
-    check_entrypoint(spec, path)
+    check_entrypoint(spec, path, parser)
     return spec
 
 
 def _spec_error(error: dict) -> str:
+    """config's one-line description of a validation error; an unknown key is named against the
+    job spec's keys (config's own list is the training config's)."""
     loc = [str(part) for part in error["loc"]]
-    key = ".".join(loc)
-    if error["type"] == "extra_forbidden":
-        model = RuntimeEnv if loc[0] == "runtime_env" and len(loc) > 1 else JobSpec
-        known = list(model.model_fields)
-        close = difflib.get_close_matches(loc[-1], known, n=1)
-        hint = f"; did you mean {close[0]}?" if close else ""
-        return f"{key} is not a job spec key (known here: {', '.join(known)}){hint}"
-    if error["type"] == "missing":
-        return f"{key} is required"
-    return f"{key}: {error['msg'][0].lower()}{error['msg'][1:]}, got {error.get('input')!r}"
+    if error["type"] != "extra_forbidden":
+        return _describe(error)
+    model = RuntimeEnv if loc[0] == "runtime_env" and len(loc) > 1 else JobSpec
+    known = list(model.model_fields)
+    close = difflib.get_close_matches(loc[-1], known, n=1)
+    hint = f"; did you mean {close[0]}?" if close else ""
+    return f"{'.'.join(loc)} is not a job spec key (known here: {', '.join(known)}){hint}"
 
 
 def aigc_commands(entrypoint: str) -> list[list[str]]:
@@ -122,13 +137,15 @@ def aigc_commands(entrypoint: str) -> list[list[str]]:
     return commands
 
 
-def check_entrypoint(spec: JobSpec, path: str) -> None:
-    """Parse each aigc-ray command with our CLI; load train/tune configs with their overrides."""
-    from aigc_ray.cli import build_parser
-
-    parser = build_parser()
-    working_dir = (Path(spec.runtime_env.working_dir).expanduser().resolve()
-                   if spec.runtime_env.working_dir else None)
+def check_entrypoint(spec: JobSpec, path: str, parser: argparse.ArgumentParser) -> None:
+    """Parse each aigc-ray command with the CLI's `parser`; load train/tune configs with their
+    overrides; a local working_dir and the spec's config must exist."""
+    working_dir = None
+    if spec.runtime_env.working_dir:
+        working_dir = Path(spec.runtime_env.working_dir).expanduser().resolve()
+        if not working_dir.exists():
+            raise ConfigError(f"{path}: runtime_env.working_dir {spec.runtime_env.working_dir} "
+                              "does not exist (relative paths are from where you submit)")
     if spec.config:
         config = Path(spec.config).expanduser().resolve()
         if not config.is_file():
@@ -146,7 +163,7 @@ def check_entrypoint(spec: JobSpec, path: str) -> None:
                               f"the job sees it as {relative} (e.g. aigc-ray train {relative})")
     for args in aigc_commands(spec.entrypoint):
         try:
-            # argparse would print its usage text too; the error below is the one line.
+            # The parser prints its own error too; the error below is the one line.
             with contextlib.redirect_stderr(io.StringIO()):
                 ns, extra = parser.parse_known_args(args)
         except SystemExit:
@@ -162,10 +179,10 @@ def check_entrypoint(spec: JobSpec, path: str) -> None:
 def _check_config_args(args: list[str], working_dir: Path | None, path: str) -> None:
     """Load a train/tune command's config with its overrides, as the job will. A config file
     must travel with the job: relative to working_dir, which is uploaded."""
-    from aigc_ray.cli import split_config_args
-    from aigc_ray.config import load_config, shipped_configs
-
-    name, overrides = split_config_args(args)
+    try:
+        name, overrides = split_config_args(args)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: entrypoint config: {exc}") from None
     if name and name not in shipped_configs():
         file = Path(name).expanduser()
         if working_dir is None:
@@ -311,3 +328,37 @@ def status_line(info) -> str:
     if status == "FAILED" and info.message:
         line += f"  ({info.message.strip().splitlines()[-1][:200]})"
     return line
+
+
+def job_command(action: str, job_id: str | None, address: str | None, follow_logs: bool) -> int:
+    """`aigc-ray jobs ACTION [JOB_ID]`: print what the action shows; the exit code (status: 1
+    when the job FAILED or was STOPPED; logs --follow: 1 unless it SUCCEEDED)."""
+    if action not in JOB_ACTIONS:
+        raise ConfigError(f"aigc-ray jobs {action}: the actions are {', '.join(JOB_ACTIONS)}")
+    if action != "list" and job_id is None:
+        raise ConfigError(f"aigc-ray jobs {action} needs a JOB_ID (see aigc-ray jobs list)")
+    jobs = client(address)
+    with job_api(f"aigc-ray jobs {action}"):
+        if action == "list":
+            for info in sorted(jobs.list_jobs(), key=lambda i: i.start_time or 0):
+                print(status_line(info))
+            return 0
+        if action == "status":
+            info = jobs.get_job_info(job_id)
+            print(status_line(info))
+            return 0 if str(info.status).endswith(("SUCCEEDED", "RUNNING", "PENDING")) else 1
+        if action == "stop":
+            stopped = jobs.stop_job(job_id)
+            print(f"job {job_id}: {'stop requested' if stopped else 'already ended'}")
+            return 0
+        if action == "delete":  # Ray refuses a job that has not ended: one line, exit 2
+            if not jobs.delete_job(job_id):
+                raise ConfigError(f"aigc-ray jobs delete: the cluster did not delete {job_id}")
+            print(f"job {job_id}: deleted (its record and logs are gone from the cluster)")
+            return 0
+        if follow_logs:
+            status = follow(jobs, job_id)
+            print(f"job {job_id} {status}", file=sys.stderr)
+            return 0 if status == "SUCCEEDED" else 1
+        print(jobs.get_job_logs(job_id), end="")
+        return 0

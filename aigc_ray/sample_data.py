@@ -10,6 +10,8 @@ import json
 import random
 from pathlib import Path
 
+from aigc_ray.errors import ConfigError
+
 PRODUCTS = {
     "Nimbus Drive": "the Nimbus app",
     "Acme Router X2": "the Acme Home app",
@@ -95,14 +97,20 @@ def make_pairs(num_pairs: int, seed: int = 0) -> list[dict]:
 
 def write_sample_corpus(out_dir: str | Path, num_pairs: int = 4000, seed: int = 0) -> dict:
     """Write `support.jsonl` (prompt/completion pairs) and `support.txt` (one document a line)."""
+    if num_pairs < 1:
+        raise ConfigError(f"--pairs must be at least 1, got {num_pairs}")
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     pairs = make_pairs(num_pairs, seed)
     jsonl, text = out / "support.jsonl", out / "support.txt"
-    with jsonl.open("w") as f:
-        for pair in pairs:
-            f.write(json.dumps(pair) + "\n")
-    with text.open("w") as f:
-        for pair in pairs:
-            f.write((pair["prompt"] + pair["completion"]).replace("\n", " ") + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with jsonl.open("w") as f:
+            for pair in pairs:
+                f.write(json.dumps(pair) + "\n")
+        with text.open("w") as f:
+            for pair in pairs:
+                f.write((pair["prompt"] + pair["completion"]).replace("\n", " ") + "\n")
+    except OSError as exc:  # DIR is a file, or a folder we may not write to
+        raise ConfigError(f"cannot write the sample corpus to {out_dir}: "
+                          f"{exc.strerror or exc}; pass a folder you can write to") from None
     return {"jsonl": str(jsonl), "text": str(text), "pairs": len(pairs)}

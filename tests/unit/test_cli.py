@@ -1,0 +1,167 @@
+"""Every `aigc-ray` command, run as a user runs it (a subprocess), with bad input: an unknown key,
+a bad value, a missing file or checkpoint, a missing argument. Each must fail before Ray starts,
+with exit code 2, one line on stderr naming what to change and no traceback. No cluster starts:
+Ray would print its own lines, which the one-line check catches."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aigc_ray.cli import COMMANDS, main
+from aigc_ray.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[2]
+AIGC_RAY = Path(sys.executable).parent / "aigc-ray"
+
+# (argv with {placeholders} from `places`, words the one error line must hold)
+BAD_INPUTS = [
+    (["config", "train.lrr=1"], "train.lrr is not a known key"),
+    (["config", "train.lr=-1"], "train.lr must be > 0.0, got -1"),
+    (["config", "nope.yaml"], "config 'nope.yaml' is neither a file nor a shipped config"),
+    (["config", "{bad_yaml}"], "is not valid YAML"),
+    (["config", "tiny_cpu", "other.yaml"], "'other.yaml' is not key=value"),
+    (["config", "--verbose"], "unrecognized arguments: --verbose"),
+    (["data", "scaling.num_workerz=2"], "did you mean scaling.num_workers?"),
+    (["data", "data.path=/nonexistent/corpus.jsonl"],
+     "data.path /nonexistent/corpus.jsonl does not exist"),
+    (["train", "train.max_steps=0"], "train.max_steps must be >= 1, got 0"),
+    (["train", "train.lr=fast"], "train.lr must be a number, got 'fast'"),
+    (["train", "data.path=/nonexistent/corpus.jsonl"],
+     "data.path /nonexistent/corpus.jsonl does not exist"),
+    (["tune", "tiny_tune", "tune.num_samples=0"], "tune.num_samples must be >= 1, got 0"),
+    (["tune", "tiny_tune", "tune.search_space={{train.lrr: {{choice: [1]}}}}"],
+     "tune.search_space key train.lrr is not a config value to search"),
+    (["tune", "tiny_tune", "data.path=/nonexistent/corpus.jsonl"],
+     "data.path /nonexistent/corpus.jsonl does not exist"),
+    (["sample-data"], "the following arguments are required: DIR"),
+    (["sample-data", "{file}"], "cannot write the sample corpus to"),
+    (["sample-data", "{tmp}/corpus", "--pairs", "0"], "--pairs must be at least 1, got 0"),
+    (["sample-data", "{tmp}/corpus", "--pairs", "many"], "invalid int value: 'many'"),
+    (["serve"], "the following arguments are required: CHECKPOINT"),
+    (["serve", "/nonexistent/final"], "checkpoint /nonexistent/final does not exist"),
+    (["serve", "{checkpoint}", "serve.prot=8001"], "did you mean serve.port?"),
+    (["serve", "{checkpoint}", "serve.port=-1"], "serve.port must be >= 1, got -1"),
+    (["serve", "{checkpoint}", "train.lr=1"], "takes serve.key=value"),
+    (["serve", "{file}"], "is not a Hugging Face model folder (no config.json)"),
+    (["generate", "{checkpoint}", "--output", "{tmp}/out"],
+     "the following arguments are required: --input"),
+    (["generate", "/nonexistent/final", "--input", "{prompts}", "--output", "{tmp}/out"],
+     "checkpoint /nonexistent/final does not exist"),
+    (["generate", "{checkpoint}", "--input", "/nonexistent/prompts.jsonl", "--output",
+      "{tmp}/out"], "--input /nonexistent/prompts.jsonl does not exist"),
+    (["generate", "{checkpoint}", "--input", "{prompts}", "--output", "{tmp}/out",
+      "generate.batch_size=0"], "generate.batch_size must be >= 1, got 0"),
+    (["eval"], "the following arguments are required: CHECKPOINT"),
+    (["eval", "/nonexistent/final"], "checkpoint /nonexistent/final does not exist"),
+    (["eval", "{checkpoint}"], "has no config.yaml naming the data it was trained on"),
+    (["eval", "{checkpoint}", "--data", "/nonexistent/rows.jsonl"],
+     "data.path /nonexistent/rows.jsonl does not exist"),
+    (["eval", "{checkpoint}", "eval.generate_rowz=1"], "did you mean eval.generate_rows?"),
+    (["submit"], "the following arguments are required: JOBSPEC"),
+    (["submit", "/nonexistent/spec.yaml"], "job spec /nonexistent/spec.yaml does not exist"),
+    (["submit", "{typo_spec}"], "did you mean entrypoint?"),
+    (["submit", "jobs/train_tiny_cpu.yaml", "train.lrr=1"], "did you mean train.lr?"),
+    (["jobs"], "the following arguments are required: action"),
+    (["jobs", "frob"], "invalid choice: 'frob'"),
+    (["jobs", "status"], "aigc-ray jobs status needs a JOB_ID"),
+    (["jobs", "list", "--address", "{closed}"], "cannot reach the Ray job API at"),
+    ([], "the following arguments are required: COMMAND"),
+    (["trian"], "invalid choice: 'trian'"),
+]
+
+# Bad input that still ends in a traceback, after Ray has started (so not run here: this file
+# starts no cluster). Each is a bug in a module this test does not own; see the reason.
+TRACEBACKS = [
+    pytest.param(["train", "model.name_or_path=/nonexistent/model", "train.max_steps=1"],
+                 "model.name_or_path", id="train missing model folder", marks=pytest.mark.xfail(
+                     run=False, reason="train.check_model_settings loads the model after Ray "
+                     "starts; a missing folder is Hugging Face's OSError (repo id) traceback")),
+    pytest.param(["generate", "{not_a_model}", "--input", "{prompts}", "--output", "{tmp}/out"],
+                 "not a Hugging Face model", id="generate folder that is no model",
+                 marks=pytest.mark.xfail(
+                     run=False, reason="checkpoint.resolve_checkpoint only looks for config.json;"
+                     " transformers' ValueError comes from the Ray workers (eval and serve too)")),
+]
+
+
+@pytest.fixture
+def places(tmp_path) -> dict[str, str]:
+    """What the {placeholders} in BAD_INPUTS name, made fresh for each case."""
+    checkpoint = tmp_path / "final"  # enough for the checks that run before the model loads
+    checkpoint.mkdir()
+    (checkpoint / "config.json").write_text('{"model_type": "gpt2"}')
+    not_a_model = tmp_path / "not_a_model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{}")
+    (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hello"}\n')
+    (tmp_path / "file.txt").write_text("a file, not a folder\n")
+    (tmp_path / "bad.yaml").write_text("train: {lr: [1\n")
+    (tmp_path / "typo.yaml").write_text("entrypont: aigc-ray train tiny_cpu\n")
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{s.getsockname()[1]}"
+    return {"tmp": str(tmp_path), "checkpoint": str(checkpoint), "not_a_model": str(not_a_model),
+            "prompts": str(tmp_path / "prompts.jsonl"), "file": str(tmp_path / "file.txt"),
+            "bad_yaml": str(tmp_path / "bad.yaml"), "typo_spec": str(tmp_path / "typo.yaml"),
+            "closed": closed}
+
+
+def aigc(*args: str) -> subprocess.CompletedProcess:
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    return subprocess.run([str(AIGC_RAY), *args], cwd=REPO, env=env, text=True,
+                          capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("argv, words", [
+    *[pytest.param(argv, words, id=" ".join(argv) or "(none)") for argv, words in BAD_INPUTS],
+    *TRACEBACKS])
+def test_bad_input_fails_with_one_line_and_exit_2(places, argv, words):
+    done = aigc(*[arg.format(**places) for arg in argv])
+    lines = done.stderr.strip().splitlines()
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
+    assert words in lines[0]
+
+
+def test_every_command_has_a_bad_input_case():
+    tried = {argv[0] for argv, _ in BAD_INPUTS if argv and not argv[0].startswith("tri")}
+    assert tried == {command.name for command in COMMANDS}
+
+
+def test_every_command_in_the_table_is_in_help_with_its_own_help():
+    top = subprocess.run([str(AIGC_RAY), "--help"], text=True, capture_output=True, timeout=60)
+    assert top.returncode == 0
+    listed = [line.split()[0] for line in top.stdout.splitlines() if line.startswith("    ")
+              and not line.startswith("     ")]
+    assert listed == [command.name for command in COMMANDS]
+    words = " ".join(top.stdout.split())  # argparse wraps the help lines
+    for command in COMMANDS:
+        assert f"{command.name} {command.help}" in words
+        with pytest.raises(SystemExit) as done:
+            main([command.name, "--help"])
+        assert done.value.code == 0
+
+
+def test_an_unreachable_ray_address_is_one_line(monkeypatch):
+    import ray
+
+    from aigc_ray import cluster
+
+    def refuse(**_):
+        raise ConnectionError("Could not find any running Ray instance.\nmore detail")
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", refuse)
+    monkeypatch.setenv("RAY_ADDRESS", "auto")
+    with pytest.raises(ConfigError) as error:
+        cluster.start_ray()
+    assert str(error.value) == ("cannot reach the Ray cluster at RAY_ADDRESS=auto: Could not find "
+                                "any running Ray instance.; start it, or unset RAY_ADDRESS to "
+                                "run on a local Ray")
