@@ -14,7 +14,7 @@ import hashlib
 import json
 import unicodedata
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from aigc_ray.config import Config, Data
 from aigc_ray.errors import ConfigError, DataError
+from aigc_ray.tokenizer import encoder, tokenizer_spec
 
 IGNORE_INDEX = -100  # label value the HF loss ignores: prompt tokens and padding
 ROWS_PER_BLOCK = 4096  # rows per Ray Data block out of a read task
@@ -267,42 +268,6 @@ def _flush(rows, counts, stats, path, first, data: Data) -> Iterator[pa.Table]:
 def clean(text: str) -> str:
     """Normalize Unicode (NFC) and line endings; strip NULs that confuse tokenizers."""
     return unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\x00", "")
-
-
-def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict:
-    """What a `TokenizeAndPack` actor needs to tokenize exactly as transformers does without
-    importing torch and transformers itself (that import was ~2 s of every actor's start): the
-    fast tokenizer's Rust backend serialized as transformers configured it (normalizer,
-    pre-tokenizer, added tokens, the post-processor that adds BOS/EOS), and the EOS and pad ids.
-    A tokenizer with no fast backend is loaded from `path` by the actor instead."""
-    from aigc_ray.model import load_tokenizer
-
-    tokenizer = load_tokenizer(path, trust_remote_code)
-    spec = {"path": path, "trust_remote_code": trust_remote_code,
-            "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
-    if tokenizer.is_fast:
-        spec["backend"] = tokenizer.backend_tokenizer.to_str()
-        spec["split_special_tokens"] = bool(getattr(tokenizer, "split_special_tokens", False))
-    return spec
-
-
-def encoder(spec: dict) -> Callable[[list[str], bool], list[list[int]]]:
-    """(texts, add_special_tokens) → token ids, from a `tokenizer_spec`."""
-    if "backend" not in spec:
-        from aigc_ray.model import load_tokenizer
-
-        tokenizer = load_tokenizer(spec["path"], spec["trust_remote_code"])
-        return lambda texts, special: tokenizer(texts, add_special_tokens=special,
-                                                verbose=False)["input_ids"]
-    from tokenizers import Tokenizer
-
-    backend = Tokenizer.from_str(spec["backend"])
-    # What transformers' fast tokenizer sets before each unpadded, untruncated call.
-    backend.no_padding()
-    backend.no_truncation()
-    backend.encode_special_tokens = spec["split_special_tokens"]
-    return lambda texts, special: [encoding.ids for encoding in
-                                   backend.encode_batch(texts, add_special_tokens=special)]
 
 
 class TokenizeAndPack:

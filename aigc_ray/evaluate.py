@@ -20,14 +20,8 @@ import math
 from pathlib import Path
 
 from aigc_ray.config import Config, ConfigError
-from aigc_ray.data import (
-    ROW_COLUMN,
-    check_config,
-    format_of,
-    read_corpus,
-    tokenize,
-    tokenizer_spec,
-)
+from aigc_ray.data import ROW_COLUMN, check_config, format_of, read_corpus, tokenize
+from aigc_ray.tokenizer import tokenizer_spec
 
 EVAL_FILE = "eval.json"
 EVAL_KEYS = ("eval", "data", "generate", "model.trust_remote_code")

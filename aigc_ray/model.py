@@ -1,4 +1,4 @@
-"""Build models and tokenizers: a hub id, a local HF folder, or the built-in tiny model.
+"""Build and load models: a hub id, a local HF folder, or the built-in tiny model.
 
 The built-in tiny model is materialized once as an ordinary HF folder (GPT-2 architecture and a
 byte-level BPE tokenizer trained on the corpus), so everything downstream only sees HF folders.
@@ -13,10 +13,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aigc_ray.config import Config
+from aigc_ray.tokenizer import build_tokenizer, load_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
 
 log = logging.getLogger(__name__)
 
@@ -35,18 +34,6 @@ def builtin_model_dir(cfg: Config) -> Path:
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cfg.run.dir.parent / ".builtin" / f"tiny-{digest}"
-
-
-def build_tokenizer(texts: Iterable[str], vocab_size: int):
-    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers tokenizer."""
-    from tokenizers import ByteLevelBPETokenizer
-    from transformers import PreTrainedTokenizerFast
-
-    bpe = ByteLevelBPETokenizer()
-    bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=[EOS_TOKEN, PAD_TOKEN], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
 
 
 def build_tiny_model(cfg: Config, tokenizer):
@@ -80,16 +67,6 @@ def materialize_builtin(cfg: Config, texts: Iterable[str]) -> Path:
     log.info("built-in tiny model (%.1fM parameters) written to %s",
              model.num_parameters() / 1e6, folder)
     return folder
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    """A tokenizer with a pad token (EOS when the model has none) and EOS appended by us."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def load_model(path: str, trust_remote_code: bool = False, dtype=None):

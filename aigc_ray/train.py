@@ -300,7 +300,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import torch
 
     from aigc_ray.loss import token_loss_sum
-    from aigc_ray.model import load_model, load_tokenizer
+    from aigc_ray.model import load_model
+    from aigc_ray.tokenizer import load_tokenizer
 
     # 1. Set up: config, device, model (from the latest checkpoint when resuming), optimizer.
     cfg = Config.model_validate(loop_config["config"])

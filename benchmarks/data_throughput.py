@@ -40,7 +40,7 @@ def baseline(cfg, corpus: dict, tokenizer_path: str, batch_size: int,
     """(tokens tokenized, seconds): the usual `datasets` recipe, single process, no cache reuse."""
     import datasets
 
-    from aigc_ray.model import load_tokenizer
+    from aigc_ray.tokenizer import load_tokenizer
 
     datasets.disable_progress_bars()
     block = cfg.data.block_size

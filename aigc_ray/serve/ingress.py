@@ -72,7 +72,7 @@ class OpenAIIngress:
         from transformers import AutoConfig
 
         from aigc_ray.config import Serve
-        from aigc_ray.model import load_tokenizer
+        from aigc_ray.tokenizer import load_tokenizer
 
         self.cfg = Serve.model_validate(serve_section)
         self.generator = generator

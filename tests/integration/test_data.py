@@ -22,7 +22,6 @@ from aigc_ray.cli import main
 from aigc_ray.config import validate
 from aigc_ray.data import (
     IGNORE_INDEX,
-    DataError,
     build_datasets,
     corpus_statistics,
     create_stats,
@@ -30,8 +29,9 @@ from aigc_ray.data import (
     read_corpus,
     split_of,
 )
-from aigc_ray.model import load_tokenizer
+from aigc_ray.errors import DataError
 from aigc_ray.sample_data import make_pairs
+from aigc_ray.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 

@@ -20,8 +20,8 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM
 
-from aigc_ray.model import load_tokenizer
 from aigc_ray.serve import build_app, load_serve_config, model_name_for
+from aigc_ray.tokenizer import load_tokenizer
 
 API_KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}

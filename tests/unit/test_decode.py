@@ -5,7 +5,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from aigc_ray.decode import BatchDecoder, GenerationRequest, context_length, decode_all
-from aigc_ray.model import load_tokenizer
+from aigc_ray.tokenizer import load_tokenizer
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",
            "Customer: How do I reset my password for Nimbus Drive? It keeps failing.\nAgent:"]

@@ -8,7 +8,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from aigc_ray.data import encoder, tokenizer_spec
+from aigc_ray.tokenizer import encoder, tokenizer_spec
 
 TEXTS = ["hello world", "<|user|> reset<sep>my password </s>", "<s> twice <s>",
          "ünïcode 😀 text\nnew line", "   leading spaces", ""]
