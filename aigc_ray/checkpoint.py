@@ -8,28 +8,38 @@ model) simply has no saved config, and the schema's defaults apply.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel
 
-from aigc_ray.config import Config, ConfigError, apply_overrides, validate
-
-CHECKPOINT_CONFIG = "config.yaml"  # what train writes beside every checkpoint
+from aigc_ray.config import Config, apply_overrides, validate
+from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
 
 
 def resolve_checkpoint(checkpoint: str) -> Path:
-    """The HF model folder; a run folder means its `final/`."""
+    """The HF model folder; a run folder means its `final/`. Checked before Ray starts: the
+    folder's config.json names a model_type, as transformers needs to load it."""
     path = Path(checkpoint).expanduser().resolve()
     if not path.exists():
         raise ConfigError(f"checkpoint {checkpoint} does not exist; pass a model folder such as "
                           "runs/tiny-cpu/final")
-    if not (path / "config.json").is_file() and (path / "final" / "config.json").is_file():
-        path = path / "final"
-    if not (path / "config.json").is_file():
+    folder, final = CheckpointFolder(path), CheckpointFolder(RunFolder(path).final)
+    if not folder.model_config.is_file() and final.model_config.is_file():
+        folder = final
+    if not folder.model_config.is_file():
         raise ConfigError(f"checkpoint {checkpoint} is not a Hugging Face model folder (no "
                           "config.json); pass e.g. runs/tiny-cpu/final")
-    return path
+    try:
+        model_type = json.loads(folder.model_config.read_text()).get("model_type")
+    except (ValueError, AttributeError):  # not JSON, or not a JSON object
+        model_type = None
+    if not model_type:
+        raise ConfigError(f"checkpoint {checkpoint} is not a Hugging Face model folder (its "
+                          "config.json names no model_type); pass e.g. runs/tiny-cpu/final")
+    return folder.path
 
 
 def known_keys(raw: dict, model: type[BaseModel] = Config) -> dict:
@@ -53,7 +63,7 @@ def known_keys(raw: dict, model: type[BaseModel] = Config) -> dict:
 def saved_config(folder: Path, keys: tuple[str, ...]) -> dict:
     """The saved config's `keys` (sections like "serve", or dotted values like
     "model.trust_remote_code") as a raw dict; {} when the folder has no saved config."""
-    saved = folder / CHECKPOINT_CONFIG
+    saved = CheckpointFolder(folder).config
     if not saved.is_file():
         return {}
     try:

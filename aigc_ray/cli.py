@@ -39,14 +39,15 @@ def _config(ns: argparse.Namespace) -> Config:
 
 
 def cmd_train(ns: argparse.Namespace) -> int:
+    from aigc_ray.evaluate import evaluate_after_training, format_report
     from aigc_ray.train import run_train
 
-    summary = run_train(_config(ns))
+    cfg = _config(ns)
+    summary = run_train(cfg)
+    summary.evaluation = evaluate_after_training(cfg, summary)  # eval.after_training
     for sample in summary.samples:
         print(f"sample reply  {sample['prompt']!r}\n           → {sample['reply']!r}")
     if summary.evaluation:
-        from aigc_ray.evaluate import format_report
-
         print(format_report(summary.evaluation))
     print(summary.line())
     return 0
@@ -176,18 +177,19 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aigc_ray.checkpoint import CHECKPOINT_CONFIG, checkpoint_config, resolve_checkpoint
-    from aigc_ray.evaluate import EVAL_FILE, EVAL_KEYS, eval_data, format_report, run_eval
+    from aigc_ray.checkpoint import checkpoint_config, resolve_checkpoint
+    from aigc_ray.evaluate import EVAL_KEYS, eval_data, format_report, run_eval
+    from aigc_ray.run_folder import CheckpointFolder
 
     path, cfg = checkpoint_config(ns.checkpoint, ns.overrides, EVAL_KEYS, "eval")
     baseline = ns.baseline
     if baseline and Path(baseline).expanduser().exists():
         baseline = str(resolve_checkpoint(baseline))
-    if ns.data is None and not (path / CHECKPOINT_CONFIG).is_file():
+    if ns.data is None and not CheckpointFolder(path).config.is_file():
         raise ConfigError(f"{path} has no config.yaml naming the data it was trained on; pass "
                           "--data FILE with the rows to score")
     eval_data(cfg, ns.data)  # a missing validation split fails before Ray starts
-    output = Path(ns.output) if ns.output else path / EVAL_FILE
+    output = Path(ns.output) if ns.output else CheckpointFolder(path).eval_report
     print(format_report(run_eval(str(path), cfg, ns.data, baseline, output)))
     return 0
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from aigc_ray.errors import ConfigError, user_error  # noqa: F401  (re-exported)
+from aigc_ray.errors import ConfigError
 
 DEFAULT_CONFIG = "tiny_cpu"
 

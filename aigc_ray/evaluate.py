@@ -9,8 +9,8 @@ BLEU: the same `Completer` actors batch generation uses write greedy completions
 references with Google's `rouge-score` (mean ROUGE-L F1, stemmed) and `sacrebleu` (corpus
 BLEU), both reported ×100.
 
-With a baseline (`--baseline`, or the starting model at the end of `aigc-ray train`) both models
-see the same rows; each tokenizes with its own tokenizer.
+With a baseline (`--baseline`, or the starting model at the end of `aigc-ray train`:
+`evaluate_after_training`) both models see the same rows; each tokenizes with its own tokenizer.
 """
 
 from __future__ import annotations
@@ -18,12 +18,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aigc_ray.config import Config, ConfigError
+from aigc_ray.config import Config
 from aigc_ray.data import ROW_COLUMN, check_config, format_of, read_corpus, tokenize
+from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import RunFolder
 from aigc_ray.tokenizer import tokenizer_spec
 
-EVAL_FILE = "eval.json"
+if TYPE_CHECKING:
+    from aigc_ray.train import TrainSummary
+
 EVAL_KEYS = ("eval", "data", "generate", "model.trust_remote_code")
 METRICS = (("perplexity", "lower is better"), ("rouge_l", "higher is better"),
            ("bleu", "higher is better"))
@@ -169,6 +174,19 @@ def run_eval(checkpoint: str, cfg: Config, data_path: str | None = None,
         output.write_text(json.dumps(report, indent=2) + "\n")
         report["written_to"] = str(output)
     return report
+
+
+def evaluate_after_training(cfg: Config, summary: TrainSummary) -> dict | None:
+    """`eval.after_training`: a finished `run_train`'s final/ against the model it started from,
+    on the validation split, written to the run folder's eval.json. None when the setting is off
+    or the run had no validation split."""
+    if not cfg.eval.after_training or not cfg.data.val_fraction > 0:
+        return None
+    final = summary.final_dir
+    print(f"[aigc-ray] evaluating {final.name}/ against the starting model on the "
+          "validation split", flush=True)
+    return run_eval(str(final), cfg, baseline=summary.start_model,
+                    output=RunFolder(summary.run_dir).eval_report)
 
 
 def _short(path: str) -> str:

@@ -23,10 +23,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from aigc_ray.config import Config, ConfigError, Data, Generate
+from aigc_ray.config import Config, Data, Generate
 from aigc_ray.data import (
     SKIP_REASONS,
-    DataError,
     clean,
     create_stats,
     field_text,
@@ -36,6 +35,7 @@ from aigc_ray.data import (
     resolve_files,
     stream_datasource,
 )
+from aigc_ray.errors import ConfigError, DataError
 
 OUTPUT_COLUMNS = ("id", "prompt", "completion", "prompt_tokens", "completion_tokens",
                   "finish_reason")

@@ -12,11 +12,10 @@ import json
 import threading
 from pathlib import Path
 
+from aigc_ray.run_folder import RunFolder
+
 METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "data_wait", "mfu", "val_loss",
                "val_perplexity")
-METRICS_FILE = "metrics.jsonl"
-SAMPLES_FILE = "samples.jsonl"
-WORKERS_DIR = "workers"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -48,8 +47,7 @@ def truncate_after(path: Path, step: int) -> None:
 
 def worker_starts(run_dir: Path) -> list[dict]:
     """Every start of every rank, oldest first (rank, pid, node_id, device, start_step, ...)."""
-    rows = [row for path in sorted((run_dir / WORKERS_DIR).glob("rank-*.jsonl"))
-            for row in read_jsonl(path)]
+    rows = [row for path in RunFolder(run_dir).worker_logs() for row in read_jsonl(path)]
     return sorted(rows, key=lambda row: row["time"])
 
 
@@ -84,16 +82,16 @@ class Follower:
     """Prints new lines of a run folder from a background thread until `stop()`."""
 
     def __init__(self, run_dir: Path, total_steps: int, interval_s: float = 1.0, out=print):
-        self.run_dir, self.total_steps, self.interval_s, self.out = (
-            run_dir, total_steps, interval_s, out)
+        self.run, self.total_steps, self.interval_s, self.out = (
+            RunFolder(run_dir), total_steps, interval_s, out)
         self.seen: set[str] = set()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="aigc-ray-follow")
 
     def __enter__(self) -> Follower:
-        self.seen = {self._key("metric", row) for row in read_jsonl(self.run_dir / METRICS_FILE)}
-        self.seen |= {self._key("sample", row) for row in read_jsonl(self.run_dir / SAMPLES_FILE)}
-        self.seen |= {self._key("start", row) for row in worker_starts(self.run_dir)}
+        self.seen = {self._key("metric", row) for row in read_jsonl(self.run.metrics)}
+        self.seen |= {self._key("sample", row) for row in read_jsonl(self.run.samples)}
+        self.seen |= {self._key("start", row) for row in worker_starts(self.run.path)}
         self._thread.start()
         return self
 
@@ -111,12 +109,10 @@ class Follower:
             self.poll()
 
     def poll(self) -> None:
-        events = [(row["start_step"], 0, "start", row) for row in worker_starts(self.run_dir)
+        events = [(row["start_step"], 0, "start", row) for row in worker_starts(self.run.path)
                   if row["rank"] == 0]
-        events += [(row["step"], 1, "metric", row)
-                   for row in read_jsonl(self.run_dir / METRICS_FILE)]
-        events += [(row["step"], 2, "sample", row)
-                   for row in read_jsonl(self.run_dir / SAMPLES_FILE)]
+        events += [(row["step"], 1, "metric", row) for row in read_jsonl(self.run.metrics)]
+        events += [(row["step"], 2, "sample", row) for row in read_jsonl(self.run.samples)]
         for _, _, kind, row in sorted(events, key=lambda e: e[:2]):
             key = self._key(kind, row)
             if key in self.seen:
@@ -166,7 +162,7 @@ def plot_trial_curves(trial_dirs: dict[str, Path], best: str | None, stopped: se
 
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for trial, folder in trial_dirs.items():
-        points = [(r["step"], r["val_loss"]) for r in read_jsonl(folder / METRICS_FILE)
+        points = [(r["step"], r["val_loss"]) for r in read_jsonl(RunFolder(folder).metrics)
                   if r.get("val_loss") is not None]
         if not points:
             continue

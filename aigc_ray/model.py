@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aigc_ray.config import Config
+from aigc_ray.run_folder import CheckpointFolder
 from aigc_ray.tokenizer import build_tokenizer, load_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
@@ -55,7 +56,7 @@ def build_tiny_model(cfg: Config, tokenizer):
 def materialize_builtin(cfg: Config, texts: Iterable[str]) -> Path:
     """Create the built-in tiny model folder (if missing) from corpus `texts`; return its path."""
     folder = builtin_model_dir(cfg)
-    if (folder / "config.json").exists():
+    if CheckpointFolder(folder).model_config.exists():
         return folder
     tokenizer = build_tokenizer(texts, cfg.model.builtin.vocab_size)
     model = build_tiny_model(cfg, tokenizer)

@@ -23,19 +23,13 @@ from aigc_ray.config import Config
 from aigc_ray.errors import ConfigError, DataError, UserError
 from aigc_ray.metrics import (
     METRIC_KEYS,
-    METRICS_FILE,
-    SAMPLES_FILE,
-    WORKERS_DIR,
     Follower,
     append_jsonl,
     plot_loss_curve,
     read_jsonl,
     truncate_after,
 )
-
-TRAINING_STATE = "training_state.pt"
-CONFIG_FILE = "config.yaml"
-DATA_FILE = "data.json"
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +64,8 @@ def transformer_blocks(model):
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
             return module
-    raise ValueError(f"cannot find the {depth} transformer blocks of {type(model).__name__}")
+    raise UserError(f"train.freeze_layers does not support {type(model).__name__}: its "
+                    f"{depth} transformer blocks were not found; set train.freeze_layers=0")
 
 
 def freeze_bottom(model, num_layers: int) -> None:
@@ -306,6 +301,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # 1. Set up: config, device, model (from the latest checkpoint when resuming), optimizer.
     cfg = Config.model_validate(loop_config["config"])
     run_dir, model_path = Path(loop_config["run_dir"]), loop_config["model_path"]
+    run = RunFolder(run_dir)
     total_steps = loop_config["total_steps"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
@@ -319,7 +315,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if checkpoint:
         restore_dir = tempfile.mkdtemp(prefix="aigc-ray-restore-")
         checkpoint.to_directory(restore_dir)
-        saved = torch.load(Path(restore_dir) / TRAINING_STATE, weights_only=True)
+        saved = torch.load(CheckpointFolder(Path(restore_dir)).training_state, weights_only=True)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     lora = cfg.train.lora.enabled
     # LoRA resumes from the base model plus the saved adapters; full fine-tuning from the
@@ -329,7 +325,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if cfg.train.freeze_layers:
         freeze_bottom(model, cfg.train.freeze_layers)
     if lora:
-        model = add_lora(model, cfg, str(Path(restore_dir) / "adapter") if restore_dir else None)
+        model = add_lora(model, cfg,
+                         str(CheckpointFolder(Path(restore_dir)).adapter) if restore_dir else None)
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -353,8 +350,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_rng_state(saved["rng"])
         shutil.rmtree(restore_dir, ignore_errors=True)
     if rank == 0:  # keep what the checkpoint had seen; a fresh start keeps nothing
-        for name in (METRICS_FILE, SAMPLES_FILE):
-            truncate_after(run_dir / name, state.step if saved else -1)
+        for path in (run.metrics, run.samples):
+            truncate_after(path, state.step if saved else -1)
     note_start(run_dir, rank, world_size, device, state.step, total_steps,
                global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size)
 
@@ -388,17 +385,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
             return
         with tempfile.TemporaryDirectory(prefix="aigc-ray-ckpt-") as folder:
             export_model(model, tokenizer, Path(folder))
+            out = CheckpointFolder(Path(folder))
             if lora:
-                model.save_pretrained(Path(folder) / "adapter")
+                model.save_pretrained(out.adapter)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                         "loop": state.state_dict(), "rng": torch.get_rng_state()},
-                       Path(folder) / TRAINING_STATE)
-            shutil.copy(run_dir / CONFIG_FILE, Path(folder) / CONFIG_FILE)
+                       out.training_state)
+            shutil.copy(run.config, out.config)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def write_metrics(row: dict) -> None:
         if rank == 0:
-            append_jsonl(run_dir / METRICS_FILE, {key: row.get(key) for key in METRIC_KEYS})
+            append_jsonl(run.metrics, {key: row.get(key) for key in METRIC_KEYS})
 
     # 2. The perplexity before training, so the end of the run can say how much it gained.
     if state.step == 0:
@@ -474,7 +472,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
                                                    device)
                         for prompt, reply in zip(cfg.train.sample_prompts, replies):
-                            append_jsonl(run_dir / SAMPLES_FILE,
+                            append_jsonl(run.samples,
                                          {"step": state.step, "prompt": prompt, "reply": reply})
                 write_metrics(row)
                 if evaluating:
@@ -502,7 +500,7 @@ def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: in
     nodes = [node_id] * world_size
     if dist.is_available() and dist.is_initialized():
         dist.all_gather_object(nodes, node_id)
-    append_jsonl(run_dir / WORKERS_DIR / f"rank-{rank}.jsonl", {
+    append_jsonl(RunFolder(run_dir).worker_log(rank), {
         "rank": rank, "pid": os.getpid(), "node_id": node_id, "host": socket.gethostname(),
         "device": str(device), "torch_threads": torch.get_num_threads(), "start_step": start_step, "world_size": world_size,
         "num_nodes": len(set(nodes)), "total_steps": total_steps, "global_batch": global_batch,
@@ -521,7 +519,9 @@ class TrainSummary:
     val_perplexity_before: float | None
     val_perplexity_after: float | None  # of the exported model (the best checkpoint)
     samples: list[dict]
-    evaluation: dict | None = None  # eval.json: final/ against the starting model
+    start_model: str  # the folder or hub id training started from (the built-in one's folder)
+    # eval.json: final/ against the starting model, once `evaluate_after_training` has run
+    evaluation: dict | None = None
 
     def line(self) -> str:
         steps = f"{self.steps} steps"
@@ -594,8 +594,8 @@ def export_checkpoint(checkpoint_dir: str, folder: Path) -> None:
     if folder.exists():
         shutil.rmtree(folder)
     shutil.copytree(checkpoint_dir, folder)
-    (folder / TRAINING_STATE).unlink(missing_ok=True)
-    shutil.rmtree(folder / "adapter", ignore_errors=True)
+    CheckpointFolder(folder).training_state.unlink(missing_ok=True)
+    shutil.rmtree(CheckpointFolder(folder).adapter, ignore_errors=True)
 
 
 def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -> TrainSummary:
@@ -620,8 +620,9 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
     if warning:
         print(warning, flush=True)
     run_dir = cfg.run.dir
+    run = RunFolder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / CONFIG_FILE).write_text(to_yaml(cfg))
+    run.config.write_text(to_yaml(cfg))
     model_path = resolve_model_path(cfg)
     check_model_settings(cfg, model_path)
     stats = create_stats()
@@ -664,27 +665,19 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
     if result.error:
         raise result.error
 
-    write_data_record(run_dir / DATA_FILE, train_split, stats)
-    final_dir = run_dir / "final"
+    write_data_record(run.data_record, train_split, stats)
+    final_dir = run.final
     export_checkpoint(_best_checkpoint(result, "val" in datasets).path, final_dir)
 
-    rows = read_jsonl(run_dir / METRICS_FILE)
-    plot_loss_curve(rows, run_dir / "loss_curve.png")
-    evaluation = None
-    if cfg.eval.after_training and "val" in datasets:
-        from aigc_ray.evaluate import EVAL_FILE, run_eval
-
-        print(f"[aigc-ray] evaluating {final_dir.name}/ against the starting model on the "
-              "validation split", flush=True)
-        evaluation = run_eval(str(final_dir), cfg, baseline=model_path,
-                              output=run_dir / EVAL_FILE)
+    rows = read_jsonl(run.metrics)
+    plot_loss_curve(rows, run.loss_curve)
     before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r["val_perplexity"]]
     after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r["val_perplexity"]]
     return TrainSummary(
         run_dir=run_dir, final_dir=final_dir, steps=max((r["step"] for r in rows), default=0),
         total_steps=total_steps, val_perplexity_before=before[0] if before else None,
         val_perplexity_after=min(after, default=None),
-        samples=_last_samples(run_dir / SAMPLES_FILE), evaluation=evaluation,
+        samples=_last_samples(run.samples), start_model=model_path,
     )
 
 

@@ -15,13 +15,11 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from aigc_ray.config import Config, ConfigError, set_key, to_yaml, user_error
+from aigc_ray.config import Config, set_key, to_yaml
 from aigc_ray.data import GLOB_CHARS
+from aigc_ray.errors import ConfigError, user_error
+from aigc_ray.run_folder import RunFolder
 
-TRIALS_DIR = "trials"
-RESULTS_FILE = "results.csv"
-BEST_CONFIG = "best_config.yaml"
-BEST_DIR = "best"
 TRIAL_DRIVER_CPUS = 0.01
 NO_STEP_LIMIT = 10**9  # ASHA needs a max_t; epoch-bound runs end on their own before it
 
@@ -210,9 +208,10 @@ class TuneSummary:
         if self.best is None:
             errors = [row.error for row in self.rows if row.error]
             return "no trial reported a result" + (f"; first error: {errors[0]}" if errors else "")
+        run = RunFolder(self.run_dir)
         return (f"best trial {self.best.trial}: {self.metric} {self.best.best:.4f} with "
-                f"{format_params(self.best.params)}; model in {self.run_dir / BEST_DIR}, "
-                f"config in {self.run_dir / BEST_CONFIG}")
+                f"{format_params(self.best.params)}; model in {run.best}, "
+                f"config in {run.best_config}")
 
 
 def planned_trials(cfg: Config) -> int:
@@ -236,7 +235,7 @@ def best_of(cfg: Config, items: list, score):
     return min(items, key=lambda item: sign * score(item)) if items else None
 
 
-def summarize(cfg: Config, results, trials_dir: Path) -> list[TrialRow]:
+def summarize(cfg: Config, results, run: RunFolder) -> list[TrialRow]:
     """One row per trial from Tune's results (a trial's whole history, resumed runs included)."""
     rows = []
     for result in results:
@@ -250,7 +249,7 @@ def summarize(cfg: Config, results, trials_dir: Path) -> list[TrialRow]:
         if cfg.train.max_steps:
             stopped = status == "done" and steps < cfg.train.max_steps
         else:  # epoch-bound: a trial the scheduler stopped never exported its final/
-            stopped = status == "done" and not (trials_dir / trial / "final").exists()
+            stopped = status == "done" and not run.trial(trial).final.exists()
         rows.append(TrialRow(trial=trial, params=dict(result.config), best=best and best[
             cfg.tune.metric], steps=steps, stopped_early=stopped, status=status,
             best_checkpoint=best.get("checkpoint_path") if best else None,
@@ -272,7 +271,7 @@ def _number(value) -> bool:
 
 def write_results(summary: TuneSummary) -> None:
     keys = list(summary.rows[0].params) if summary.rows else []
-    with (summary.run_dir / RESULTS_FILE).open("w", newline="") as f:
+    with RunFolder(summary.run_dir).results.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", *keys, f"best_{summary.metric}", "steps", "stopped_early",
                          "status"])
@@ -281,22 +280,22 @@ def write_results(summary: TuneSummary) -> None:
                              row.stopped_early, row.status])
 
 
-def export_best(cfg: Config, summary: TuneSummary, trials_dir: Path) -> None:
+def export_best(cfg: Config, summary: TuneSummary) -> None:
     """`best/` (the best evaluation's checkpoint as a plain HF folder) and `best_config.yaml`."""
     from aigc_ray.train import export_checkpoint
 
-    best = summary.best
+    best, run = summary.best, RunFolder(summary.run_dir)
     checkpoint = best.best_checkpoint
     if not checkpoint or not Path(checkpoint).exists():  # pruned: the trial's exported model
-        checkpoint = str(trials_dir / best.trial / "final")
-    export_checkpoint(checkpoint, summary.run_dir / BEST_DIR)
+        checkpoint = str(run.trial(best.trial).final)
+    export_checkpoint(checkpoint, run.best)
     best_cfg = trial_config(cfg.model_dump(), best.params)
     # Its own run name: training it again must not write into this search's folder.
     best_cfg.run.name = f"{cfg.run.name}-best"
     header = (f"# The best trial ({best.trial}) of `aigc-ray tune` run {cfg.run.name}: "
               f"{summary.metric} {best.best:.4f}.\n# Train it again: aigc-ray train "
-              f"{summary.run_dir / BEST_CONFIG}\n")
-    (summary.run_dir / BEST_CONFIG).write_text(header + to_yaml(best_cfg))
+              f"{run.best_config}\n")
+    run.best_config.write_text(header + to_yaml(best_cfg))
 
 
 def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
@@ -311,13 +310,14 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
     check_config(cfg)  # files exist
     check_tune_config(cfg, resume)  # before Ray starts
     start_ray(ray_logs=cfg.run.ray_logs)
-    run_dir, trials_dir = cfg.run.dir, cfg.run.dir / TRIALS_DIR
-    trials_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = cfg.run.dir
+    run = RunFolder(run_dir)
+    run.trials.mkdir(parents=True, exist_ok=True)
     searches_model = any(key.startswith("model.") for key in cfg.tune.search_space)
     model_path = None if searches_model else resolve_model_path(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=absolute_paths(cfg), model_path=model_path,
-                             trials_dir=str(trials_dir)),
+                             trials_dir=str(run.trials)),
         # The trial only drives its TorchTrainer, whose workers hold the CPUs and GPUs (Tune
         # refuses an empty request, so a token share).
         {"CPU": TRIAL_DRIVER_CPUS})
@@ -345,15 +345,15 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
         return TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=[], best=None,
                            unfinished=unfinished)
 
-    rows = summarize(cfg, results, trials_dir)
+    rows = summarize(cfg, results, run)
     summary = TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=rows,
                           best=best_of(cfg, [r for r in rows if r.best is not None],
                                        lambda r: r.best))
     write_results(summary)
-    plot_trial_curves({row.trial: trials_dir / row.trial for row in rows},
+    plot_trial_curves({row.trial: run.trial(row.trial).path for row in rows},
                       summary.best.trial if summary.best else None,
-                      {row.trial for row in rows if row.stopped_early}, run_dir / "tune_curves.png")
+                      {row.trial for row in rows if row.stopped_early}, run.tune_curves)
     if summary.best:
-        export_best(cfg, summary, trials_dir)
+        export_best(cfg, summary)
     return summary
 

@@ -21,12 +21,13 @@ from ray import serve
 from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.config import Config
 from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import BEST_DIR, FINAL_DIR
 from aigc_ray.serve.ingress import API_KEY_ENV, INGRESS_MAX_ONGOING, OpenAIIngress
 from aigc_ray.serve.replica import Generator
 
 # Keys a served checkpoint may override; the rest of its config describes how it was trained.
 SERVE_KEYS = ("serve", "model.trust_remote_code")
-GENERIC_FOLDER_NAMES = ("final", "best")  # named after their run instead: tiny-cpu/final
+GENERIC_FOLDER_NAMES = (FINAL_DIR, BEST_DIR)  # named after their run instead: tiny-cpu/final
 
 
 # ---------------------------------------------------------------------------------------------

@@ -49,10 +49,13 @@ BAD_INPUTS = [
     (["serve", "{checkpoint}", "serve.port=-1"], "serve.port must be >= 1, got -1"),
     (["serve", "{checkpoint}", "train.lr=1"], "takes serve.key=value"),
     (["serve", "{file}"], "is not a Hugging Face model folder (no config.json)"),
+    (["serve", "{not_a_model}"], "its config.json names no model_type"),
     (["generate", "{checkpoint}", "--output", "{tmp}/out"],
      "the following arguments are required: --input"),
     (["generate", "/nonexistent/final", "--input", "{prompts}", "--output", "{tmp}/out"],
      "checkpoint /nonexistent/final does not exist"),
+    (["generate", "{not_a_model}", "--input", "{prompts}", "--output", "{tmp}/out"],
+     "is not a Hugging Face model folder"),
     (["generate", "{checkpoint}", "--input", "/nonexistent/prompts.jsonl", "--output",
       "{tmp}/out"], "--input /nonexistent/prompts.jsonl does not exist"),
     (["generate", "{checkpoint}", "--input", "{prompts}", "--output", "{tmp}/out",
@@ -60,6 +63,7 @@ BAD_INPUTS = [
     (["eval"], "the following arguments are required: CHECKPOINT"),
     (["eval", "/nonexistent/final"], "checkpoint /nonexistent/final does not exist"),
     (["eval", "{checkpoint}"], "has no config.yaml naming the data it was trained on"),
+    (["eval", "{not_a_model}"], "its config.json names no model_type"),
     (["eval", "{checkpoint}", "--data", "/nonexistent/rows.jsonl"],
      "data.path /nonexistent/rows.jsonl does not exist"),
     (["eval", "{checkpoint}", "eval.generate_rowz=1"], "did you mean eval.generate_rows?"),
@@ -82,11 +86,6 @@ TRACEBACKS = [
                  "model.name_or_path", id="train missing model folder", marks=pytest.mark.xfail(
                      run=False, reason="train.check_model_settings loads the model after Ray "
                      "starts; a missing folder is Hugging Face's OSError (repo id) traceback")),
-    pytest.param(["generate", "{not_a_model}", "--input", "{prompts}", "--output", "{tmp}/out"],
-                 "not a Hugging Face model", id="generate folder that is no model",
-                 marks=pytest.mark.xfail(
-                     run=False, reason="checkpoint.resolve_checkpoint only looks for config.json;"
-                     " transformers' ValueError comes from the Ray workers (eval and serve too)")),
 ]
 
 

@@ -19,19 +19,18 @@ import aigc_ray.data as data_module
 from aigc_ray.cli import main
 from aigc_ray.config import (
     Config,
-    ConfigError,
     load_config,
     shipped_configs,
     to_yaml,
     validate,
 )
 from aigc_ray.data import (
-    DataError,
     read_documents,
     resolve_files,
     split_of,
     validate_record,
 )
+from aigc_ray.errors import ConfigError, DataError
 
 # ── Config ──────────────────────────────────────────────────────────────────────────────────
 

@@ -6,8 +6,9 @@ import pytest
 
 from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.cli import main
-from aigc_ray.config import ConfigError, load_config
-from aigc_ray.evaluate import eval_data, format_report
+from aigc_ray.config import load_config
+from aigc_ray.errors import ConfigError
+from aigc_ray.evaluate import eval_data, evaluate_after_training, format_report
 from aigc_ray.generate import (
     GENERATE_KEYS,
     check_generate,
@@ -17,6 +18,7 @@ from aigc_ray.generate import (
     resource_warning,
     row_seed,
 )
+from aigc_ray.train import TrainSummary
 
 
 def test_input_format_follows_the_extension_unless_set():
@@ -87,6 +89,26 @@ def test_report_table_shows_both_models_and_the_difference():
     assert "run/final" in table and "baseline m/base" in table
     assert "-797.50" in table and "+39.00" in table and "+12.40" in table
     assert json.dumps(report)  # eval.json is this dict
+
+
+def test_evaluation_after_training_scores_final_against_the_start_into_the_run_folder(
+        tmp_path, monkeypatch, capsys):
+    summary = TrainSummary(run_dir=tmp_path, final_dir=tmp_path / "final", steps=10,
+                           total_steps=10, val_perplexity_before=9.0, val_perplexity_after=2.0,
+                           samples=[], start_model="/models/start")
+    calls = []
+    monkeypatch.setattr("aigc_ray.evaluate.run_eval",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or {"model": {}})
+    assert evaluate_after_training(load_config(None, ["eval.after_training=false"]), summary) is None
+    assert evaluate_after_training(load_config(None, ["data.val_fraction=0"]), summary) is None
+    assert calls == [] and capsys.readouterr().out == ""
+
+    cfg = load_config()
+    assert evaluate_after_training(cfg, summary) == {"model": {}}
+    assert calls == [((str(tmp_path / "final"), cfg), {"baseline": "/models/start",
+                                                       "output": tmp_path / "eval.json"})]
+    assert capsys.readouterr().out == ("[aigc-ray] evaluating final/ against the starting model "
+                                       "on the validation split\n")
 
 
 def test_cli_eval_rejects_a_missing_checkpoint_before_ray_starts(tmp_path, capsys):

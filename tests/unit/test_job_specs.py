@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from aigc_ray.cli import build_parser
-from aigc_ray.config import ConfigError, shipped_configs
+from aigc_ray.config import shipped_configs
+from aigc_ray.errors import ConfigError
 from aigc_ray.jobs import (
     aigc_commands,
     client,

@@ -7,7 +7,8 @@ import pytest
 import ray
 
 from aigc_ray.cli import main
-from aigc_ray.config import ConfigError, leaf_keys, load_config
+from aigc_ray.config import leaf_keys, load_config
+from aigc_ray.errors import ConfigError
 
 
 def space_error(override: str) -> str:
