@@ -218,17 +218,30 @@ def feed(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool 
 
 
 class WaitClock:
-    """Seconds the loop spent waiting for its next batch, as a share of the interval."""
+    """Seconds the loop spent waiting for its next batch while the device had nothing to do,
+    as a share of the interval. On a GPU the host runs ahead of the kernels it queued: a wait
+    that ends before the previous step's kernels have finished cost the GPU nothing, so it
+    is not counted (an event query, not a sync, tells)."""
 
-    def __init__(self):
+    def __init__(self, device):
+        self.on_gpu = device.type == "cuda"
+        self.step_done = None
         self.waited, self.started = 0.0, time.perf_counter()
+
+    def mark_step(self) -> None:
+        """Call after queuing a step's work: the next wait is measured against its end."""
+        if self.on_gpu:
+            import torch
+
+            self.step_done = torch.cuda.Event()
+            self.step_done.record()
 
     def next(self, batches):
         start = time.perf_counter()
-        try:
-            return next(batches, None)  # None: the epoch ended
-        finally:
+        batch = next(batches, None)  # None: the epoch ended
+        if self.step_done is None or self.step_done.query():  # the device ran dry meanwhile
             self.waited += time.perf_counter() - start
+        return batch
 
     def share(self) -> tuple[float, float]:
         """(data_wait share, seconds) of the interval since the last call; starts a new one."""
@@ -410,7 +423,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     model.train()
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
     interval_targets = interval_tokens = 0
-    clock = WaitClock()
+    clock = WaitClock(device)
     finished = state.step >= total_steps
     while not finished:
         batches = feed(train_shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
@@ -446,6 +459,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            clock.mark_step()
             state.step += 1
             state.batches_in_epoch += len(micro)
 
@@ -482,6 +496,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
             finished = state.step >= total_steps or bool(
                 patience and state.evals_without_gain >= patience)
         if not finished:
+            if state.batches_in_epoch == 0:  # a whole epoch without one step: it never will
+                raise DataError(too_few_blocks(cfg, None, world_size))
             state.epoch, state.batches_in_epoch = state.epoch + 1, 0
             finished = loop_config["epochs_bound"] and state.epoch >= cfg.train.epochs
 
@@ -535,17 +551,22 @@ class TrainSummary:
 
 
 def count_steps(cfg: Config, blocks: int | None, world_size: int) -> tuple[int, bool]:
-    """(total optimizer steps, whether epochs bound the run); `blocks` in the training split
-    (counted when epochs bound the run)."""
+    """(total optimizer steps, whether epochs bound the run); `blocks` in the training split,
+    when a pass counted them (always when epochs bound the run)."""
+    if blocks is not None:
+        steps_per_epoch = blocks // world_size // cfg.train.batch_size // cfg.train.grad_accum_steps
+        if steps_per_epoch < 1:
+            raise DataError(too_few_blocks(cfg, blocks, world_size))
     if cfg.train.max_steps:
         return cfg.train.max_steps, False
-    per_worker_batches = blocks // world_size // cfg.train.batch_size
-    steps_per_epoch = per_worker_batches // cfg.train.grad_accum_steps
-    if steps_per_epoch < 1:
-        raise DataError(f"the training split has {blocks} blocks: too few for one step of "
-                        f"{world_size} worker(s) × train.batch_size {cfg.train.batch_size}; "
-                        "lower train.batch_size or add data")
     return steps_per_epoch * cfg.train.epochs, True
+
+
+def too_few_blocks(cfg: Config, blocks: int | None, world_size: int) -> str:
+    count = f"{blocks} blocks: too few" if blocks is not None else "too few blocks"
+    return (f"the training split has {count} for one step of {world_size} "
+            f"worker(s) × train.batch_size {cfg.train.batch_size} × train.grad_accum_steps "
+            f"{cfg.train.grad_accum_steps}; lower train.batch_size or add data")
 
 
 def exact_validation_config():

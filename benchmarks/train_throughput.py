@@ -10,6 +10,14 @@ same steps after the same warm-up.
 Set-up (Ray start, worker group, data pipeline start) is shown apart: it is paid once per run.
 
     .venv/bin/python benchmarks/train_throughput.py [--steps 200] [--pairs 4000] [--size default]
+
+GPU mode (`--gpu`, the default when CUDA is present): the GPT-2-124M shape (12 layers × 768,
+vocab 8192, 92M parameters), bf16, block 1024, batch 32, 1 worker, on a small text corpus
+(~1.1 MB: about 10 steps an epoch, so many epoch boundaries) and a large one (20× that: one
+epoch), each against the best plain loop we could write: every block already on the GPU, the
+same model, loss, fused AdamW, schedule and clipping, with the same torch.compile setting.
+
+    python3 benchmarks/train_throughput.py --gpu [--steps 150] [--compile both|on|off] [--out DIR]
 """
 
 from __future__ import annotations
@@ -33,7 +41,8 @@ SIZES = {  # model.builtin settings; "default" is the shipped tiny_cpu model
 
 def corpus_blocks(cfg, model_dir: str) -> list[dict]:
     """Every training block of the corpus, tokenized and packed by our own `TokenizeAndPack`."""
-    from aigc_ray.data import ROW_COLUMN, TokenizeAndPack, document_text, split_of, tokenizer_spec
+    from aigc_ray.data import ROW_COLUMN, TokenizeAndPack, document_text, split_of
+    from aigc_ray.tokenizer import tokenizer_spec
 
     pack = TokenizeAndPack(tokenizer_spec(model_dir), cfg.data.model_dump(), "train")
     prompts, completions = [], []
@@ -54,8 +63,9 @@ def baseline(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: int,
     import numpy as np
     import torch
 
+    from aigc_ray.loss import token_loss_sum, trim_padding
     from aigc_ray.model import load_model
-    from aigc_ray.train import decay_groups, lr_factor, token_loss_sum, trim_padding
+    from aigc_ray.train import decay_groups, lr_factor
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
@@ -100,13 +110,188 @@ def ours(cfg) -> tuple[float, float, int]:
     return statistics.harmonic_mean(rates), wall, threads
 
 
+# ── GPU mode ────────────────────────────────────────────────────────────────────────────────
+
+GPT2_SHAPE = {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 8192}
+SMALL_PAIRS = 4700  # ~1.1 MB of text: ~10 steps of 32 × 1024 tokens an epoch
+
+
+def text_blocks(cfg, model_dir: str) -> list[dict]:
+    """Every training block of a text corpus, packed by our own `TokenizeAndPack`."""
+    from aigc_ray.data import ROW_COLUMN, TokenizeAndPack, split_of
+    from aigc_ray.tokenizer import tokenizer_spec
+
+    pack = TokenizeAndPack(tokenizer_spec(model_dir), cfg.data.model_dump(), "train")
+    with open(cfg.data.paths[0], encoding="utf-8") as f:
+        lines = [line.rstrip("\n") for line in f
+                 if split_of(line.rstrip("\n"), cfg.data.val_fraction) == "train"]
+    out = pack({cfg.data.text_field: lines, ROW_COLUMN: [str(i) for i in range(len(lines))]})
+    return [{key: out[key][i] for key in out} for i in range(len(out["input_ids"]))]
+
+
+def plain_gpu_loop(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: int,
+                   compile_model: bool, device: str = "cuda") -> dict:
+    """The best plain loop: blocks preloaded on the GPU, bf16 autocast, fused AdamW, the same
+    loss/schedule/clipping as ours; timed between CUDA syncs after `warmup` steps."""
+    import numpy as np
+    import torch
+
+    from aigc_ray.loss import token_loss_sum
+    from aigc_ray.model import load_model
+    from aigc_ray.train import decay_groups, flops_per_token, lr_factor, peak_tflops
+
+    device = torch.device(device)
+    on_gpu = device.type == "cuda"
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    torch.manual_seed(cfg.train.seed)
+    model = load_model(model_dir).to(device)
+    model.train()
+    step_model = torch.compile(model) if compile_model else model
+    optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
+                                  betas=(0.9, 0.95), fused=on_gpu)
+    total = warmup + steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
+        step, total, cfg.train.warmup_steps, cfg.train.lr_schedule, cfg.train.min_lr_ratio))
+    ids = torch.from_numpy(np.stack([b["input_ids"] for b in blocks])).long().to(device)
+    labels = torch.from_numpy(np.stack([b["labels"] for b in blocks])).long().to(device)
+    # Real (non-padding) tokens of each step, as ours counts them: the tail block of each
+    # tokenizer batch is part padding.
+    real = np.stack([b["attention_mask"] for b in blocks]).sum(axis=1)
+    batch_size, tokens = cfg.train.batch_size, 0
+    start = time.perf_counter()
+    for step in range(total):
+        if step == warmup:
+            sync()
+            start, tokens = time.perf_counter(), 0
+        tokens += int(real[np.arange(step * batch_size, (step + 1) * batch_size) % len(ids)].sum())
+        rows = torch.arange(step * batch_size, (step + 1) * batch_size, device=device) % len(ids)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
+            loss_sum, targets = token_loss_sum(step_model, {"input_ids": ids[rows],
+                                                            "labels": labels[rows]})
+        (loss_sum / targets).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    sync()
+    rate = tokens / (time.perf_counter() - start)
+    peak = peak_tflops(torch.cuda.get_device_name()) if on_gpu else None
+    flops = flops_per_token(model, cfg.data.block_size)
+    del model, step_model, optimizer, ids, labels
+    if on_gpu:
+        torch.cuda.empty_cache()
+    return {"tokens_per_second": rate, "mfu": flops * rate / (peak * 1e12) if peak else None,
+            "data_wait": 0.0}
+
+
+def ours_gpu(cfg) -> dict:
+    """`run_train` on one GPU worker: steady rates from metrics.jsonl (first interval left out:
+    start-up and compilation), the harmonic mean over intervals, and the run's wall time."""
+    from aigc_ray.metrics import read_jsonl
+    from aigc_ray.train import run_train
+
+    start = time.perf_counter()
+    summary = run_train(cfg, follow=False)
+    wall = time.perf_counter() - start
+    rows = [row for row in read_jsonl(summary.run_dir / "metrics.jsonl")
+            if row["loss"] is not None][1:]
+    data = json.loads((summary.run_dir / "data.json").read_text())
+    return {"tokens_per_second": statistics.harmonic_mean([r["tokens_per_second"] for r in rows]),
+            "mfu": statistics.mean([r["mfu"] for r in rows]) if rows[0]["mfu"] else None,
+            "data_wait": statistics.mean([r["data_wait"] for r in rows]),
+            "intervals": [round(r["tokens_per_second"]) for r in rows], "wall_s": wall,
+            "training_split": data["training_split"], "epochs": rows[-1]["epoch"] + 1}
+
+
+def gpu_main(args) -> None:
+    import torch
+
+    from aigc_ray.cluster import start_ray
+    from aigc_ray.config import load_config
+    from aigc_ray.model import resolve_model_path
+    from aigc_ray.sample_data import write_sample_corpus
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results: dict = {"device": torch.cuda.get_device_name(), "steps": args.steps, "runs": {}}
+    log_every = max(1, args.steps // 6)
+    with tempfile.TemporaryDirectory() as tmp:
+        small = write_sample_corpus(Path(tmp) / "small", num_pairs=SMALL_PAIRS)["text"]
+        large = write_sample_corpus(Path(tmp) / "large", num_pairs=20 * SMALL_PAIRS)["text"]
+        cpus = max(2, (os.cpu_count() or 8) // 2)
+
+        def config(corpus: str, name: str, compile_model: bool, model: str = "builtin:tiny"):
+            return load_config("tiny_text", [
+                f"model.name_or_path={model}",
+                *[f"model.builtin.{key}={value}" for key, value in GPT2_SHAPE.items()],
+                f"data.path={corpus}", "data.block_size=1024", "data.val_fraction=0.02",
+                f"data.tokenizer_actors={max(1, cpus // 2)}", "train.batch_size=32",
+                f"train.max_steps={args.steps}", f"train.eval_every={args.steps}",
+                f"train.log_every={log_every}", "train.lr=6e-4", "train.warmup_steps=10",
+                f"train.compile={str(compile_model).lower()}", "train.sample_prompts=[]",
+                "eval.after_training=false", "scaling.num_workers=1", "scaling.use_gpu=true",
+                f"scaling.cpus_per_worker={cpus}", f"run.output_dir={tmp}/runs", f"run.name={name}"])
+
+        def record(key: str, measure, *measure_args) -> None:
+            # One failed run (a compiler missing on this machine, say) must not lose the rest.
+            try:
+                results["runs"][key] = measure(*measure_args)
+            except Exception as exc:
+                results.setdefault("errors", {})[key] = f"{type(exc).__name__}: {exc}"[:500]
+            print(key, results["runs"].get(key) or results["errors"][key], flush=True)
+            (out / "train_gpu.json").write_text(json.dumps(results, indent=2))
+
+        start_ray()
+        model_dir = resolve_model_path(config(small, "model", False))  # one tokenizer, one init
+        blocks = text_blocks(config(small, "blocks", False, model_dir), model_dir)
+        results["small_corpus_blocks"] = len(blocks)
+        for compile_model in {"both": (False, True), "on": (True,), "off": (False,)}[args.compile]:
+            tag = "compile" if compile_model else "eager"
+            for corpus_name, corpus in (("small", small), ("large", large)):
+                if compile_model and corpus_name == "large" and not args.large_compile:
+                    continue
+                key = f"ours {tag} {corpus_name}"
+                record(key, ours_gpu, config(corpus, key.replace(" ", "-"), compile_model,
+                                             model_dir))
+            record(f"plain {tag}", plain_gpu_loop, config(small, "plain", compile_model, model_dir),
+                   model_dir, blocks, args.steps - log_every, log_every, compile_model)
+
+    runs = results["runs"]
+    print(f"\n{results['device']}: GPT-2-124M shape (92M parameters), bf16, block 1024, batch 32, "
+          f"1 worker, {args.steps} steps; small corpus {results['small_corpus_blocks']} blocks "
+          "(~10 steps an epoch), large 20× (one epoch)")
+    print(f"{'run':<22}{'tokens/s':>12}{'MFU':>8}{'data_wait':>11}  ratio to plain, same compile")
+    for key, run in runs.items():
+        plain = runs.get(f"plain {key.split()[1]}")
+        ratio = f"{run['tokens_per_second'] / plain['tokens_per_second']:.3f}" if plain else ""
+        mfu = f"{100 * run['mfu']:.1f}%" if run.get("mfu") else "n/a"
+        print(f"{key:<22}{run['tokens_per_second']:>12,.0f}{mfu:>8}"
+              f"{100 * run['data_wait']:>10.1f}%  {ratio if not key.startswith('plain') else ''}")
+    (out / "train_gpu.json").write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (200)")
     parser.add_argument("--pairs", type=int, default=4000, help="sample corpus size (4000)")
     parser.add_argument("--size", choices=sorted(SIZES), default="default",
                         help="built-in model size: default (tiny_cpu's) or small (~11M)")
+    parser.add_argument("--gpu", action=argparse.BooleanOptionalAction, default=None,
+                        help="GPU mode (default: on when CUDA is present)")
+    parser.add_argument("--compile", choices=("both", "on", "off"), default="both",
+                        help="GPU mode: torch.compile setting(s) to measure (both)")
+    parser.add_argument("--large-compile", action="store_true",
+                        help="GPU mode: also measure the large corpus with compile")
+    parser.add_argument("--out", default="runs/bench", help="GPU mode: where train_gpu.json goes")
     args = parser.parse_args()
+    if args.gpu is None:
+        import torch
+
+        args.gpu = torch.cuda.is_available()
+    if args.gpu:
+        if args.steps == 200:
+            args.steps = 150
+        return gpu_main(args)
 
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import load_config
