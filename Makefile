@@ -35,6 +35,7 @@ lint: $(STAMP)
 bench: $(STAMP) data/sample/support.jsonl
 	$(BIN)/python benchmarks/data_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
+	$(BIN)/python benchmarks/feed_rate.py
 	$(BIN)/python benchmarks/tune_efficiency.py
 	$(BIN)/python benchmarks/serve_throughput.py
 	$(BIN)/python benchmarks/generate_throughput.py
