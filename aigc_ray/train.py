@@ -203,18 +203,81 @@ def batch_collator(pin: bool):
     return Collate()
 
 
+def on_device(batch: dict, device) -> dict:
+    """A collated batch on `device`, with `tokens` and `targets` as host ints. The copy is
+    issued non-blocking from pinned memory, so it overlaps the running step."""
+    tokens, targets = batch["counts"].tolist()  # a pinned host tensor: no device sync
+    return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
+            "labels": batch["labels"].to(device, non_blocking=True),
+            "counts": batch["counts"].to(device, non_blocking=True),
+            "tokens": tokens, "targets": targets}
+
+
 def feed(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool = False):
-    """Batches of a dataset shard on `device`, each with `tokens` and `targets` as host ints.
-    The copy is issued non-blocking from pinned memory, so it overlaps the running step."""
-    pin = device.type == "cuda"
+    """One pass over a dataset shard: its batches on `device` (see `on_device`)."""
     for batch in shard.iter_torch_batches(batch_size=batch_size, device="cpu",
-                                          collate_fn=batch_collator(pin), drop_last=drop_last,
-                                          prefetch_batches=prefetch_batches):
-        tokens, targets = batch["counts"].tolist()  # a pinned host tensor: no device sync
-        yield {"input_ids": batch["input_ids"].to(device, non_blocking=True),
-               "labels": batch["labels"].to(device, non_blocking=True),
-               "counts": batch["counts"].to(device, non_blocking=True),
-               "tokens": tokens, "targets": targets}
+                                          collate_fn=batch_collator(device.type == "cuda"),
+                                          drop_last=drop_last, prefetch_batches=prefetch_batches):
+        yield on_device(batch, device)
+
+
+class EpochFeed:
+    """The training shard epoch after epoch, read by a background thread into a small queue:
+    the next epoch's stream starts while the loop still steps through the batches queued from
+    the current one, so an epoch boundary (Ray Data starts a new execution per epoch, ~50 ms)
+    costs the loop no wait. `epochs` None: until `close()`."""
+
+    END = object()  # marks the end of an epoch in the queue
+
+    def __init__(self, shard, batch_size: int, device, prefetch_batches: int,
+                 epochs: int | None, depth: int = 8):
+        import queue
+        import threading
+
+        self.device, self.queue, self.stop = device, queue.Queue(maxsize=depth), threading.Event()
+        self.thread = threading.Thread(target=self._produce, daemon=True, name="aigc-ray-feed",
+                                       args=(shard, batch_size, prefetch_batches, epochs))
+        self.thread.start()
+
+    def _produce(self, shard, batch_size: int, prefetch_batches: int, epochs: int | None) -> None:
+        import itertools
+
+        try:
+            for _ in range(epochs) if epochs is not None else itertools.count():
+                for batch in shard.iter_torch_batches(
+                        batch_size=batch_size, device="cpu", drop_last=True,
+                        collate_fn=batch_collator(self.device.type == "cuda"),
+                        prefetch_batches=prefetch_batches):
+                    if not self._put(batch):
+                        return  # closed mid-epoch: leaving the loop ends Ray's iteration
+                if not self._put(self.END):
+                    return
+        except Exception as exc:  # a bad corpus row in strict mode, say: the loop raises it
+            self._put(exc)
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self.stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def epoch(self):
+        """The next epoch's batches on the device; ends with the epoch."""
+        while True:
+            item = self.queue.get()
+            if item is self.END:
+                return
+            if isinstance(item, Exception):
+                raise item
+            yield on_device(item, self.device)
+
+    def close(self) -> None:
+        self.stop.set()
 
 
 class WaitClock:
@@ -425,81 +488,85 @@ def train_loop_per_worker(loop_config: dict) -> None:
     interval_targets = interval_tokens = 0
     clock = WaitClock(device)
     finished = state.step >= total_steps
-    while not finished:
-        batches = feed(train_shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
-                       drop_last=True)
-        for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was consumed
-            next(batches, None)
+    epochs = EpochFeed(train_shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
+                       cfg.train.epochs - state.epoch if loop_config["epochs_bound"] else None)
+    try:
         while not finished:
-            micro = []
-            for _ in range(cfg.train.grad_accum_steps):
-                batch = clock.next(batches)
-                if batch is None:
-                    break
-                micro.append(batch)
-            if len(micro) < cfg.train.grad_accum_steps:
-                break  # the epoch ended
-            # The mean over every target token of the global batch: a device-side sum
-            # (all-reduced when there are several workers), never read back on the host.
-            global_targets = torch.stack([b["counts"][1] for b in micro]).sum()
-            if world_size > 1:
-                torch.distributed.all_reduce(global_targets)
-            scale = world_size / global_targets.clamp(min=1)  # DDP averages over workers
-            for position, micro_batch in enumerate(micro):
-                last = position == len(micro) - 1
-                with (step_model.no_sync() if not last and world_size > 1
-                      else contextlib.nullcontext()):
-                    with autocast:
-                        loss_sum, _ = token_loss_sum(step_model, micro_batch)
-                    (loss_sum * scale).backward()
-                interval_loss += loss_sum.detach()
-                interval_targets += micro_batch["targets"]
-                interval_tokens += micro_batch["tokens"]
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            clock.mark_step()
-            state.step += 1
-            state.batches_in_epoch += len(micro)
+            batches = epochs.epoch()
+            for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was consumed
+                next(batches, None)
+            while not finished:
+                micro = []
+                for _ in range(cfg.train.grad_accum_steps):
+                    batch = clock.next(batches)
+                    if batch is None:
+                        break
+                    micro.append(batch)
+                if len(micro) < cfg.train.grad_accum_steps:
+                    break  # the epoch ended
+                # The mean over every target token of the global batch: a device-side sum
+                # (all-reduced when there are several workers), never read back on the host.
+                global_targets = torch.stack([b["counts"][1] for b in micro]).sum()
+                if world_size > 1:
+                    torch.distributed.all_reduce(global_targets)
+                scale = world_size / global_targets.clamp(min=1)  # DDP averages over workers
+                for position, micro_batch in enumerate(micro):
+                    last = position == len(micro) - 1
+                    with (step_model.no_sync() if not last and world_size > 1
+                          else contextlib.nullcontext()):
+                        with autocast:
+                            loss_sum, _ = token_loss_sum(step_model, micro_batch)
+                        (loss_sum * scale).backward()
+                    interval_loss += loss_sum.detach()
+                    interval_targets += micro_batch["targets"]
+                    interval_tokens += micro_batch["tokens"]
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                clock.mark_step()
+                state.step += 1
+                state.batches_in_epoch += len(micro)
 
-            evaluating = state.step % cfg.train.eval_every == 0 or state.step == total_steps
-            if evaluating or state.step % cfg.train.log_every == 0:
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)  # the interval ends when its steps have run
-                share, seconds = clock.share()
-                loss_all, targets_all, seen_all, waited = all_reduce_sum(
-                    interval_loss, interval_targets, interval_tokens, share,
-                    device=device)
-                data_wait, rate = waited / world_size, seen_all / max(seconds, 1e-9)
-                row = {"step": state.step, "epoch": state.epoch,
-                       "loss": loss_all / max(targets_all, 1), "lr": scheduler.get_last_lr()[0],
-                       "tokens_per_second": rate, "data_wait": data_wait,
-                       "mfu": flops * rate / (peak * 1e12 * world_size) if peak else None}
-                interval_loss.zero_()
-                interval_targets = interval_tokens = 0
-                if evaluating:
-                    row.update(evaluate() or {})
-                    if "val_loss" in row:
-                        state.note_eval(row["val_loss"])
-                    if rank == 0 and cfg.train.sample_prompts:
-                        replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
-                                                   device)
-                        for prompt, reply in zip(cfg.train.sample_prompts, replies):
-                            append_jsonl(run.samples,
-                                         {"step": state.step, "prompt": prompt, "reply": reply})
-                write_metrics(row)
-                if evaluating:
-                    save_and_report(row)
-                clock.pause()  # evaluation time is not training time
-            patience = cfg.train.early_stopping_patience
-            finished = state.step >= total_steps or bool(
-                patience and state.evals_without_gain >= patience)
-        if not finished:
-            if state.batches_in_epoch == 0:  # a whole epoch without one step: it never will
-                raise DataError(too_few_blocks(cfg, None, world_size))
-            state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-            finished = loop_config["epochs_bound"] and state.epoch >= cfg.train.epochs
+                evaluating = state.step % cfg.train.eval_every == 0 or state.step == total_steps
+                if evaluating or state.step % cfg.train.log_every == 0:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)  # the interval ends when its steps have run
+                    share, seconds = clock.share()
+                    loss_all, targets_all, seen_all, waited = all_reduce_sum(
+                        interval_loss, interval_targets, interval_tokens, share,
+                        device=device)
+                    data_wait, rate = waited / world_size, seen_all / max(seconds, 1e-9)
+                    row = {"step": state.step, "epoch": state.epoch,
+                           "loss": loss_all / max(targets_all, 1), "lr": scheduler.get_last_lr()[0],
+                           "tokens_per_second": rate, "data_wait": data_wait,
+                           "mfu": flops * rate / (peak * 1e12 * world_size) if peak else None}
+                    interval_loss.zero_()
+                    interval_targets = interval_tokens = 0
+                    if evaluating:
+                        row.update(evaluate() or {})
+                        if "val_loss" in row:
+                            state.note_eval(row["val_loss"])
+                        if rank == 0 and cfg.train.sample_prompts:
+                            replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
+                                                       device)
+                            for prompt, reply in zip(cfg.train.sample_prompts, replies):
+                                append_jsonl(run.samples,
+                                             {"step": state.step, "prompt": prompt, "reply": reply})
+                    write_metrics(row)
+                    if evaluating:
+                        save_and_report(row)
+                    clock.pause()  # evaluation time is not training time
+                patience = cfg.train.early_stopping_patience
+                finished = state.step >= total_steps or bool(
+                    patience and state.evals_without_gain >= patience)
+            if not finished:
+                if state.batches_in_epoch == 0:  # a whole epoch without one step: it never will
+                    raise DataError(too_few_blocks(cfg, None, world_size))
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                finished = loop_config["epochs_bound"] and state.epoch >= cfg.train.epochs
+    finally:
+        epochs.close()  # a run that ends mid-epoch stops the reader thread
 
 
 def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: int,

@@ -3,13 +3,15 @@
 Ours: the datasets exactly as `run_train` builds them (`build_datasets` → `training_split`:
 tokenized once and cached in the object store, or streamed and tokenized again each epoch),
 a real `TorchTrainer` whose workers run the training loop's data side epoch after epoch:
-`feed(get_dataset_shard("train"), ...)` (Ray Data batches, the collate class that trims the
+`EpochFeed(get_dataset_shard("train"), ...)` (Ray Data batches read by a background thread
+epoch after epoch, the collate class that trims the
 padding, counts tokens and targets), the grad-accum grouping, the per-step target-count sum and
 the logging interval's bookkeeping, with the model step replaced by a no-op. Each worker records
 per epoch: tokens delivered, seconds, the wait for every batch, and the gap at the epoch
 boundary (last batch of epoch k → first batch of epoch k+1). A third run per corpus paces the
 loop like a GPU (a sleep of tokens / --gpu-pace per micro-batch) to show the stall a GPU sees:
-prefetching hides the batches inside an epoch, never the start of the next one.
+the reader thread starts the next epoch's stream while the loop still works through the batches
+it queued from the current one.
 Baseline: the same blocks as numpy arrays in one process, sliced into batches and put through
 the same collate class and bookkeeping: the cost floor of the work itself, without Ray.
 
@@ -47,7 +49,7 @@ def feed_loop(loop_config: dict) -> None:
     import torch
 
     from aigc_ray.config import Config
-    from aigc_ray.train import all_reduce_sum, feed
+    from aigc_ray.train import EpochFeed, all_reduce_sum
 
     # 1. Set up: the same shard and device as the real loop. Waits are timed here, as the loop's
     #    WaitClock times them on a CPU (two clock reads around next()).
@@ -62,9 +64,10 @@ def feed_loop(loop_config: dict) -> None:
     epochs = []
 
     # 2. Epochs: the real loop's grouping and bookkeeping, timing every batch's arrival.
+    source = EpochFeed(shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
+                       cfg.train.epochs)
     for _ in range(cfg.train.epochs):
-        batches = feed(shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
-                       drop_last=True)
+        batches = source.epoch()
         start = time.perf_counter()
         arrivals, waits, tokens, targets, end_wait = [], [], 0, 0, 0.0
         while True:
@@ -103,6 +106,8 @@ def feed_loop(loop_config: dict) -> None:
         epochs.append({"start": start, "end": time.perf_counter(), "arrivals": arrivals,
                        "waits": waits, "end_wait": end_wait, "tokens": tokens,
                        "targets": targets})
+
+    source.close()
 
     # 3. Report: a file per rank (the driver reads them after fit()).
     Path(loop_config["out"], f"rank-{rank}.json").write_text(json.dumps(epochs))
