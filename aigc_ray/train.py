@@ -146,16 +146,21 @@ def generate_samples(model, tokenizer, prompts: list[str], device, max_new_token
 
 # ── feeding the GPU ─────────────────────────────────────────────────────────────────────────
 
-# bf16 dense TFLOPS of one accelerator by (a part of) its CUDA name; the first match wins.
+# bf16 dense TFLOPS of one accelerator by the words of its CUDA name; the first match wins.
 PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
                ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
                ("A10", 125.0))
 
 
 def peak_tflops(device_name: str) -> float | None:
-    """The bf16 dense peak of a GPU named like `torch.cuda.get_device_name()`, if known."""
+    """The bf16 dense peak of a GPU named like `torch.cuda.get_device_name()`, if known. Names
+    match word by word ('NVIDIA A100-SXM4-80GB' is an A100; 'NVIDIA L40' is not an L4)."""
+    import re
+
+    words = re.split(r"[^A-Za-z0-9]+", device_name.upper())
     for part, tflops in PEAK_TFLOPS:
-        if part in device_name:
+        wanted = part.upper().split()
+        if any(words[i:i + len(wanted)] == wanted for i in range(len(words))):
             return tflops
     return None
 
@@ -167,10 +172,12 @@ def flops_per_token(model, seq_len: int) -> float:
     import torch
 
     config = unwrap(model).config
-    total = sum(p.numel() for p in model.parameters())
-    lookups = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding))
+    total = sum(p.numel() for p in model.parameters())  # a tied weight counts once here
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     head = unwrap(model).get_output_embeddings()
-    matmul_params = total - lookups + (head.weight.numel() if head is not None else 0)
+    tied = head is not None and any(head.weight is m.weight for m in embeddings)
+    matmul_params = (total - sum(m.weight.numel() for m in embeddings)
+                     + (head.weight.numel() if tied else 0))
     layers = getattr(config, "num_hidden_layers", 0)
     width = getattr(config, "hidden_size", 0)
     return 6 * matmul_params + 12 * layers * width * seq_len
