@@ -1,11 +1,13 @@
 """Evaluation on real Ray Data: perplexity equals a direct transformers computation, and the CLI
-writes eval.json with a baseline side by side. (That a fine-tune beats its starting model is
-asserted on the evaluation `aigc-ray train` runs at its end, in test_train.py.)"""
+writes eval.json with a baseline side by side; `aigc-ray train` ends with the evaluation of
+final/ against its start. (That a fine-tune beats its starting model is asserted in
+test_train.py.)"""
 
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,3 +85,30 @@ def test_cli_without_data_needs_a_saved_config(tiny_model_dir, capsys):
     # The last line: Ray may still forward an earlier test's actor output to stderr.
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "--data" in err
+
+
+def test_cli_train_ends_with_the_evaluation_of_final_against_its_start(
+        ray_cluster, sample_corpus, tiny_model_dir, tmp_path, capsys):
+    """`aigc-ray train` evaluates after training (eval.after_training): the line announcing it,
+    then the sample replies, the table and the summary line last; eval.json in the run folder."""
+    assert main(["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
+                 f"data.path={sample_corpus['jsonl']}", "train.seed=0", "train.max_steps=4",
+                 "train.eval_every=4", "train.log_every=4", "scaling.num_workers=1",
+                 f"run.output_dir={tmp_path}", "run.name=cli", "eval.generate_rows=4",
+                 "eval.max_tokens=4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    run_dir = tmp_path / "cli"
+
+    def first(prefix: str) -> int:
+        return next(i for i, line in enumerate(lines) if line.startswith(prefix))
+
+    assert (first("[aigc-ray] evaluating final/ against the starting model on the validation "
+                  "split") < first("sample reply") < first("eval on ") < first("written to")
+            == len(lines) - 2)
+    assert lines[-1].startswith("val_perplexity ")
+    assert lines[-1].endswith(f"final model in {run_dir / 'final'}")
+    assert lines[-2] == f"written to {run_dir / 'eval.json'}"
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert report["model"]["model"] == str(run_dir / "final") and report["data"]["split"] == "val"
+    assert report["baseline"]["model"] == str(Path(tiny_model_dir).resolve())
+    assert report["model"]["generated"] == report["baseline"]["generated"] == 4
