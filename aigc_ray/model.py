@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aigc_ray.config import Config
+from aigc_ray.errors import ConfigError
 from aigc_ray.run_folder import CheckpointFolder
 from aigc_ray.tokenizer import build_tokenizer, load_tokenizer
 
@@ -76,6 +77,15 @@ def load_model(path: str, trust_remote_code: bool = False, dtype=None):
 
     return AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code,
                                                 dtype=dtype)
+
+
+def check_model_path(cfg: Config) -> None:
+    """A model named by a local path must exist: checked before Ray starts (a hub id is the
+    hub's to check, where the network allows)."""
+    name = cfg.model.name_or_path
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
+        raise ConfigError(f"model.name_or_path {name} does not exist; name a local Hugging Face "
+                          "model folder, a hub id, or builtin:tiny")
 
 
 def resolve_model_path(cfg: Config) -> str:

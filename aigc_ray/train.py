@@ -705,9 +705,10 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import to_yaml
     from aigc_ray.data import build_datasets, check_config, create_stats, training_split
-    from aigc_ray.model import resolve_model_path
+    from aigc_ray.model import check_model_path, resolve_model_path
 
-    files = check_config(cfg)  # files exist: fail before Ray starts
+    check_model_path(cfg)  # fail before Ray starts
+    files = check_config(cfg)  # files exist
     start_ray(ray_logs=cfg.run.ray_logs)
     import ray
 

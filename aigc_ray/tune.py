@@ -305,8 +305,9 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
     from aigc_ray.cluster import start_ray
     from aigc_ray.data import check_config
     from aigc_ray.metrics import plot_trial_curves
-    from aigc_ray.model import resolve_model_path
+    from aigc_ray.model import check_model_path, resolve_model_path
 
+    check_model_path(cfg)
     check_config(cfg)  # files exist
     check_tune_config(cfg, resume)  # before Ray starts
     start_ray(ray_logs=cfg.run.ray_logs)
