@@ -551,16 +551,7 @@ def training_split(cfg: Config, dataset, files: list[str], object_store_bytes: f
                               "(train.max_steps likely ends the run within one epoch)")
     if warning:
         split.note = warning
-    split.dataset = in_order(split.dataset)
     return split
-
-
-def in_order(dataset):
-    """The dataset, set to hand its batches out in its own order: Ray collates prefetched
-    batches in several threads and would otherwise yield them as they finish, so the order
-    would change from epoch to epoch and a mid-epoch resume would skip the wrong batches."""
-    dataset.context.execution_options.preserve_order = True
-    return dataset
 
 
 def _mb(size: float) -> str:

@@ -644,13 +644,20 @@ def too_few_blocks(cfg: Config, blocks: int | None, world_size: int) -> str:
 
 
 def exact_validation_config():
-    """Ray Train's `DataConfig`, except that validation is split unevenly.
+    """Ray Train's `DataConfig`, except that validation is split unevenly and training batches
+    come in the split's own order.
 
     Training shards must be equal (every rank takes the same number of steps, or DDP hangs), so
     Ray drops up to N-1 rows there. Validation sums losses and tokens over all ranks instead, so
-    its shards may differ in size and no validation row is dropped.
+    its shards may differ in size and no validation row is dropped. Ray collates prefetched
+    batches in several threads and, unless asked to preserve order, yields them as they finish:
+    epochs would differ and a mid-epoch resume would skip other batches than it used. (Ray Train
+    replaces each dataset's execution options with these, so this is the place to ask.)
     """
     from ray.train import DataConfig
+
+    in_order = DataConfig.default_ingest_options()
+    in_order.preserve_order = True
 
     class ExactValidation(DataConfig):
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
@@ -663,7 +670,7 @@ def exact_validation_config():
                     shard["val"] = split
             return output
 
-    return ExactValidation()
+    return ExactValidation(execution_options={"train": in_order})
 
 
 def resource_warning(cfg: Config, cluster: dict) -> str | None:
