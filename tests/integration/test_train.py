@@ -416,3 +416,18 @@ def test_the_trainer_reads_its_batches_in_the_same_order_every_epoch(ray_cluster
         feed.close()
     assert sorted(orders[0]) == list(range(0, rows_per_batch * num_batches, rows_per_batch))
     assert orders == [orders[0]] * epochs
+
+
+# ── on a GPU (CI has none: skipped there) ───────────────────────────────────────────────────
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_one_gpu_worker_trains_in_bf16_and_reports_mfu(ray_cluster, train_args):
+    cfg = load_config("tiny_cpu", [*train_args, "scaling.num_workers=1", "scaling.use_gpu=true",
+                                   "scaling.peak_tflops=100", "train.max_steps=20",
+                                   "train.log_every=5", "train.eval_every=20", "run.name=gpu"])
+    summary = run_train(cfg)
+    rows = [row for row in metrics_of(summary.run_dir) if row["loss"] is not None]
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert all(row["mfu"] > 0 and 0 <= row["data_wait"] <= 1 for row in rows)
+    assert worker_starts(summary.run_dir)[0]["device"].startswith("cuda")
