@@ -255,15 +255,14 @@ def test_two_node_cluster_spreads_the_workers(train_args, tmp_path):
 
 # ── several epochs: tokenize once, feed from the object store ───────────────────────────────
 
-# One worker and one prefetched batch keep the batch order fixed (with more, the order changes:
-# see test_the_trainer_reads_its_batches_in_the_same_order_every_epoch); 40 sequences a batch
-# make an epoch of the ~360 training pairs a few steps. A constant schedule (after a short
-# warmup) does not depend on the planned step count, so runs of different lengths take the
-# same steps where they overlap.
+# One worker, and batches in the split's own order (see
+# test_the_trainer_reads_its_batches_in_the_same_order_every_epoch), keep every run's batches the
+# same; 40 sequences a batch make an epoch of the ~360 training pairs a few steps. A constant
+# schedule (after a short warmup) does not depend on the planned step count, so runs of
+# different lengths take the same steps where they overlap.
 EPOCH_RUN = ["scaling.num_workers=1", "train.max_steps=null", "train.epochs=3",
-             "train.batch_size=40", "train.prefetch_batches=1", "train.lr_schedule=constant",
-             "train.warmup_steps=3", "train.log_every=1", "train.eval_every=1000",
-             "train.sample_prompts=[]"]
+             "train.batch_size=40", "train.lr_schedule=constant", "train.warmup_steps=3",
+             "train.log_every=1", "train.eval_every=1000", "train.sample_prompts=[]"]
 
 
 def losses(run_dir: Path) -> dict[int, float]:
