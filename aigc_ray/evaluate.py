@@ -56,8 +56,9 @@ class LossSum:
 
         from aigc_ray.loss import token_loss_sum, trim_padding
 
-        tensors = trim_padding({k: torch.from_numpy(np.array(v)).to(self.device)
-                                for k, v in batch.items()})
+        # Trim on the host: reading the mask's length on a GPU would wait for the device.
+        tensors = {k: v.to(self.device) for k, v in trim_padding(
+            {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}).items()}
         with torch.inference_mode():
             loss, tokens = token_loss_sum(self.model, tensors)
         return {"loss_sum": np.array([float(loss)]), "tokens": np.array([int(tokens)])}

@@ -220,12 +220,29 @@ def on_device(batch: dict, device) -> dict:
             "tokens": tokens, "targets": targets}
 
 
+def collated(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool):
+    """One pass over a dataset shard: collated host batches (pinned when `device` is a GPU)."""
+    return shard.iter_torch_batches(batch_size=batch_size, device="cpu", drop_last=drop_last,
+                                    collate_fn=batch_collator(device.type == "cuda"),
+                                    prefetch_batches=prefetch_batches)
+
+
 def feed(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool = False):
     """One pass over a dataset shard: its batches on `device` (see `on_device`)."""
-    for batch in shard.iter_torch_batches(batch_size=batch_size, device="cpu",
-                                          collate_fn=batch_collator(device.type == "cuda"),
-                                          drop_last=drop_last, prefetch_batches=prefetch_batches):
+    for batch in collated(shard, batch_size, device, prefetch_batches, drop_last):
         yield on_device(batch, device)
+
+
+def loss_scale(micro: list[dict], world_size: int):
+    """The factor that turns a micro-batch's loss sum into its share of the mean over every
+    target token of the global batch: a device-side count (all-reduced when there are several
+    workers), never read back on the host. DDP averages gradients over workers, hence ×N."""
+    import torch
+
+    global_targets = torch.stack([batch["counts"][1] for batch in micro]).sum()
+    if world_size > 1:
+        torch.distributed.all_reduce(global_targets)
+    return world_size / global_targets.clamp(min=1)
 
 
 class EpochFeed:
@@ -251,10 +268,7 @@ class EpochFeed:
 
         try:
             for _ in range(epochs) if epochs is not None else itertools.count():
-                for batch in shard.iter_torch_batches(
-                        batch_size=batch_size, device="cpu", drop_last=True,
-                        collate_fn=batch_collator(self.device.type == "cuda"),
-                        prefetch_batches=prefetch_batches):
+                for batch in collated(shard, batch_size, self.device, prefetch_batches, True):
                     if not self._put(batch):
                         return  # closed mid-epoch: leaving the loop ends Ray's iteration
                 if not self._put(self.END):
@@ -511,12 +525,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     micro.append(batch)
                 if len(micro) < cfg.train.grad_accum_steps:
                     break  # the epoch ended
-                # The mean over every target token of the global batch: a device-side sum
-                # (all-reduced when there are several workers), never read back on the host.
-                global_targets = torch.stack([b["counts"][1] for b in micro]).sum()
-                if world_size > 1:
-                    torch.distributed.all_reduce(global_targets)
-                scale = world_size / global_targets.clamp(min=1)  # DDP averages over workers
+                scale = loss_scale(micro, world_size)
                 for position, micro_batch in enumerate(micro):
                     last = position == len(micro) - 1
                     with (step_model.no_sync() if not last and world_size > 1

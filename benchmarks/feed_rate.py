@@ -46,10 +46,9 @@ def feed_loop(loop_config: dict) -> None:
     the model step taken out; per-epoch timings go to `<out>/rank-N.json`."""
     import ray.train
     import ray.train.torch
-    import torch
 
     from aigc_ray.config import Config
-    from aigc_ray.train import EpochFeed, all_reduce_sum
+    from aigc_ray.train import EpochFeed, all_reduce_sum, loss_scale
 
     # 1. Set up: the same shard and device as the real loop. Waits are timed here, as the loop's
     #    WaitClock times them on a CPU (two clock reads around next()).
@@ -85,10 +84,7 @@ def feed_loop(loop_config: dict) -> None:
                 micro.append(batch)
             if len(micro) < cfg.train.grad_accum_steps:
                 break  # the epoch ended
-            global_targets = torch.stack([b["counts"][1] for b in micro]).sum()
-            if world_size > 1:
-                torch.distributed.all_reduce(global_targets)
-            scale = world_size / global_targets.clamp(min=1)  # noqa: F841 (the step would use it)
+            loss_scale(micro, world_size)  # the step would multiply its loss by this
             for micro_batch in micro:
                 interval_targets += micro_batch["targets"]
                 interval_tokens += micro_batch["tokens"]
