@@ -17,6 +17,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from aigc_ray.errors import ConfigError
 
 DEFAULT_CONFIG = "tiny_cpu"
+# The keys each chat format reads, by their part in the format; data.chat_fields renames them.
+CHAT_FIELDS = {
+    "openai": {"messages": "messages", "role": "role", "content": "content"},
+    "sharegpt": {"messages": "conversations", "role": "from", "content": "value"},
+    "alpaca": {"instruction": "instruction", "input": "input", "output": "output",
+               "system": "system"},
+}
 
 
 class Section(BaseModel):
@@ -55,6 +62,16 @@ class Data(Section):
     # Set both to train on prompt/completion pairs with loss on the completion only.
     prompt_field: str | None = None
     completion_field: str | None = None
+    # Train on conversations rendered by the model's chat template: openai (messages), sharegpt
+    # (conversations), alpaca (instruction/input/output), or auto (by each row's keys).
+    chat_format: Literal["none", "auto", "openai", "sharegpt", "alpaca"] = "none"
+    # Renames the keys a chat format reads, e.g. {messages: dialog, role: speaker, content: text}.
+    chat_fields: dict[str, str] = {}
+    # Which turns the loss learns: every assistant reply (as LLaMA-Factory and Axolotl do by
+    # default), the last reply only, or every token of the rendered conversation.
+    train_on: Literal["assistant", "last_assistant", "all"] = "assistant"
+    # Several examples per block, each attending only to itself: no compute spent on padding.
+    packing: bool = False
     hf_split: str = "train"  # which split of a `datasets` name or save_to_disk folder to read
     block_size: int = Field(512, ge=8)  # tokens per training sequence; GPT-2 allows up to 1024
     val_fraction: float = Field(0.05, ge=0.0, lt=1.0)  # held out by document hash
@@ -74,6 +91,11 @@ class Data(Section):
         return self.prompt_field is not None
 
     @property
+    def chat(self) -> bool:
+        """True when training on conversations rendered by the chat template."""
+        return self.chat_format != "none"
+
+    @property
     def paths(self) -> list[str]:
         return [self.path] if isinstance(self.path, str) else list(self.path)
 
@@ -83,8 +105,22 @@ class Data(Section):
             raise ValueError("data.prompt_field and data.completion_field must be set together")
         if self.format == "text" and self.supervised:
             raise ValueError(
-                "data.format text has no fields; use jsonl or parquet for prompt/completion pairs"
-            )
+                "data.format text has no prompt/completion fields: for plain text use the "
+                "tiny_text config, or add data.prompt_field=null data.completion_field=null")
+        if self.chat and self.format == "text":
+            raise ValueError(f"data.chat_format {self.chat_format} needs jsonl, parquet or hf "
+                             "rows; data.format text holds plain lines")
+        if self.chat and self.supervised:
+            raise ValueError(f"data.chat_format {self.chat_format} reads conversations, not "
+                             "prompt/completion fields: set data.prompt_field=null "
+                             "data.completion_field=null, or data.chat_format=none")
+        known = {key for fields in CHAT_FIELDS.values() for key in fields}
+        if unknown := sorted(set(self.chat_fields) - known):
+            raise ValueError(f"data.chat_fields has unknown key(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(known))}")
+        if self.train_on != "assistant" and not self.chat:
+            raise ValueError("data.train_on applies to conversations; set data.chat_format "
+                             "(openai, sharegpt, alpaca or auto)")
         if isinstance(self.path, list) and not self.path:
             raise ValueError("data.path must name at least one file, got []")
         return self

@@ -21,17 +21,19 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from aigc_ray.chat import (CHAT_SKIP_REASONS, conversation, detect_format,
+                           labelled_conversation)
 from aigc_ray.config import Config, Data
 from aigc_ray.errors import ConfigError, DataError
-from aigc_ray.tokenizer import encoder, tokenizer_spec
+from aigc_ray.tokenizer import IGNORE_INDEX, encoder, load_tokenizer, tokenizer_spec
 
-IGNORE_INDEX = -100  # label value the HF loss ignores: prompt tokens and padding
 ROWS_PER_BLOCK = 4096  # rows per Ray Data block out of a read task
 READ_CHUNK_BYTES = 1 << 20
 SKIP_REASONS = ("invalid_json", "missing_field", "wrong_type", "empty_text", "undecodable",
-                "prompt_too_long")
+                "prompt_too_long", "unknown_format", *CHAT_SKIP_REASONS)
 GLOB_CHARS = set("*?[")
 ROW_COLUMN = "_aigc_row"  # "path:line" of each document: keys tokenizer counts per batch
+MESSAGES_COLUMN = "_aigc_messages"  # a conversation's messages as JSON, in chat mode
 
 
 # ── 1. Files ────────────────────────────────────────────────────────────────────────────────
@@ -190,16 +192,36 @@ def field_text(record: dict, name: str) -> object:
 
 def document_text(row: dict, data: Data) -> str:
     """The text that identifies a document (for the split hash and the tokenizer corpus)."""
+    if data.chat:
+        return "\n".join(f"{m['role']}: {m['content']}" for m in json.loads(row[MESSAGES_COLUMN]))
     if data.supervised:
         return row[data.prompt_field] + row[data.completion_field]
     return row[data.text_field]
 
 
+def row_columns(data: Data) -> list[str]:
+    """The columns a validated document has."""
+    if data.chat:
+        return [MESSAGES_COLUMN]
+    return [data.prompt_field, data.completion_field] if data.supervised else [data.text_field]
+
+
 def validate_record(record: object, data: Data) -> object:
-    """A clean row dict with the fields training needs, or a skip reason string."""
+    """A clean row dict with the fields training needs, or a skip reason string. A
+    conversation's row also names the chat format it was read as (key "chat_format")."""
     if isinstance(record, str):
         return record
-    fields = [data.prompt_field, data.completion_field] if data.supervised else [data.text_field]
+    if data.chat:
+        chat_format = (detect_format(record, data.chat_fields) if data.chat_format == "auto"
+                       else data.chat_format)
+        if chat_format is None:
+            return "unknown_format"
+        messages = conversation(record, chat_format, data.chat_fields)
+        if isinstance(messages, str):
+            return messages
+        return {MESSAGES_COLUMN: json.dumps(messages, ensure_ascii=False),
+                "chat_format": chat_format}
+    fields = row_columns(data)
     row = {}
     for name in fields:
         value = field_text(record, name)
@@ -245,6 +267,8 @@ def read_documents(f, path: str, data: Data, split: str | None, stats) -> Iterat
         else:
             side = split_of(document_text(row, data), data.val_fraction)
             counts[f"documents.{side}"] += 1
+            if "chat_format" in row:
+                counts[f"chat_format.{row.pop('chat_format')}"] += 1
             if split is None or side == split:
                 rows.append({**row, ROW_COLUMN: f"{path}:{number}"})
         if number - first + 1 >= ROWS_PER_BLOCK:
@@ -257,8 +281,7 @@ def _flush(rows, counts, stats, path, first, data: Data) -> Iterator[pa.Table]:
     if stats is not None and counts:
         ray_get(stats.record.remote(f"read:{path}:{first}", dict(counts)))
     if rows:
-        names = ([data.prompt_field, data.completion_field] if data.supervised
-                 else [data.text_field]) + [ROW_COLUMN]
+        names = row_columns(data) + [ROW_COLUMN]
         yield pa.table({name: [row[name] for row in rows] for name in names})
 
 
@@ -273,15 +296,32 @@ def clean(text: str) -> str:
 class TokenizeAndPack:
     """Ray Data callable class: each actor builds the tokenizer once, then packs batches.
 
-    Causal-LM text: documents joined with EOS and cut into `block_size` blocks; the tail of a
-    batch becomes one last padded block rather than being dropped. Prompt/completion: one
-    sequence per pair, labels -100 over the prompt and the padding; too-long pairs are
-    truncated and counted, and pairs whose prompt alone fills the block are skipped and counted.
+    Every mode yields blocks of `block_size` tokens with `input_ids`, `attention_mask` (1 on
+    real tokens, which always come first) and `labels` (-100 where no loss is taken):
+
+    - Causal-LM text: documents joined with EOS and cut into blocks; the tail of a batch
+      becomes one last padded block rather than being dropped.
+    - Prompt/completion: one sequence per pair, labels -100 over the prompt; too-long pairs are
+      truncated and counted, pairs whose prompt alone fills the block are skipped and counted.
+    - Conversations: one sequence per conversation rendered by the chat template, labelled as
+      `data.train_on` says (see `chat.labelled_conversation`).
+
+    With `data.packing`, examples (pairs, conversations, or documents cut to the block) are
+    packed several to a block instead, with a `position_ids` column that restarts at every
+    example: transformers confines attention to each example from those restarts, and the first
+    token of each example is never a target, so no example learns from another.
     """
 
     def __init__(self, tokenizer: dict, data: dict, split: str, stats=None):
-        self.encode = encoder(tokenizer)
+        if not isinstance(tokenizer, dict):  # sent through the object store (see `tokenize`)
+            import ray
+
+            tokenizer = ray.get(tokenizer)
         self.data = Data.model_validate(data)
+        if self.data.chat:  # chat templates render through transformers' own tokenizer
+            self.chat_tokenizer = load_tokenizer(tokenizer["path"], tokenizer["trust_remote_code"])
+        else:
+            self.encode = encoder(tokenizer)
         self.split, self.stats = split, stats
         self.block_size = self.data.block_size
         self.eos, self.pad = tokenizer["eos"], tokenizer["pad"]
@@ -291,11 +331,18 @@ class TokenizeAndPack:
 
     def __call__(self, batch: dict) -> dict:
         counts: Counter = Counter()
-        if self.data.supervised:
-            out = self._pairs(list(batch[self.data.prompt_field]),
-                              list(batch[self.data.completion_field]), counts)
+        data = self.data
+        if data.chat:
+            examples = self._conversations(list(batch[MESSAGES_COLUMN]), counts)
+        elif data.supervised:
+            examples = self._pairs(list(batch[data.prompt_field]),
+                                   list(batch[data.completion_field]), counts)
+        elif data.packing:
+            examples = self._documents(list(batch[data.text_field]))
         else:
-            out = self._packed(list(batch[self.data.text_field]), counts)
+            examples = None
+        out = (self._joined(list(batch[data.text_field]), counts) if examples is None
+               else self._rows(examples, counts))
         if self.stats is not None:
             # The batch's first row and length name it: unique in a pass even when documents
             # repeat, and the same when a retried task sends it again.
@@ -306,10 +353,13 @@ class TokenizeAndPack:
 
     def _empty(self) -> dict:
         shape = (0, self.block_size)
-        return {"input_ids": np.zeros(shape, np.int32), "attention_mask": np.zeros(shape, np.int8),
-                "labels": np.zeros(shape, np.int32)}
+        out = {"input_ids": np.zeros(shape, np.int32), "attention_mask": np.zeros(shape, np.int8),
+               "labels": np.zeros(shape, np.int32)}
+        if self.data.packing:
+            out["position_ids"] = np.zeros(shape, np.int32)
+        return out
 
-    def _packed(self, texts: list[str], counts: Counter) -> dict:
+    def _joined(self, texts: list[str], counts: Counter) -> dict:
         stream: list[int] = []
         for ids in self._ids(texts, add_special_tokens=True):
             stream += ids if ids and ids[-1] == self.eos else ids + [self.eos]
@@ -327,9 +377,20 @@ class TokenizeAndPack:
                        f"padding.{self.split}": padding})
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
-    def _pairs(self, prompts: list[str], completions: list[str], counts: Counter) -> dict:
+    def _documents(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Each document with its EOS, cut into pieces of at most a block: packing examples."""
+        examples = []
+        for ids in self._ids(texts, add_special_tokens=True):
+            ids = ids if ids and ids[-1] == self.eos else ids + [self.eos]
+            for start in range(0, len(ids), self.block_size):
+                piece = ids[start:start + self.block_size]
+                examples.append((piece, list(piece)))
+        return examples
+
+    def _pairs(self, prompts: list[str], completions: list[str],
+               counts: Counter) -> list[tuple[list[int], list[int]]]:
         block = self.block_size
-        rows_ids, rows_labels = [], []
+        examples = []
         prompt_ids = self._ids(prompts, add_special_tokens=True)
         completion_ids = self._ids(completions, add_special_tokens=False)
         for prompt, completion in zip(prompt_ids, completion_ids):
@@ -341,20 +402,77 @@ class TokenizeAndPack:
             if len(prompt) + len(completion) > block:
                 counts[f"truncated.{self.split}"] += 1
                 completion = completion[: block - len(prompt)]
-            rows_ids.append(prompt + completion)
-            rows_labels.append([IGNORE_INDEX] * len(prompt) + completion)
-        if not rows_ids:
+            examples.append((prompt + completion, [IGNORE_INDEX] * len(prompt) + completion))
+        return examples
+
+    def _conversations(self, rows: list[str],
+                       counts: Counter) -> list[tuple[list[int], list[int]]]:
+        examples = []
+        for row in rows:
+            messages = [{"role": m["role"], "content": clean(m["content"])}
+                        for m in json.loads(row)]
+            example = labelled_conversation(self.chat_tokenizer, messages, self.data.train_on,
+                                            self.block_size)
+            if isinstance(example, str):
+                counts[f"skipped.{example}"] += 1
+                continue
+            ids, labels, cut = example
+            counts[f"truncated.{self.split}"] += cut
+            examples.append((ids, labels))
+        return examples
+
+    def _rows(self, examples: list[tuple[list[int], list[int]]], counts: Counter) -> dict:
+        """Examples laid into blocks: one each, or packed (see the class docstring). Counts the
+        padding both ways, so the `data` summary can say what packing saves."""
+        block = self.block_size
+        lengths = [len(ids) for ids, _ in examples]
+        packed_rows = pack_lengths(lengths, block)
+        rows = packed_rows if self.data.packing else [[i] for i in range(len(examples))]
+        if not rows:
             return self._empty()
-        input_ids = np.full((len(rows_ids), block), self.pad, np.int32)
-        labels = np.full((len(rows_ids), block), IGNORE_INDEX, np.int32)
-        attention_mask = np.zeros((len(rows_ids), block), np.int8)
-        for i, (ids, lab) in enumerate(zip(rows_ids, rows_labels)):
-            input_ids[i, : len(ids)], labels[i, : len(lab)], attention_mask[i, : len(ids)] = ids, lab, 1
-        real = int(attention_mask.sum())
-        counts.update({f"tokens.{self.split}": real, f"blocks.{self.split}": len(rows_ids),
-                       f"padding.{self.split}": len(rows_ids) * block - real,
+        input_ids = np.full((len(rows), block), self.pad, np.int32)
+        labels = np.full((len(rows), block), IGNORE_INDEX, np.int32)
+        attention_mask = np.zeros((len(rows), block), np.int8)
+        position_ids = np.zeros((len(rows), block), np.int32)
+        for r, members in enumerate(rows):
+            at = 0
+            for i in members:
+                ids, lab = examples[i]
+                end = at + len(ids)
+                input_ids[r, at:end], labels[r, at:end] = ids, lab
+                labels[r, at] = IGNORE_INDEX  # never predicted from the example before it
+                position_ids[r, at:end] = np.arange(len(ids))
+                at = end
+            attention_mask[r, :at] = 1
+            position_ids[r, at:] = np.arange(block - at)  # padding: a segment of its own
+        real = sum(lengths)
+        counts.update({f"tokens.{self.split}": real, f"blocks.{self.split}": len(rows),
+                       f"padding.{self.split}": len(rows) * block - real,
+                       f"padding_unpacked.{self.split}": len(examples) * block - real,
+                       f"padding_packed.{self.split}": len(packed_rows) * block - real,
                        f"target_tokens.{self.split}": int((labels != IGNORE_INDEX).sum())})
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if self.data.packing:
+            out["position_ids"] = position_ids
+        return out
+
+
+def pack_lengths(lengths: list[int], block_size: int) -> list[list[int]]:
+    """Indices of examples grouped into blocks of at most `block_size` tokens: first fit,
+    longest first (close to the fewest blocks, and the same grouping every time)."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(block_size - lengths[i])
+    return rows
 
 
 def ray_get(ref):
@@ -431,16 +549,25 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> 
     The validation Dataset is absent when `data.val_fraction` is 0.
     """
 
+    import ray
+
     files = files if files is not None else resolve_files(cfg.data)  # listed once per run
     splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
     tokenizer = tokenizer_spec(tokenizer_path, cfg.model.trust_remote_code)  # once for both
+    if cfg.data.chat and not tokenizer["chat_template"]:
+        raise DataError(f"data.chat_format {cfg.data.chat_format} needs a chat template, and the "
+                        f"tokenizer of {tokenizer_path} has none: use a chat (instruct) model or "
+                        "builtin:tiny, or add a chat_template to its tokenizer_config.json")
+    # Through the object store: a real tokenizer's vocabulary is megabytes, too big to send as
+    # an actor constructor argument (Ray warns at every pipeline start).
+    tokenizer = ray.put(tokenizer)
     return {split: tokenize(read_corpus(cfg, split, stats, files), cfg, tokenizer, split, stats)
             for split in splits}
 
 
-def tokenize(documents, cfg: Config, tokenizer: dict, split: str, stats=None):
+def tokenize(documents, cfg: Config, tokenizer, split: str, stats=None):
     """Documents (from `read_corpus`) → packed blocks, by a pool of tokenizer actors;
-    `tokenizer` is a `tokenizer_spec`."""
+    `tokenizer` is a `tokenizer_spec`, or an object ref to one."""
     import ray
 
     return documents.map_batches(

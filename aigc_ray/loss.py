@@ -13,10 +13,18 @@ def token_loss_sum(model, batch: dict):
     The model gets no attention mask: our blocks are padded only on the right, so under causal
     attention no real token ever sees padding, and padding positions carry IGNORE_INDEX labels.
     Without a mask, SDPA takes its fused causal (flash) kernel instead of a masked one.
+
+    Packed blocks carry `position_ids` that restart at each example; from those restarts
+    transformers confines attention to each example (a block-diagonal causal mask, or varlen
+    flash attention where the model runs on it), but only when the forward builds no KV cache,
+    hence use_cache=False (a cache is also wasted memory in training).
     """
     import torch.nn.functional as F
 
-    logits = model(input_ids=batch["input_ids"]).logits
+    inputs = {"input_ids": batch["input_ids"], "use_cache": False}
+    if "position_ids" in batch:
+        inputs["position_ids"] = batch["position_ids"]
+    logits = model(**inputs).logits
     targets = batch["labels"][:, 1:]
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                            targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
@@ -34,3 +42,28 @@ def trim_padding(batch: dict) -> dict:
     mask = batch["attention_mask"]
     length = trimmed_length(mask.sum(dim=1), mask.shape[1])
     return {key: value[:, :length].long() for key, value in batch.items()}
+
+
+def check_packed_attention(model, device) -> None:
+    """Packing is right only when the model confines attention to each packed example (models
+    whose masks transformers builds from `position_ids`). Probe it once before training: the
+    same eight tokens must give the same logits alone and after another example."""
+    import torch
+
+    from aigc_ray.errors import UserError
+
+    vocab = model.get_input_embeddings().num_embeddings
+    tokens = torch.randint(vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(device)
+    positions = torch.cat([torch.arange(8), torch.arange(8)])[None].to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            alone = model(input_ids=tokens[:, 8:], use_cache=False).logits.float()
+            packed = model(input_ids=tokens, position_ids=positions, use_cache=False).logits
+    finally:
+        model.train(was_training)
+    if not torch.allclose(packed[:, 8:].float(), alone, atol=1e-3, rtol=1e-3):
+        raise UserError(f"data.packing: {type(model).__name__} lets packed examples attend to "
+                        "each other (its attention ignores restarting position_ids); set "
+                        "data.packing=false")

@@ -15,7 +15,7 @@ from pathlib import Path
 from aigc_ray.config import Config
 from aigc_ray.errors import ConfigError
 from aigc_ray.run_folder import CheckpointFolder
-from aigc_ray.tokenizer import build_tokenizer, load_tokenizer
+from aigc_ray.tokenizer import TINY_CHAT_TEMPLATE, build_tokenizer, load_tokenizer
 
 BUILTIN_PREFIX = "builtin:"
 
@@ -31,7 +31,9 @@ def builtin_model_dir(cfg: Config) -> Path:
     key = json.dumps(
         {"model": cfg.model.builtin.model_dump(), "block_size": cfg.data.block_size,
          "data": cfg.data.model_dump(include={"path", "format", "text_field", "prompt_field",
-                                              "completion_field", "hf_split"})},
+                                              "completion_field", "hf_split", "chat_format",
+                                              "chat_fields"}),
+         "chat_template": TINY_CHAT_TEMPLATE},
         sort_keys=True,
     )
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]

@@ -9,8 +9,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+IGNORE_INDEX = -100  # label value the HF loss ignores: prompt tokens and padding
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+
+# The built-in tiny model's template: a role token, the text, then EOS closing every turn, so a
+# reply ends where generation stops. The role tokens are special tokens of its tokenizer.
+ROLE_TOKENS = ("<|system|>", "<|user|>", "<|assistant|>")
+TINY_CHAT_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{{ '<|' + message['role'] + '|>\\n' + message['content'] + eos_token }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
+)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
@@ -24,15 +35,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 
 
 def build_tokenizer(texts: Iterable[str], vocab_size: int):
-    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers tokenizer."""
+    """Train a byte-level BPE tokenizer on `texts` and wrap it as a transformers tokenizer
+    that carries the built-in chat template."""
     from tokenizers import ByteLevelBPETokenizer
     from transformers import PreTrainedTokenizerFast
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator(texts, vocab_size=vocab_size, min_frequency=2,
-                            special_tokens=[EOS_TOKEN, PAD_TOKEN], show_progress=False)
-    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN,
-                                   unk_token=EOS_TOKEN, pad_token=PAD_TOKEN)
+                            special_tokens=[EOS_TOKEN, PAD_TOKEN, *ROLE_TOKENS],
+                            show_progress=False)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN,
+        pad_token=PAD_TOKEN, extra_special_tokens=list(ROLE_TOKENS))
+    tokenizer.chat_template = TINY_CHAT_TEMPLATE
+    return tokenizer
 
 
 def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict:
@@ -43,7 +59,8 @@ def tokenizer_spec(path: str, trust_remote_code: bool = False) -> dict:
     A tokenizer with no fast backend is loaded from `path` by the actor instead."""
     tokenizer = load_tokenizer(path, trust_remote_code)
     spec = {"path": path, "trust_remote_code": trust_remote_code,
-            "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id}
+            "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id,
+            "chat_template": bool(tokenizer.chat_template)}
     if tokenizer.is_fast:
         spec["backend"] = tokenizer.backend_tokenizer.to_str()
         spec["split_special_tokens"] = bool(getattr(tokenizer, "split_special_tokens", False))

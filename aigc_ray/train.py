@@ -183,6 +183,10 @@ def flops_per_token(model, seq_len: int) -> float:
     return 6 * matmul_params + 12 * layers * width * seq_len
 
 
+# Block columns the model's step reads; position_ids only where data.packing made them.
+PASSED_COLUMNS = ("input_ids", "labels", "position_ids")
+
+
 def batch_collator(pin: bool):
     """A Ray Data collate function that does a batch's CPU work in Ray's prefetch threads, off
     the training step: trim the padding, make long tensors, count tokens and targets (so the
@@ -200,11 +204,10 @@ def batch_collator(pin: bool):
             lengths = mask.sum(axis=1)
             length = trimmed_length(lengths, mask.shape[1])
             counts = [int(lengths.sum()), int((labels[:, 1:length] != IGNORE_INDEX).sum())]
-            out = {"input_ids": torch.from_numpy(np.ascontiguousarray(
-                       batch["input_ids"][:, :length], dtype=np.int64)),
-                   "labels": torch.from_numpy(np.ascontiguousarray(labels[:, :length],
-                                                                   dtype=np.int64)),
-                   "counts": torch.tensor(counts, dtype=torch.int64)}  # tokens, targets
+            out = {key: torch.from_numpy(np.ascontiguousarray(batch[key][:, :length],
+                                                              dtype=np.int64))
+                   for key in PASSED_COLUMNS if key in batch}
+            out["counts"] = torch.tensor(counts, dtype=torch.int64)  # tokens, targets
             return {key: value.pin_memory() for key, value in out.items()} if pin else out
 
     return Collate()
@@ -214,10 +217,9 @@ def on_device(batch: dict, device) -> dict:
     """A collated batch on `device`, with `tokens` and `targets` as host ints. The copy is
     issued non-blocking from pinned memory, so it overlaps the running step."""
     tokens, targets = batch["counts"].tolist()  # a pinned host tensor: no device sync
-    return {"input_ids": batch["input_ids"].to(device, non_blocking=True),
-            "labels": batch["labels"].to(device, non_blocking=True),
-            "counts": batch["counts"].to(device, non_blocking=True),
-            "tokens": tokens, "targets": targets}
+    out = {key: batch[key].to(device, non_blocking=True)
+           for key in (*PASSED_COLUMNS, "counts") if key in batch}
+    return {**out, "tokens": tokens, "targets": targets}
 
 
 def collated(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool):
@@ -391,7 +393,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     import ray.train.torch
     import torch
 
-    from aigc_ray.loss import token_loss_sum
+    from aigc_ray.loss import check_packed_attention, token_loss_sum
     from aigc_ray.model import load_model
     from aigc_ray.tokenizer import load_tokenizer
 
@@ -428,6 +430,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device)  # `model` stays the plain module: evaluation, samples and export use it
+    if cfg.data.packing:
+        check_packed_attention(model, device)
     step_model = model
     if cfg.train.compile:
         step_model, warning = compiled(model, device)

@@ -107,8 +107,20 @@ def test_prompt_field_without_completion_field():
 
 def test_text_format_cannot_have_prompt_fields():
     message = _error(["data.format=text"])  # tiny_cpu sets prompt/completion fields
-    assert message.startswith("data.format text has no fields")
-    assert "jsonl or parquet" in message
+    assert message.startswith("data.format text has no prompt/completion fields")
+    # It says what to change: the text config, or the two keys to clear.
+    assert "tiny_text" in message and "data.prompt_field=null data.completion_field=null" in message
+
+
+def test_chat_settings_that_cannot_work_together():
+    assert "data.prompt_field=null" in _error(["data.chat_format=openai"])
+    assert "data.format text holds plain lines" in _error(
+        ["data.chat_format=openai", "data.format=text", "data.prompt_field=null",
+         "data.completion_field=null"])
+    assert "unknown key(s) speakers" in _error(
+        ["data.chat_format=sharegpt", "data.prompt_field=null", "data.completion_field=null",
+         "data.chat_fields={speakers: who}"])
+    assert "data.train_on applies to conversations" in _error(["data.train_on=all"])
 
 
 def test_unknown_builtin_model():
