@@ -78,8 +78,19 @@ def conversation(record: dict, chat_format: str, overrides: dict[str, str]) -> l
     turns = record.get(fields["messages"])
     if turns is None:
         return "missing_field"
+    messages = messages_of(turns, fields)
+    if isinstance(messages, str):
+        return messages
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    return "no_assistant_turn" if last is None else messages[: last + 1]
+
+
+def messages_of(turns, fields: dict[str, str] = CHAT_FIELDS["openai"]) -> list | str:
+    """A list of turns as [{"role": system|user|assistant, "content"}], or a skip reason."""
     if not isinstance(turns, list):
         return "wrong_type"
+    if not turns:
+        return "empty_text"
     messages = []
     for turn in turns:
         if not isinstance(turn, dict) or fields["role"] not in turn or fields["content"] not in turn:
@@ -92,8 +103,7 @@ def conversation(record: dict, chat_format: str, overrides: dict[str, str]) -> l
         if not content.strip():
             return "empty_text"
         messages.append({"role": ROLE_NAMES[role.lower()], "content": content})
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    return "no_assistant_turn" if last is None else messages[: last + 1]
+    return messages
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:

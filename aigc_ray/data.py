@@ -21,8 +21,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from aigc_ray.chat import (CHAT_SKIP_REASONS, conversation, detect_format,
-                           labelled_conversation)
+from aigc_ray.chat import CHAT_SKIP_REASONS, conversation, detect_format, labelled_conversation
 from aigc_ray.config import Config, Data
 from aigc_ray.errors import ConfigError, DataError
 from aigc_ray.tokenizer import IGNORE_INDEX, encoder, load_tokenizer, tokenizer_spec
@@ -549,30 +548,27 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> 
     The validation Dataset is absent when `data.val_fraction` is 0.
     """
 
-    import ray
-
     files = files if files is not None else resolve_files(cfg.data)  # listed once per run
     splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
     tokenizer = tokenizer_spec(tokenizer_path, cfg.model.trust_remote_code)  # once for both
-    if cfg.data.chat and not tokenizer["chat_template"]:
-        raise DataError(f"data.chat_format {cfg.data.chat_format} needs a chat template, and the "
-                        f"tokenizer of {tokenizer_path} has none: use a chat (instruct) model or "
-                        "builtin:tiny, or add a chat_template to its tokenizer_config.json")
-    # Through the object store: a real tokenizer's vocabulary is megabytes, too big to send as
-    # an actor constructor argument (Ray warns at every pipeline start).
-    tokenizer = ray.put(tokenizer)
     return {split: tokenize(read_corpus(cfg, split, stats, files), cfg, tokenizer, split, stats)
             for split in splits}
 
 
-def tokenize(documents, cfg: Config, tokenizer, split: str, stats=None):
+def tokenize(documents, cfg: Config, tokenizer: dict, split: str, stats=None):
     """Documents (from `read_corpus`) → packed blocks, by a pool of tokenizer actors;
-    `tokenizer` is a `tokenizer_spec`, or an object ref to one."""
+    `tokenizer` is a `tokenizer_spec`."""
     import ray
 
+    if cfg.data.chat and not tokenizer["chat_template"]:
+        raise DataError(f"data.chat_format {cfg.data.chat_format} needs a chat template, and the "
+                        f"tokenizer of {tokenizer['path']} has none: use a chat (instruct) model "
+                        "or builtin:tiny, or add a chat_template to its tokenizer_config.json")
     return documents.map_batches(
         TokenizeAndPack,
-        fn_constructor_kwargs={"tokenizer": tokenizer, "data": cfg.data.model_dump(),
+        # Through the object store, as Ray Data advises for large UDF state: a real tokenizer's
+        # vocabulary is megabytes, pickled into every tokenizer actor's UDF otherwise.
+        fn_constructor_kwargs={"tokenizer": ray.put(tokenizer), "data": cfg.data.model_dump(),
                                "split": split, "stats": stats},
         batch_size=cfg.data.tokenize_batch_size,
         compute=ray.data.ActorPoolStrategy(size=cfg.data.tokenizer_actors),
@@ -718,19 +714,36 @@ def format_statistics(cfg: Config, totals: dict, files: list[str]) -> str:
     def get(name: str, split: str = "") -> int:
         return int(totals.get(f"{name}.{split}" if split else name, 0))
 
-    mode = "prompt/completion" if cfg.data.supervised else "causal-LM text"
-    lines = [f"corpus      {len(files)} file(s), {cfg.data.format}, {mode}, "
-             f"block_size {cfg.data.block_size}"]
+    data = cfg.data
+    if data.chat:
+        found = ", ".join(f"{name} {get(f'chat_format.{name}'):,}"
+                          for name in ("openai", "sharegpt", "alpaca")
+                          if get(f"chat_format.{name}"))
+        mode = f"conversations ({found or 'none read'}), loss on {data.train_on.replace('_', ' ')}"
+    else:
+        mode = "prompt/completion" if data.supervised else "causal-LM text"
+    mode += ", packed" if data.packing else ""
+    lines = [f"corpus      {len(files)} file(s), {data.format}, {mode}, "
+             f"block_size {data.block_size}"]
     for split in ("train", "val"):
         tokens, blocks, padding = get("tokens", split), get("blocks", split), get("padding", split)
-        slots = blocks * cfg.data.block_size
+        slots = blocks * data.block_size
         line = (f"{split:<11} {get('documents', split):,} documents, {tokens:,} tokens, "
-                f"{blocks:,} blocks, {100 * padding / slots if slots else 0:.0f}% padding")
-        if cfg.data.supervised:
-            line += (f", {get('target_tokens', split):,} completion tokens, "
-                     f"{get('truncated', split):,} truncated")
+                f"{blocks:,} blocks, {_share(padding, slots)} padding")
+        other = "unpacked" if data.packing else "packed"
+        if totals.get(f"padding_{other}.{split}") is not None:  # examples, not a joined stream
+            other_padding = get(f"padding_{other}", split)
+            line += f" ({_share(other_padding, other_padding + tokens)} {other})"
+        if data.supervised or data.chat:
+            target = "reply" if data.chat else "completion"
+            line += (f", {get('target_tokens', split):,} {target} tokens, "
+                     f"{get('truncated', split):,} {'cut' if data.chat else 'truncated'}")
         lines.append(line)
     skipped = {reason: get(f"skipped.{reason}") for reason in SKIP_REASONS}
     detail = ", ".join(f"{reason} {n:,}" for reason, n in skipped.items() if n) or "none"
     lines.append(f"skipped     {sum(skipped.values()):,} rows ({detail})")
     return "\n".join(lines)
+
+
+def _share(part: int, whole: int) -> str:
+    return f"{100 * part / whole if whole else 0:.0f}%"

@@ -21,7 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aigc_ray.config import Config
-from aigc_ray.data import ROW_COLUMN, check_config, format_of, read_corpus, tokenize
+from aigc_ray.data import (
+    MESSAGES_COLUMN,
+    ROW_COLUMN,
+    check_config,
+    format_of,
+    read_corpus,
+    tokenize,
+)
 from aigc_ray.errors import ConfigError
 from aigc_ray.run_folder import RunFolder
 from aigc_ray.tokenizer import tokenizer_spec
@@ -92,11 +99,22 @@ def perplexity(model_path: str, cfg: Config, split: str | None, files: list[str]
 
 def generation_rows(cfg: Config, split: str | None, files: list[str]):
     """Up to `eval.generate_rows` prompt/completion rows, materialized once so that the model
-    and its baseline are scored on the very same rows however the files were read."""
+    and its baseline are scored on the very same rows however the files were read. A
+    conversation becomes the chat up to its last reply (the prompt) and that reply."""
     rows = read_corpus(cfg, split, files=files)
     if cfg.eval.generate_rows:
         rows = rows.limit(cfg.eval.generate_rows)
+    if cfg.data.chat:
+        rows = rows.map(_chat_prompt)
     return rows.materialize()
+
+
+def _chat_prompt(row: dict) -> dict:
+    from aigc_ray.generate import CHAT_COLUMN
+
+    messages = json.loads(row[MESSAGES_COLUMN])
+    return {ROW_COLUMN: row[ROW_COLUMN], "prompt": json.dumps(messages[:-1], ensure_ascii=False),
+            "reference": messages[-1]["content"], CHAT_COLUMN: True}
 
 
 def generation_scores(model_path: str, cfg: Config, rows) -> dict:
@@ -109,8 +127,10 @@ def generation_scores(model_path: str, cfg: Config, rows) -> dict:
     data = cfg.data
     greedy = cfg.generate.model_copy(update={"temperature": 0.0, "max_tokens": cfg.eval.max_tokens,
                                              "stop": []})
-    done = complete(rows, model_path, cfg, prompt_column=data.prompt_field, id_column=ROW_COLUMN,
-                    keep={"reference": data.completion_field}, generate=greedy).take_all()
+    prompt, reference = ("prompt", "reference") if data.chat else (data.prompt_field,
+                                                                    data.completion_field)
+    done = complete(rows, model_path, cfg, prompt_column=prompt, id_column=ROW_COLUMN,
+                    keep={"reference": reference}, generate=greedy).take_all()
     if not done:
         return {"rouge_l": None, "bleu": None, "generated": 0}
     done.sort(key=lambda row: row["id"])  # a stable order for eval.json and BLEU's corpus
@@ -145,7 +165,8 @@ def eval_data(cfg: Config, data_path: str | None) -> tuple[Config, str | None]:
     fmt = format_of(data_path) or cfg.data.format
     update = {"path": data_path, "format": fmt}
     if fmt == "text":  # plain text has no prompt/completion fields: perplexity only
-        update.update(prompt_field=None, completion_field=None)
+        update.update(prompt_field=None, completion_field=None, chat_format="none",
+                      train_on="assistant")
     data = cfg.data.model_validate({**cfg.data.model_dump(), **update})
     return cfg.model_copy(update={"data": data}), None
 
@@ -160,9 +181,11 @@ def run_eval(checkpoint: str, cfg: Config, data_path: str | None = None,
     start_ray(ray_logs=cfg.run.ray_logs)
     report = {
         "data": {"path": cfg.data.paths, "format": cfg.data.format,
-                 "split": split or "all", "prompt_completion": cfg.data.supervised},
+                 "split": split or "all", "prompt_completion": cfg.data.supervised,
+                 "chat_format": cfg.data.chat_format},
     }
-    rows = generation_rows(cfg, split, files) if cfg.data.supervised else None
+    scored = cfg.data.supervised or cfg.data.chat
+    rows = generation_rows(cfg, split, files) if scored else None
     report["model"] = evaluate_model(str(checkpoint), cfg, split, files, rows)
     if baseline:
         report["baseline"] = evaluate_model(baseline, cfg, split, files, rows)

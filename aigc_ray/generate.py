@@ -7,6 +7,10 @@ of prompts together with the same batched decoder the serving replicas use (left
 cache, per-row stop strings and seeds), so a temperature-0 completion is what `model.generate`
 gives for that prompt alone. Ray Data writes the rows as they come (parquet or JSONL).
 
+A prompt that is a list of messages ({"role", "content"}, as the chat API takes) is rendered
+by the model's chat template with `chat.chat_ids`, exactly as training and the chat endpoint
+render it; its output row's `prompt` holds the messages as JSON.
+
 Every output row carries its input id, so output rows plus skipped rows equal input rows.
 """
 
@@ -23,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from aigc_ray.chat import chat_ids, messages_of
 from aigc_ray.config import Config, Data, Generate
 from aigc_ray.data import (
     SKIP_REASONS,
@@ -42,6 +47,7 @@ OUTPUT_COLUMNS = ("id", "prompt", "completion", "prompt_tokens", "completion_tok
 SUMMARY_FILE = "_summary.json"  # a leading "_": parquet and Ray Data readers skip it
 SKIPPED_FILE = "_skipped.jsonl"
 GENERATE_KEYS = ("generate", "model.trust_remote_code")
+CHAT_COLUMN = "_chat"  # true where the prompt is a conversation (messages as JSON)
 MAX_LISTED_SKIPS = 10_000  # rows named in _skipped.jsonl per run; the counts are always whole
 
 
@@ -75,6 +81,11 @@ def read_prompts(f, path: str, data: Data, gen: Generate, stats) -> Iterator[pa.
     for number, record in iter_records(f, data):
         counts["rows"] += 1
         prompt = record if isinstance(record, str) else field_text(record, gen.prompt_field)
+        chat = isinstance(record, dict) and isinstance(record.get(gen.prompt_field), list)
+        if chat:
+            messages = messages_of(record[gen.prompt_field])
+            prompt = messages if isinstance(messages, str) else json.dumps(messages,
+                                                                           ensure_ascii=False)
         row_id = f"{name}:{number}"
         if isinstance(record, dict) and record.get(gen.id_field) is not None:
             row_id = str(record[gen.id_field])
@@ -87,7 +98,7 @@ def read_prompts(f, path: str, data: Data, gen: Generate, stats) -> Iterator[pa.
             if len(skipped) < MAX_LISTED_SKIPS:
                 skipped.append({"id": row_id, "file": path, "line": number, "reason": prompt})
         else:
-            rows.append({"id": row_id, "prompt": prompt})
+            rows.append({"id": row_id, "prompt": prompt, CHAT_COLUMN: chat})
         if len(rows) >= 4096:
             yield from _flush(rows, counts, skipped, stats, f"read:{path}:{first}")
             rows, counts, skipped, first = [], Counter(), [], number + 1
@@ -98,7 +109,7 @@ def _flush(rows, counts, skipped, stats, key) -> Iterator[pa.Table]:
     if counts:
         ray_get(stats.record.remote(key, dict(counts), skipped))
     if rows:
-        yield pa.table({"id": [r["id"] for r in rows], "prompt": [r["prompt"] for r in rows]})
+        yield pa.table({name: [r[name] for r in rows] for name in ("id", "prompt", CHAT_COLUMN)})
 
 
 def prompts_dataset(files: list[str], cfg: Config, stats):
@@ -151,9 +162,12 @@ class Completer:
         gen = self.gen
         prompts = [str(p) for p in batch[self.prompt_column]]
         ids = [str(i) for i in batch[self.id_column]]
-        encoded = self.tokenizer([clean(p) for p in prompts], verbose=False)["input_ids"]
+        encoded = self._encode(prompts, batch.get(CHAT_COLUMN))
         requests, rows, skipped = [], [], []
         for index, (row_id, prompt_ids) in enumerate(zip(ids, encoded)):
+            if isinstance(prompt_ids, str):
+                skipped.append({"id": row_id, "reason": prompt_ids})
+                continue
             room = gen.max_tokens if self.context is None else min(
                 gen.max_tokens, self.context - len(prompt_ids))
             if room < 1 or not prompt_ids:
@@ -183,6 +197,23 @@ class Completer:
         for name, column in self.keep.items():
             out[name] = np.array([batch[column][i] for i in rows], dtype=object)
         return out
+
+
+    def _encode(self, prompts: list[str], chats) -> list:
+        """Token ids of each prompt (a conversation through the chat template), or a skip
+        reason for a conversation the model has no chat template for."""
+        encoded: list = [None] * len(prompts)
+        plain = [i for i in range(len(prompts)) if chats is None or not chats[i]]
+        if plain:
+            texts = [clean(prompts[i]) for i in plain]
+            for i, ids in zip(plain, self.tokenizer(texts, verbose=False)["input_ids"]):
+                encoded[i] = ids
+        for i in sorted(set(range(len(prompts))) - set(plain)):
+            messages = [{"role": m["role"], "content": clean(m["content"])}
+                        for m in json.loads(prompts[i])]
+            encoded[i] = (chat_ids(self.tokenizer, messages, add_generation_prompt=True)
+                          if self.tokenizer.chat_template else "no_chat_template")
+        return encoded
 
 
 def use_gpu(gen: Generate) -> bool:

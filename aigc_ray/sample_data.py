@@ -95,13 +95,44 @@ def make_pairs(num_pairs: int, seed: int = 0) -> list[dict]:
     return pairs
 
 
+THANKS = ["Thanks!", "Great, thank you.", "That worked, thanks.", "Perfect."]
+FAREWELL = "You are welcome. Is there anything else I can help you with on {p}?"
+SYSTEM = "You are the support agent for {p}. Answer in a few exact steps."
+
+
+def make_conversations(num_conversations: int, seed: int = 0) -> list[dict]:
+    """`num_conversations` multi-turn support chats in OpenAI messages form: one to three
+    questions about one product, answered as in the pairs, sometimes a system message first and
+    a thank-you at the end. Their lengths vary, as real support chats do."""
+    rng = random.Random(seed)
+    products, topics = list(PRODUCTS), list(TOPICS)
+    chats = []
+    for index in range(num_conversations):
+        product = rng.choice(products)
+        app = PRODUCTS[product]
+        messages = [{"role": "system", "content": SYSTEM.format(p=product)}] \
+            if rng.random() < 0.5 else []
+        for topic in rng.sample(topics, rng.choice((1, 1, 2, 3))):
+            wordings, answer = TOPICS[topic]
+            question = (rng.choice(OPENERS) + rng.choice(wordings).format(p=product)
+                        + rng.choice(CLOSERS))
+            messages += [{"role": "user", "content": question},
+                         {"role": "assistant", "content": answer.format(p=product, app=app)}]
+        if rng.random() < 0.3:
+            messages += [{"role": "user", "content": rng.choice(THANKS)},
+                         {"role": "assistant", "content": FAREWELL.format(p=product)}]
+        chats.append({"id": index, "messages": messages})
+    return chats
+
+
 def write_sample_corpus(out_dir: str | Path, num_pairs: int = 4000, seed: int = 0) -> dict:
-    """Write `support.jsonl` (prompt/completion pairs) and `support.txt` (one document a line)."""
+    """Write `support.jsonl` (prompt/completion pairs), `support.txt` (one document a line)
+    and `support_chat.jsonl` (as many multi-turn conversations, OpenAI messages)."""
     if num_pairs < 1:
         raise ConfigError(f"--pairs must be at least 1, got {num_pairs}")
     out = Path(out_dir)
     pairs = make_pairs(num_pairs, seed)
-    jsonl, text = out / "support.jsonl", out / "support.txt"
+    jsonl, text, chat = out / "support.jsonl", out / "support.txt", out / "support_chat.jsonl"
     try:
         out.mkdir(parents=True, exist_ok=True)
         with jsonl.open("w") as f:
@@ -110,7 +141,10 @@ def write_sample_corpus(out_dir: str | Path, num_pairs: int = 4000, seed: int = 
         with text.open("w") as f:
             for pair in pairs:
                 f.write((pair["prompt"] + pair["completion"]).replace("\n", " ") + "\n")
+        with chat.open("w") as f:
+            for conversation in make_conversations(num_pairs, seed):
+                f.write(json.dumps(conversation) + "\n")
     except OSError as exc:  # DIR is a file, or a folder we may not write to
         raise ConfigError(f"cannot write the sample corpus to {out_dir}: "
                           f"{exc.strerror or exc}; pass a folder you can write to") from None
-    return {"jsonl": str(jsonl), "text": str(text), "pairs": len(pairs)}
+    return {"jsonl": str(jsonl), "text": str(text), "chat": str(chat), "pairs": len(pairs)}

@@ -125,9 +125,13 @@ def export_model(model, tokenizer, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def generate_samples(model, tokenizer, prompts: list[str], device, max_new_tokens: int = 40):
-    """Greedy replies to fixed prompts, for the log."""
+def generate_samples(model, tokenizer, prompts: list[str], device, max_new_tokens: int = 40,
+                     chat: bool = False):
+    """Greedy replies to fixed prompts, for the log; with `chat`, each prompt is a user message
+    rendered by the chat template."""
     import torch
+
+    from aigc_ray.chat import chat_ids
 
     model = unwrap(model)
     was_training = model.training
@@ -135,10 +139,13 @@ def generate_samples(model, tokenizer, prompts: list[str], device, max_new_token
     replies = []
     with torch.no_grad():
         for prompt in prompts:
-            ids = tokenizer(prompt, return_tensors="pt").to(device)
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False,
+            ids = (chat_ids(tokenizer, [{"role": "user", "content": prompt}], True) if chat
+                   else tokenizer(prompt)["input_ids"])
+            ids = torch.tensor([ids], device=device)
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-            replies.append(tokenizer.decode(out[0, ids["input_ids"].shape[1]:],
+            replies.append(tokenizer.decode(out[0, ids.shape[1]:],
                                             skip_special_tokens=True).strip())
     model.train(was_training)
     return replies
@@ -569,7 +576,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
                             state.note_eval(row["val_loss"])
                         if rank == 0 and cfg.train.sample_prompts:
                             replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
-                                                       device)
+                                                       device, chat=cfg.data.chat)
                             for prompt, reply in zip(cfg.train.sample_prompts, replies):
                                 append_jsonl(run.samples,
                                              {"step": state.step, "prompt": prompt, "reply": reply})

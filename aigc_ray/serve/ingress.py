@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from aigc_ray.chat import chat_ids
 from aigc_ray.decode import context_length
 from aigc_ray.serve.api import (
     MAX_CHOICES,
@@ -124,11 +125,12 @@ class OpenAIIngress:
         req = parse_body(await self._read_body(request), ChatRequest)
         if not req.messages:
             raise ApiError(400, "messages is empty; send at least one message", param="messages")
-        text = self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.text()} for m in req.messages],
-            tokenize=False, add_generation_prompt=True)
-        # The template already wrote any special tokens the model expects.
-        ids = [self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+        try:  # rendered as training rendered them
+            ids = [chat_ids(self.tokenizer, messages, add_generation_prompt=True)]
+        except Exception as exc:  # the template's own checks (roles must alternate, say)
+            raise ApiError(400, f"the model's chat template refused these messages: "
+                                f"{str(exc).splitlines()[0][:200]}", param="messages") from None
         return await self._generate(req, ids, chat=True, indexed=False)
 
     async def _generate(self, req, prompt_ids: list[list[int]], chat: bool, indexed: bool):

@@ -13,8 +13,15 @@ import torch
 
 from aigc_ray.chat import chat_ids, conversation, detect_format, labelled_conversation
 from aigc_ray.config import Data
-from aigc_ray.data import (IGNORE_INDEX, MESSAGES_COLUMN, ROW_COLUMN, TokenizeAndPack,
-                           pack_lengths, read_documents, validate_record)
+from aigc_ray.data import (
+    IGNORE_INDEX,
+    MESSAGES_COLUMN,
+    ROW_COLUMN,
+    TokenizeAndPack,
+    pack_lengths,
+    read_documents,
+    validate_record,
+)
 from aigc_ray.errors import DataError
 from aigc_ray.loss import token_loss_sum
 from aigc_ray.tokenizer import build_tokenizer, tokenizer_spec
