@@ -147,13 +147,17 @@ def test_an_unreachable_ray_address_is_one_line(monkeypatch):
     from aigc_ray import cluster
 
     def refuse(**_):
-        raise ConnectionError("Could not find any running Ray instance.\nmore detail")
+        raise ConnectionError("Failed to connect to Ray cluster.\nmore detail")
 
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", refuse)
-    monkeypatch.setenv("RAY_ADDRESS", "auto")
-    with pytest.raises(ConfigError) as error:
-        cluster.start_ray()
-    assert str(error.value) == ("cannot reach the Ray cluster at RAY_ADDRESS=auto: Could not find "
-                                "any running Ray instance.; start it, or unset RAY_ADDRESS to "
+    with socket.socket() as server:  # answers TCP, so only ray.init finds it is no Ray cluster
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        with pytest.raises(ConfigError) as error:
+            cluster.start_ray()
+    assert str(error.value) == (f"cannot reach the Ray cluster at RAY_ADDRESS={address}: Failed "
+                                "to connect to Ray cluster.; start it, or unset RAY_ADDRESS to "
                                 "run on a local Ray")
