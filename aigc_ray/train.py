@@ -808,11 +808,15 @@ def check_model_settings(cfg: Config, model_path: str) -> None:
     """Settings that need the model's config (not its weights): checked before any worker."""
     from transformers import AutoConfig
 
-    depth = getattr(AutoConfig.from_pretrained(
-        model_path, trust_remote_code=cfg.model.trust_remote_code), "num_hidden_layers", None)
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.model.trust_remote_code)
+    depth = getattr(config, "num_hidden_layers", None)
     if depth is not None and cfg.train.freeze_layers > depth:
         raise ConfigError(f"train.freeze_layers is {cfg.train.freeze_layers} but the model has "
                           f"{depth} blocks; set it to at most {depth}")
+    positions = getattr(config, "max_position_embeddings", None)
+    if positions is not None and cfg.data.block_size > positions:
+        raise ConfigError(f"data.block_size is {cfg.data.block_size} but the model takes at most "
+                          f"{positions} positions; set data.block_size to at most {positions}")
 
 
 def write_data_record(path: Path, split, stats) -> None:

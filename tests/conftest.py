@@ -13,7 +13,7 @@ import os
 import pytest
 
 from aigc_ray.config import validate
-from aigc_ray.data import document_text
+from aigc_ray.data import document_text, validate_record
 from aigc_ray.model import materialize_builtin
 from aigc_ray.sample_data import write_sample_corpus
 
@@ -51,7 +51,8 @@ def ray_cluster():
 
 @pytest.fixture(scope="session")
 def sample_corpus(tmp_path_factory) -> dict:
-    """The sample support corpus (400 pairs): {'jsonl': path, 'text': path, 'pairs': 400}."""
+    """The sample support corpus (400 pairs, 400 conversations): {'jsonl': path, 'text': path,
+    'chat': path, 'pairs': 400}."""
     return write_sample_corpus(tmp_path_factory.mktemp("sample"), num_pairs=400)
 
 
@@ -67,4 +68,19 @@ def tiny_model_dir(tmp_path_factory, sample_corpus) -> str:
     })
     with open(sample_corpus["jsonl"], encoding="utf-8") as f:
         texts = [document_text(json.loads(line), cfg.data) for line in f]
+    return str(materialize_builtin(cfg, texts))
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_model_dir(tmp_path_factory, sample_corpus) -> str:
+    """The same tiny shape built as `builtin:tiny` builds it for the tiny_chat config: its
+    tokenizer (with the chat template) trained on the sample conversations, 512 positions."""
+    cfg = validate({
+        "model": {"name_or_path": "builtin:tiny", "builtin": dict(TINY_MODEL)},
+        "data": {"path": sample_corpus["chat"], "chat_format": "openai", "block_size": 512},
+        "run": {"output_dir": str(tmp_path_factory.mktemp("runs")), "name": "chat"},
+    })
+    with open(sample_corpus["chat"], encoding="utf-8") as f:
+        texts = [document_text(validate_record(json.loads(line), cfg.data), cfg.data)
+                 for line in f]
     return str(materialize_builtin(cfg, texts))

@@ -21,11 +21,11 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def chat_run(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory):
-    """A tiny_chat run on the tiny model: its run folder and what the command printed."""
+def chat_run(ray_cluster, sample_corpus, tiny_chat_model_dir, tmp_path_factory):
+    """A tiny_chat run on the tiny model: its run folder."""
     out = tmp_path_factory.mktemp("chat_runs")
-    assert main(["train", "tiny_chat", f"model.name_or_path={tiny_model_dir}",
-                 f"data.path={sample_corpus['chat']}", "data.block_size=128",
+    assert main(["train", "tiny_chat", f"model.name_or_path={tiny_chat_model_dir}",
+                 f"data.path={sample_corpus['chat']}", "data.block_size=512",
                  "train.max_steps=16", "train.eval_every=16", "train.log_every=8",
                  "train.batch_size=4", "train.warmup_steps=2", "scaling.num_workers=2",
                  f"run.output_dir={out}", "run.name=chat", "eval.generate_rows=4",
@@ -35,7 +35,7 @@ def chat_run(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory):
 
 def test_chat_training_packs_learns_and_is_evaluated_on_replies(chat_run):
     rows = [json.loads(line) for line in (chat_run / "metrics.jsonl").read_text().splitlines()]
-    losses = [row["loss"] for row in rows if "loss" in row]
+    losses = [row["loss"] for row in rows if row.get("loss") is not None]
     assert losses[-1] < losses[0]
     record = json.loads((chat_run / "data.json").read_text())
     counts = record["counts"]

@@ -309,3 +309,14 @@ def test_the_packing_probe_passes_gpt2_and_refuses_a_leaky_model(tokenizer):
 
     with pytest.raises(UserError, match="data.packing=false"):
         check_packed_attention(Leaky(model), torch.device("cpu"))
+
+
+def test_a_block_longer_than_the_model_s_positions_fails_before_training(tokenizer, tmp_path):
+    from aigc_ray.config import load_config
+    from aigc_ray.errors import ConfigError
+    from aigc_ray.train import check_model_settings
+
+    tiny_model(tokenizer, "sdpa").save_pretrained(tmp_path)  # 128 positions
+    check_model_settings(load_config("tiny_chat", ["data.block_size=128"]), str(tmp_path))
+    with pytest.raises(ConfigError, match="set data.block_size to at most 128"):
+        check_model_settings(load_config("tiny_chat", ["data.block_size=256"]), str(tmp_path))
