@@ -5,7 +5,10 @@ prints as one line and exits 2; anything else is a bug and keeps its traceback."
 from __future__ import annotations
 
 import argparse
+import shlex
+import signal
 import sys
+import threading
 from typing import Callable, NamedTuple
 
 from aigc_ray.config import DEFAULT_CONFIG, Config, load_config, shipped_configs, to_yaml
@@ -43,7 +46,15 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from aigc_ray.train import run_train
 
     cfg = _config(ns)
-    summary = run_train(cfg)
+    try:
+        summary = run_train(cfg)
+    except SystemExit:
+        # Ctrl-C or SIGTERM: Ray Train's SIGINT handler aborts the run and leaves by SystemExit
+        # (code 1 once it passes through a ray.get). The registered checkpoints stay.
+        again = shlex.join(["aigc-ray", "train", *ns.args])
+        print(f"training stopped; resume it from its last checkpoint with: {again}",
+              file=sys.stderr)
+        return 130
     summary.evaluation = evaluate_after_training(cfg, summary)  # eval.after_training
     for sample in summary.samples:
         print(f"sample reply  {sample['prompt']!r}\n           → {sample['reply']!r}")
@@ -350,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         ns.overrides += extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    on_sigterm = signal.signal(signal.SIGTERM, terminate_as_ctrl_c) if in_main_thread else None
     try:
         return ns.run(ns)
     except KeyboardInterrupt:
@@ -361,6 +374,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {message}", file=sys.stderr)
         return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def terminate_as_ctrl_c(signum, frame) -> None:
+    """SIGTERM (systemd, Kubernetes, `kill`) does what Ctrl-C does: whatever handles SIGINT now
+    (Ray Train and Tune stop their run resumably, Python raises KeyboardInterrupt and the
+    commands clean up). `start_ray` keeps this handler in place of Ray's, which dumps a stack and
+    aborts."""
+    on_sigint = signal.getsignal(signal.SIGINT)
+    if not callable(on_sigint):  # SIG_DFL or SIG_IGN: stop all the same
+        raise KeyboardInterrupt
+    on_sigint(signal.SIGINT, frame)
 
 
 if __name__ == "__main__":

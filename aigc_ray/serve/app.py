@@ -154,8 +154,8 @@ def ask_once(cfg: Config, prompt: str, timeout_s: float = 120.0) -> dict:
 
 
 def run_serve(path: Path, cfg: Config, once: str | None = None) -> dict | None:
-    """Deploy and serve until Ctrl-C; with `once`, answer that one prompt over HTTP and stop.
-    The app is deleted on the way out, and Serve shut down when this call started it."""
+    """Deploy and serve until Ctrl-C or SIGTERM; with `once`, answer that one prompt over HTTP
+    and stop. The app is deleted on the way out, and Serve shut down when this call started it."""
     import ray
 
     from aigc_ray.cluster import start_ray
@@ -173,13 +173,40 @@ def run_serve(path: Path, cfg: Config, once: str | None = None) -> dict | None:
             return ask_once(cfg, once)
         print(f"serving {name!r} at {api_url(cfg)}/v1 (OpenAI base URL); Ctrl-C stops",
               flush=True)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            print("stopping", flush=True)
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:  # Ctrl-C or SIGTERM (the CLI turns one into the other)
+        if once is not None:
+            raise  # the prompt went unanswered
+        print("stopping", flush=True)  # serving ends this way, even while still deploying
         return None
     finally:
-        serve.delete(cfg.serve.app_name)
+        serve.delete(cfg.serve.app_name)  # waits until its replicas are gone
         if own_serve:
-            serve.shutdown()
+            shut_down_serve()
+
+
+def shut_down_serve(timeout_s: float = 30.0) -> None:
+    """`serve.shutdown()` without the line Ray prints after it on success, "(raylet) Task
+    ServeController.graceful_shutdown failed ... killed by ray.kill": `serve.shutdown` waits on a
+    call the controller never answers (it ends by killing itself), and Ray reports that call as
+    failed. Here the controller is asked to shut down without waiting on it, and we wait until it
+    is gone instead; past timeout_s, `serve.shutdown()` as before."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+    from ray.serve.context import _disconnect, _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is None:
+        return
+    client.shutdown_cached_handles()  # their long polls would fail with the controller too
+    ray.get(client._controller.graceful_shutdown.remote(wait=False))
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        except ValueError:  # no such actor: the controller has shut Serve down and exited
+            _disconnect()
+            return
+        time.sleep(0.1)
+    serve.shutdown()
