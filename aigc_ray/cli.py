@@ -110,7 +110,7 @@ def cmd_tune(ns: argparse.Namespace) -> int:
 
 def add_sample_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dir", metavar="DIR")
-    parser.add_argument("--pairs", type=int, default=4000, help="question/answer pairs (4000)")
+    parser.add_argument("--pairs", type=int, default=4000, help="pairs, and as many conversations (4000)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (0)")
 
 
@@ -119,7 +119,7 @@ def cmd_sample_data(ns: argparse.Namespace) -> int:
 
     written = write_sample_corpus(ns.dir, num_pairs=ns.pairs, seed=ns.seed)
     print(f"wrote {written['pairs']} support question/answer pairs to {written['jsonl']} "
-          f"and {written['text']}")
+          f"and {written['text']}, and as many multi-turn conversations to {written['chat']}")
     return 0
 
 
