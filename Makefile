@@ -34,6 +34,7 @@ lint: $(STAMP)
 
 bench: $(STAMP) data/sample/support.jsonl
 	$(BIN)/python benchmarks/data_throughput.py
+	$(BIN)/python benchmarks/packing_throughput.py
 	$(BIN)/python benchmarks/train_throughput.py
 	$(BIN)/python benchmarks/feed_rate.py
 	$(BIN)/python benchmarks/tune_efficiency.py

@@ -6,7 +6,8 @@ Both sides: the same built-in tiny model from the same seed, blocks made by our 
 `TokenizeAndPack` (unpacked: one example a row; packed: several, positions restarting), the
 training loop's own collate (it trims every batch to its longest row, so unpacked batches
 already skip most padding columns), loss, AdamW and batch size, the same number of steps after
-the same warm-up, one process, no Ray. The rate counts only real tokens, so it says how much
+the same warm-up, one process, no Ray; the two sides take their steps in turn, so a busy machine
+slows both alike. The rate counts only real tokens, so it says how much
 more of the corpus a second of training gets through.
 
     .venv/bin/python benchmarks/packing_throughput.py [--steps 40] [--batch 8] [--out FILE]
@@ -55,39 +56,56 @@ def blocks_of(cfg, model_dir: str, packing: bool) -> list[dict]:
     return [{key: out[key][i] for key in out} for i in range(len(out["input_ids"]))]
 
 
-def real_tokens_per_second(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: int,
-                           batch_size: int) -> tuple[float, float]:
-    """(real tokens per second, share of the trained columns that were padding)."""
-    import numpy as np
-    import torch
+class Side:
+    """One side of the comparison: its own model (same seed), optimizer and blocks."""
 
-    from aigc_ray.loss import token_loss_sum
-    from aigc_ray.model import load_model
-    from aigc_ray.train import batch_collator, decay_groups
+    def __init__(self, cfg, model_dir: str, blocks: list[dict]):
+        import torch
 
-    torch.manual_seed(cfg.train.seed)
-    model = load_model(model_dir)
-    model.train()
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(0.9, 0.95))
-    collate = batch_collator(pin=False)
-    rows = itertools.cycle(blocks)
-    tokens = columns = 0
-    start = time.perf_counter()
-    for step in range(warmup + steps):
-        if step == warmup:
-            tokens = columns = 0
-            start = time.perf_counter()
-        chunk = [next(rows) for _ in range(batch_size)]
-        batch = collate({key: np.stack([row[key] for row in chunk]) for key in chunk[0]})
-        loss_sum, targets = token_loss_sum(model, batch)
+        from aigc_ray.model import load_model
+        from aigc_ray.train import batch_collator, decay_groups
+
+        torch.manual_seed(cfg.train.seed)
+        self.cfg, self.model = cfg, load_model(model_dir)
+        self.model.train()
+        self.optimizer = torch.optim.AdamW(decay_groups(self.model, cfg.train.weight_decay),
+                                           lr=cfg.train.lr, betas=(0.9, 0.95))
+        self.collate, self.rows = batch_collator(pin=False), itertools.cycle(blocks)
+        self.tokens = self.columns = 0
+        self.seconds = 0.0
+
+    def step(self, batch_size: int, timed: bool) -> None:
+        import numpy as np
+        import torch
+
+        from aigc_ray.loss import token_loss_sum
+
+        start = time.perf_counter()
+        chunk = [next(self.rows) for _ in range(batch_size)]
+        batch = self.collate({key: np.stack([row[key] for row in chunk]) for key in chunk[0]})
+        loss_sum, targets = token_loss_sum(self.model, batch)
         (loss_sum / targets).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        tokens += int(batch["counts"][0])
-        columns += batch["input_ids"].numel()
-    return tokens / (time.perf_counter() - start), 1 - tokens / columns
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if timed:
+            self.seconds += time.perf_counter() - start
+            self.tokens += int(batch["counts"][0])
+            self.columns += batch["input_ids"].numel()
+
+    def result(self, blocks: int) -> dict:
+        return {"real_tokens_per_second": round(self.tokens / self.seconds),
+                "padding_share": round(1 - self.tokens / self.columns, 3), "blocks": blocks}
+
+
+def compare(cfg, model_dir: str, steps: int, warmup: int, batch_size: int) -> dict:
+    """Both sides stepped in turn, so a busy machine slows them alike."""
+    blocks = {name: blocks_of(cfg, model_dir, name == "packed") for name in ("unpacked", "packed")}
+    sides = {name: Side(cfg, model_dir, rows) for name, rows in blocks.items()}
+    for step in range(warmup + steps):
+        for side in sides.values():
+            side.step(batch_size, timed=step >= warmup)
+    return {name: side.result(len(blocks[name])) for name, side in sides.items()}
 
 
 def main() -> None:
@@ -119,14 +137,7 @@ def main() -> None:
                 texts = [document_text(validate_record(json.loads(line), cfg.data), cfg.data)
                          for _, line in zip(range(cfg.model.builtin.tokenizer_docs), f)]
             model_dir = str(materialize_builtin(cfg, texts))
-            side = {}
-            for packing in (False, True):
-                blocks = blocks_of(cfg, model_dir, packing)
-                rate, padding = real_tokens_per_second(cfg, model_dir, blocks, args.steps,
-                                                       args.warmup, args.batch)
-                side["packed" if packing else "unpacked"] = {
-                    "real_tokens_per_second": round(rate), "padding_share": round(padding, 3),
-                    "blocks": len(blocks)}
+            side = compare(cfg, model_dir, args.steps, args.warmup, args.batch)
             ratio = side["packed"]["real_tokens_per_second"] / side["unpacked"][
                 "real_tokens_per_second"]
             results[name] = {**side, "ratio": round(ratio, 2),
