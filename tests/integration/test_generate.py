@@ -110,3 +110,36 @@ def test_parquet_in_and_out_through_uris(ray_cluster, tiny_model_dir, tmp_path):
     assert sorted(r["id"] for r in rows) == ["7", "9"]
     assert summary.skipped == {"missing_field": 1} and summary.input_rows == 3
     assert json.loads((tmp_path / "out" / SKIPPED_FILE).read_text())["id"] == "8"
+
+
+def test_a_list_of_messages_is_rendered_by_the_chat_template(ray_cluster, tiny_chat_model_dir,
+                                                             tmp_path):
+    """A prompt that is a conversation goes through `chat_ids`, as the chat endpoint and training
+    render it: greedy output equals `model.generate` on the rendered prompt."""
+    from aigc_ray.chat import chat_ids
+
+    chats = [[{"role": "user", "content": "Where is my Orbit Watch order?"}],
+             [{"role": "system", "content": "Be brief."},
+              {"role": "user", "content": "How do I cancel Vega Laptop?"}]]
+    lines = [json.dumps({"id": f"c{i}", "messages": m}) for i, m in enumerate(chats)]
+    lines.append(json.dumps({"id": "bad", "messages": [{"role": "robot", "content": "hi"}]}))
+    (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
+    path, cfg = checkpoint_config(tiny_chat_model_dir, ["generate.prompt_field=messages",
+                                                        "generate.max_tokens=10"],
+                                  GENERATE_KEYS, "generate")
+    summary = run_generate(str(path), str(tmp_path / "chats.jsonl"), str(tmp_path / "out"), cfg)
+    assert summary.skipped == {"unknown_role": 1}
+    rows = {r["id"]: r for r in pads.dataset(str(tmp_path / "out"),
+                                             format="parquet").to_table().to_pylist()}
+    tokenizer = AutoTokenizer.from_pretrained(tiny_chat_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_model_dir).eval()
+    for i, messages in enumerate(chats):
+        ids = torch.tensor([chat_ids(tokenizer, messages, add_generation_prompt=True)])
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=10, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+        row = rows[f"c{i}"]
+        assert json.loads(row["prompt"]) == messages and row["prompt_tokens"] == ids.shape[1]
+        assert row["completion"] == tokenizer.decode(out[0, ids.shape[1]:],
+                                                     skip_special_tokens=True)
