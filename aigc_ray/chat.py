@@ -15,12 +15,13 @@ as it was trained. Formats:
 from __future__ import annotations
 
 from aigc_ray.config import CHAT_FIELDS
-from aigc_ray.tokenizer import IGNORE_INDEX
+from aigc_ray.tokenizer import IGNORE_INDEX, clean
 
 ROLE_NAMES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
               "gpt": "assistant", "chatgpt": "assistant", "model": "assistant"}
 CHAT_SKIP_REASONS = ("unknown_role", "no_assistant_turn", "conversation_too_long",
                      "template_mismatch")
+
 
 def fields_of(chat_format: str, overrides: dict[str, str]) -> dict[str, str]:
     """The keys `chat_format` reads, with the user's renames applied."""
@@ -107,8 +108,10 @@ def messages_of(turns, fields: dict[str, str] = CHAT_FIELDS["openai"]) -> list |
 
 
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool) -> list[int]:
-    """Token ids of `messages` rendered by the tokenizer's chat template. Special tokens that
-    appear inside message text are encoded as plain text, so a user cannot forge a turn."""
+    """Token ids of `messages` rendered by the tokenizer's chat template, their text cleaned as
+    the data pipeline cleans documents. Special tokens that appear inside message text are
+    encoded as plain text, so a user cannot forge a turn."""
+    messages = [{**m, "content": clean(m["content"])} for m in messages]
     return list(tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=False, add_generation_prompt=add_generation_prompt,
         sanitize_control_tokens=True))
@@ -147,9 +150,3 @@ def labelled_conversation(tokenizer, messages: list[dict], train_on: str,
     for start, end in spans[-1:] if train_on == "last_assistant" else spans:
         labels[start:end] = ids[start:end]
     return ids, labels, cut
-
-
-def prompt_and_reply(messages: list[dict]) -> tuple[list[dict], str]:
-    """The conversation up to its last reply, and that reply: what evaluation asks a model to
-    generate and scores it against."""
-    return messages[:-1], messages[-1]["content"]

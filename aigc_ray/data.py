@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
-import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,7 +23,7 @@ import pyarrow as pa
 from aigc_ray.chat import CHAT_SKIP_REASONS, conversation, detect_format, labelled_conversation
 from aigc_ray.config import Config, Data
 from aigc_ray.errors import ConfigError, DataError
-from aigc_ray.tokenizer import IGNORE_INDEX, encoder, load_tokenizer, tokenizer_spec
+from aigc_ray.tokenizer import IGNORE_INDEX, clean, encoder, load_tokenizer, tokenizer_spec
 
 ROWS_PER_BLOCK = 4096  # rows per Ray Data block out of a read task
 READ_CHUNK_BYTES = 1 << 20
@@ -287,11 +286,6 @@ def _flush(rows, counts, stats, path, first, data: Data) -> Iterator[pa.Table]:
 # ── 3. Clean, tokenize, pack ────────────────────────────────────────────────────────────────
 
 
-def clean(text: str) -> str:
-    """Normalize Unicode (NFC) and line endings; strip NULs that confuse tokenizers."""
-    return unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\x00", "")
-
-
 class TokenizeAndPack:
     """Ray Data callable class: each actor builds the tokenizer once, then packs batches.
 
@@ -408,15 +402,13 @@ class TokenizeAndPack:
                        counts: Counter) -> list[tuple[list[int], list[int]]]:
         examples = []
         for row in rows:
-            messages = [{"role": m["role"], "content": clean(m["content"])}
-                        for m in json.loads(row)]
-            example = labelled_conversation(self.chat_tokenizer, messages, self.data.train_on,
-                                            self.block_size)
+            example = labelled_conversation(self.chat_tokenizer, json.loads(row),
+                                            self.data.train_on, self.block_size)
             if isinstance(example, str):
                 counts[f"skipped.{example}"] += 1
                 continue
             ids, labels, cut = example
-            counts[f"truncated.{self.split}"] += cut
+            counts[f"truncated.{self.split}"] += int(cut)
             examples.append((ids, labels))
         return examples
 

@@ -198,7 +198,6 @@ class Completer:
             out[name] = np.array([batch[column][i] for i in rows], dtype=object)
         return out
 
-
     def _encode(self, prompts: list[str], chats) -> list:
         """Token ids of each prompt (a conversation through the chat template), or a skip
         reason for a conversation the model has no chat template for."""
@@ -209,9 +208,7 @@ class Completer:
             for i, ids in zip(plain, self.tokenizer(texts, verbose=False)["input_ids"]):
                 encoded[i] = ids
         for i in sorted(set(range(len(prompts))) - set(plain)):
-            messages = [{"role": m["role"], "content": clean(m["content"])}
-                        for m in json.loads(prompts[i])]
-            encoded[i] = (chat_ids(self.tokenizer, messages, add_generation_prompt=True)
+            encoded[i] = (chat_ids(self.tokenizer, json.loads(prompts[i]), True)
                           if self.tokenizer.chat_template else "no_chat_template")
         return encoded
 

@@ -7,6 +7,7 @@ loads tokenizers beside models): this module needs neither.
 
 from __future__ import annotations
 
+import unicodedata
 from collections.abc import Callable, Iterable
 
 IGNORE_INDEX = -100  # label value the HF loss ignores: prompt tokens and padding
@@ -22,6 +23,11 @@ TINY_CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|assistant|>\\n' }}{%- endif -%}"
 )
+
+
+def clean(text: str) -> str:
+    """Normalize Unicode (NFC) and line endings; strip NULs that confuse tokenizers."""
+    return unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\x00", "")
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
