@@ -6,6 +6,13 @@ the end with `decode_all`, and unit tests drive it directly. Rows are left-padde
 row's next token sits in the last column; position ids come from the attention mask so a padded
 row sees the same positions (0, 1, 2, ...) as the same prompt alone, and greedy output equals
 `model.generate`.
+
+Per row, a step goes: raw logits → (only when the request asks) EOS masked below `min_tokens`,
+`repetition_penalty` (CTRL/Hugging Face: over prompt + generated), `presence_penalty` and
+`frequency_penalty` (OpenAI: over the generated tokens) → argmax, or temperature → top-k → top-p
+→ sample. Logprobs are `log_softmax` of the raw logits of that same step (before the mask, the
+penalties and temperature), as OpenAI reports them and as vLLM does by default
+(`logprobs_mode=raw_logprobs`). Rows that ask for none of this cost what they did before.
 """
 
 from __future__ import annotations
@@ -39,6 +46,30 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     arrival_time: float = field(default_factory=time.time)  # wall clock, for time to first token
+    top_k: int = 0  # sample among the k likeliest tokens; 0 (or -1): all of them
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per time a token was generated so far
+    repetition_penalty: float = 1.0  # CTRL: seen logits (prompt + generated) / p if > 0, else * p
+    min_tokens: int = 0  # EOS and stop strings cannot end the completion before this many tokens
+    ignore_eos: bool = False  # EOS is a token like any other: only max_tokens or a stop ends it
+    logprobs: int | None = None  # None: none; n: each token's logprob and the n likeliest
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (completions' echo)
+
+    @property
+    def processed(self) -> bool:
+        """Whether this request's logits need work before sampling (most requests: no)."""
+        return bool(self.presence_penalty or self.frequency_penalty
+                    or self.repetition_penalty != 1.0 or self.top_k > 0
+                    or (self.min_tokens > 0 and not self.ignore_eos))
+
+
+@dataclass
+class TokenLogprob:
+    """A token's log-probability under the model and, when asked, the likeliest alternatives."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]] = field(default_factory=list)  # (token id, logprob), likeliest first
 
 
 @dataclass
@@ -50,6 +81,22 @@ class Chunk:
     completion_tokens: int  # generated so far
     prompt_tokens: int
     finish_reason: str | None = None  # "stop" (EOS or a stop string) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # first chunk only; [0] is None
+
+
+def merge_chunks(chunks: list[Chunk]) -> Chunk:
+    """Consecutive chunks of one request as one (the last one's counts and finish reason)."""
+    last = chunks[-1]
+    logprobs = None
+    if any(c.logprobs is not None for c in chunks):
+        logprobs = [lp for c in chunks for lp in c.logprobs or []]
+    prompt_logprobs = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs), None)
+    return Chunk(text="".join(c.text for c in chunks),
+                 token_ids=[t for c in chunks for t in c.token_ids],
+                 completion_tokens=last.completion_tokens, prompt_tokens=last.prompt_tokens,
+                 finish_reason=last.finish_reason, logprobs=logprobs,
+                 prompt_logprobs=prompt_logprobs)
 
 
 class _Row:
@@ -57,6 +104,7 @@ class _Row:
 
     def __init__(self, request: GenerationRequest, device):
         self.request = request
+        self.processed = request.processed  # read every step: kept, not recomputed
         self.generated: list[int] = []
         self.emitted = 0  # characters of the decoded text already handed out
         self.finish_reason: str | None = None
@@ -69,13 +117,71 @@ class _Row:
                 self.generator.seed()
         # Text that might be the start of a stop string is held back until it cannot be.
         self.hold_back = max((len(s) for s in request.stop), default=1) - 1
+        self.stop_floor = 0  # a stop string must start here or later (text of min_tokens)
+        self.prompt_logprobs: list | None = None  # computed at prefill, sent with the first chunk
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator) -> int:
-    """One token from a row's logits: argmax at temperature 0, else nucleus sampling."""
+def process_logits(logits: torch.Tensor, request: GenerationRequest, generated: list[int],
+                   eos_ids=()) -> torch.Tensor:
+    """The scores a row samples from: a float copy of its raw logits with EOS masked below
+    `min_tokens` and the penalties applied (vLLM's order; temperature and top-k/top-p follow
+    in `sample_next`)."""
+    scores = logits.float().clone()
+    if len(generated) < request.min_tokens and not request.ignore_eos and eos_ids:
+        scores[list(eos_ids)] = float("-inf")
+    if request.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(request.prompt_ids) | set(generated)),
+                            device=scores.device)
+        picked = scores[seen]
+        scores[seen] = torch.where(picked > 0, picked / request.repetition_penalty,
+                                   picked * request.repetition_penalty)
+    if generated and (request.presence_penalty or request.frequency_penalty):
+        ids, counts = torch.tensor(generated, device=scores.device).unique(return_counts=True)
+        scores[ids] -= request.frequency_penalty * counts + request.presence_penalty
+    return scores
+
+
+def token_logprob(logits: torch.Tensor, token: int, top: int) -> TokenLogprob:
+    """`token`'s log-probability under a row's raw logits, and the `top` likeliest tokens'."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    best = []
+    if top:
+        values, ids = torch.topk(logprobs, min(top, logprobs.shape[-1]))
+        best = list(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def prompt_token_logprobs(logits: torch.Tensor, prompt: list[int], top: int
+                          ) -> list[TokenLogprob | None]:
+    """Each prompt token's logprob given the tokens before it (`logits`: the prompt's positions,
+    one row each); the first token has none, as in OpenAI's echo."""
+    out: list[TokenLogprob | None] = [None]
+    if len(prompt) < 2:
+        return out
+    logprobs = torch.log_softmax(logits[:-1].float(), dim=-1)
+    targets = torch.tensor(prompt[1:], device=logprobs.device)
+    chosen = logprobs.gather(1, targets.unsqueeze(1)).squeeze(1).tolist()
+    best_values = best_ids = None
+    if top:
+        best_values, best_ids = torch.topk(logprobs, min(top, logprobs.shape[-1]), dim=-1)
+        best_values, best_ids = best_values.tolist(), best_ids.tolist()
+    for j, token in enumerate(prompt[1:]):
+        best = list(zip(best_ids[j], best_values[j])) if top else []
+        out.append(TokenLogprob(token, chosen[j], best))
+    return out
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator,
+                top_k: int = 0) -> int:
+    """One token from a row's logits: argmax at temperature 0, else top-k then nucleus
+    sampling."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if top_p < 1.0:
         sorted_probs, order = torch.sort(probs, descending=True)
         # Keep the smallest set whose mass reaches top_p (the top token is always kept).
@@ -171,16 +277,19 @@ class BatchDecoder:
                 layer.keys = layer.keys[:, :, start:, :]
                 layer.values = layer.values[:, :, start:, :]
 
-    def _forward(self, input_ids, attention_mask, cache) -> torch.Tensor:
+    def _forward(self, input_ids, attention_mask, cache, every_position: bool = False
+                 ) -> torch.Tensor:
+        """The last position's logits (every position's with `every_position`)."""
         # Positions count real tokens only, so left padding does not shift them.
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
                          position_ids=positions, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1, :]
+                         logits_to_keep=0 if every_position else 1)
+        return out.logits if every_position else out.logits[:, -1, :]
 
     def _prefill(self, indices: list[int]):
-        """(logits, attention mask, cache) of the newcomers' prompts, left-padded together."""
+        """(logits, attention mask, cache) of the newcomers' prompts, left-padded together.
+        Rows that asked for their prompt's logprobs get them here (`_Row.prompt_logprobs`)."""
         from transformers import DynamicCache
 
         prompts = [self.rows[i].request.prompt_ids for i in indices]
@@ -192,7 +301,15 @@ class BatchDecoder:
             mask[i, width - len(prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
         cache = DynamicCache(config=self.model.config)
-        return self._forward(ids, mask, cache), mask, cache
+        rows = [self.rows[i] for i in indices]
+        if all(row.request.prompt_logprobs is None for row in rows):
+            return self._forward(ids, mask, cache), mask, cache
+        every = self._forward(ids, mask, cache, every_position=True)
+        for i, (row, prompt) in enumerate(zip(rows, prompts)):
+            if row.request.prompt_logprobs is not None:
+                row.prompt_logprobs = prompt_token_logprobs(
+                    every[i, width - len(prompt):], prompt, row.request.prompt_logprobs)
+        return every[:, -1, :], mask, cache
 
     def _join(self, mask, cache) -> None:
         """Append prefilled rows to the running batch, left-padding the shorter side."""
@@ -245,9 +362,16 @@ class BatchDecoder:
         for batch_row, index in enumerate(self.active):
             row = self.rows[index]
             req = row.request
-            token = (greedy[batch_row] if req.temperature <= 0 else
-                     sample_next(logits[batch_row], req.temperature, req.top_p, row.generator))
-            results[index] = self._advance(row, token)
+            if row.processed:
+                scores = process_logits(logits[batch_row], req, row.generated, self.eos_ids)
+                token = sample_next(scores, req.temperature, req.top_p, row.generator, req.top_k)
+            else:
+                token = (greedy[batch_row] if req.temperature <= 0 else
+                         sample_next(logits[batch_row], req.temperature, req.top_p,
+                                     row.generator))
+            logprob = (None if req.logprobs is None else
+                       token_logprob(logits[batch_row], token, req.logprobs))
+            results[index] = self._advance(row, token, logprob)
             if row.finish_reason is None:
                 tokens.append(token)
                 keep.append(batch_row)
@@ -263,10 +387,10 @@ class BatchDecoder:
             self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         return results
 
-    def _advance(self, row: _Row, token: int) -> Chunk:
+    def _advance(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> Chunk:
         req = row.request
         new_ids = []
-        if token in self.eos_ids:
+        if token in self.eos_ids and not req.ignore_eos:
             row.finish_reason = "stop"
         else:
             row.generated.append(token)
@@ -274,29 +398,40 @@ class BatchDecoder:
             if len(row.generated) >= req.max_tokens:
                 row.finish_reason = "length"
         text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
-        for stop in req.stop:
-            at = text.find(stop, max(0, row.emitted - len(stop)))
+        # As vLLM: stop strings count only from the min_tokens-th token on, and only in text
+        # that came after the last token below it.
+        stops_count = len(row.generated) >= req.min_tokens
+        for stop in req.stop if stops_count else ():
+            at = text.find(stop, max(row.stop_floor, row.emitted - len(stop)))
             if stop and at != -1:
                 text, row.finish_reason = text[:at], "stop"
         if row.finish_reason is None:
-            end = len(text) - row.hold_back
+            end = len(text) - (row.hold_back if stops_count else 0)
             while end > row.emitted and text[end - 1] == "\ufffd":  # a character still incomplete
                 end -= 1
         else:
             end = len(text)
         new_text = text[row.emitted:end] if end > row.emitted else ""
         row.emitted = max(row.emitted, end)
-        return Chunk(text=new_text, token_ids=new_ids, completion_tokens=len(row.generated),
-                     prompt_tokens=len(req.prompt_ids), finish_reason=row.finish_reason)
+        if not stops_count:
+            row.stop_floor = row.emitted
+        chunk = Chunk(text=new_text, token_ids=new_ids, completion_tokens=len(row.generated),
+                      prompt_tokens=len(req.prompt_ids), finish_reason=row.finish_reason)
+        if req.logprobs is not None:
+            chunk.logprobs = [logprob] if new_ids and logprob is not None else []
+        if row.prompt_logprobs is not None:
+            chunk.prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
+        return chunk
 
 
 def decode_all(model, tokenizer, requests: list[GenerationRequest]) -> list[dict]:
-    """Run a batch to the end; per request: text, token_ids, finish_reason (for tests, tools)."""
+    """Run a batch to the end; per request: text, token_ids, finish_reason, logprobs and
+    prompt_logprobs (None unless asked) (for tests, tools, batch generation)."""
     decoder = BatchDecoder(model, tokenizer, requests)
-    results = [{"text": "", "token_ids": [], "finish_reason": None} for _ in requests]
+    chunks: list[list[Chunk]] = [[] for _ in requests]
     while not decoder.done:
         for index, chunk in decoder.step().items():
-            results[index]["text"] += chunk.text
-            results[index]["token_ids"] += chunk.token_ids
-            results[index]["finish_reason"] = chunk.finish_reason
-    return results
+            chunks[index].append(chunk)
+    merged = [merge_chunks(c) for c in chunks]
+    return [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+             "logprobs": c.logprobs, "prompt_logprobs": c.prompt_logprobs} for c in merged]

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from aigc_ray.decode import BatchDecoder, Chunk, GenerationRequest
+from aigc_ray.decode import BatchDecoder, Chunk, GenerationRequest, merge_chunks
 from aigc_ray.model import load_for_inference
 
 _DONE = object()  # ends a request's chunk queue
@@ -61,8 +61,7 @@ class Batcher:
             self.thread.start()
         self.loop = asyncio.get_running_loop()  # the replica's one serving loop
         entry = {"request": request, "chunks": asyncio.Queue(), "cancel": None,
-                 "cancelled": False, "stream": stream, "text": [], "token_ids": [],
-                 "first_token_at": None}
+                 "cancelled": False, "stream": stream, "held": [], "first_token_at": None}
         self.pending.put(entry)
         try:
             while True:
@@ -152,12 +151,10 @@ class Batcher:
                 per_token = (now - entry["first_token_at"]) / (chunk.completion_tokens - 1)
                 observations.append(("tpot", per_token))
             if not entry["stream"]:  # hold it back until the completion is whole
-                entry["text"].append(chunk.text)
-                entry["token_ids"] += chunk.token_ids
+                entry["held"].append(chunk)
                 if chunk.finish_reason is None:
                     continue
-                chunk = Chunk("".join(entry["text"]), entry["token_ids"],
-                              chunk.completion_tokens, chunk.prompt_tokens, chunk.finish_reason)
+                chunk = merge_chunks(entry["held"])
             out.append((entry, chunk))
             if chunk.finish_reason is not None:
                 out.append((entry, _DONE))
@@ -220,21 +217,24 @@ class Generator:
         self._probe()  # a replica that cannot run its model must fail here, not on traffic
 
     async def complete(self, request: GenerationRequest) -> dict:
-        """The whole completion: text, token_ids, finish_reason and token counts."""
-        result = {"text": "", "token_ids": [], "finish_reason": None,
-                  "prompt_tokens": len(request.prompt_ids), "completion_tokens": 0}
-        async for chunk in self.batcher.submit(request, stream=False):
-            result["text"] += chunk.text
-            result["token_ids"] += chunk.token_ids
-            result["finish_reason"] = chunk.finish_reason
-            result["completion_tokens"] = chunk.completion_tokens
-        return result
+        """The whole completion: text, token_ids, finish_reason, token counts, logprobs and
+        prompt_logprobs (None unless asked)."""
+        chunks = [chunk async for chunk in self.batcher.submit(request, stream=False)]
+        whole = merge_chunks(chunks or [Chunk("", [], 0, len(request.prompt_ids))])
+        return {"text": whole.text, "token_ids": whole.token_ids,
+                "finish_reason": whole.finish_reason, "prompt_tokens": len(request.prompt_ids),
+                "completion_tokens": whole.completion_tokens, "logprobs": whole.logprobs,
+                "prompt_logprobs": whole.prompt_logprobs}
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
-        """The completion step by step; steps that produced no visible text are skipped."""
+        """The completion step by step; a step that produced no visible text rides along with
+        the next one that does (its tokens and logprobs are not lost)."""
+        held: list[Chunk] = []
         async for chunk in self.batcher.submit(request):
+            held.append(chunk)
             if chunk.text or chunk.finish_reason:
-                yield chunk
+                yield held[0] if len(held) == 1 else merge_chunks(held)
+                held = []
 
     async def ready(self) -> dict:
         """Generate one token through the batch loop: proof this replica serves requests."""

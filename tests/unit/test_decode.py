@@ -146,3 +146,159 @@ def test_context_length_is_the_position_table_else_the_tokenizer_limit(model_and
     no_positions = SimpleNamespace()
     assert context_length(no_positions, SimpleNamespace(model_max_length=512)) == 512
     assert context_length(no_positions, SimpleNamespace(model_max_length=int(1e30))) is None
+
+
+# --- sampling controls, min_tokens / ignore_eos, logprobs -----------------------------------
+
+
+def test_penalties_follow_their_definitions_on_hand_made_logits():
+    import torch
+    from transformers import RepetitionPenaltyLogitsProcessor
+
+    from aigc_ray.decode import process_logits
+
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 0.0, 1.0])
+    prompt, generated = [0, 1], [3, 3, 2]
+
+    def scores(**settings):
+        request = GenerationRequest(prompt_ids=prompt, max_tokens=8, **settings)
+        return process_logits(logits, request, generated, eos_ids={5})
+
+    # OpenAI: presence once per generated token, frequency per occurrence; the prompt is not
+    # counted.
+    assert scores(presence_penalty=0.5).tolist() == [2.0, -1.0, 0.0, 2.5, 0.0, 1.0]
+    assert scores(frequency_penalty=0.25).tolist() == [2.0, -1.0, 0.25, 2.5, 0.0, 1.0]
+    assert scores(presence_penalty=-1.0).tolist() == [2.0, -1.0, 1.5, 4.0, 0.0, 1.0]
+    # CTRL / Hugging Face: every seen token (prompt + generated), positive divided, negative
+    # multiplied; equal to transformers' own processor.
+    penalized = scores(repetition_penalty=2.0)
+    assert penalized.tolist() == [1.0, -2.0, 0.25, 1.5, 0.0, 1.0]
+    reference = RepetitionPenaltyLogitsProcessor(2.0)(torch.tensor([prompt + generated]),
+                                                      logits.unsqueeze(0))
+    assert torch.equal(penalized, reference[0])
+    # min_tokens masks EOS while fewer tokens than it were generated, and only then.
+    assert scores(min_tokens=4)[5] == float("-inf")
+    assert scores(min_tokens=3)[5] == 1.0
+    assert scores(min_tokens=4, ignore_eos=True)[5] == 1.0
+    assert torch.equal(logits, torch.tensor([2.0, -1.0, 0.5, 3.0, 0.0, 1.0]))  # not in place
+    assert not GenerationRequest([1], 4).processed  # plain requests skip all of this
+
+
+def test_top_k_samples_among_the_k_likeliest_only():
+    import torch
+
+    from aigc_ray.decode import sample_next
+
+    logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8])
+    generator = torch.Generator().manual_seed(0)
+    assert {sample_next(logits, 1.0, 1.0, generator, top_k=1) for _ in range(50)} == {1}
+    assert {sample_next(logits, 2.0, 1.0, generator, top_k=2) for _ in range(200)} == {1, 2}
+    assert len({sample_next(logits, 2.0, 1.0, generator) for _ in range(200)}) > 2
+
+
+def test_ignore_eos_and_min_tokens_hold_a_completion_to_length(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    # Make the token greedy decoding picks first the end of text, so it would end at once.
+    first = decode_all(model, tokenizer, [GenerationRequest(ids, 1, temperature=0)])[0]
+
+    def run(**settings):
+        decoder = BatchDecoder(model, tokenizer, [GenerationRequest(ids, temperature=0,
+                                                                    **settings)])
+        decoder.eos_ids = set(first["token_ids"])
+        chunks = []
+        while not decoder.done:
+            chunks += decoder.step().values()
+        return [t for c in chunks for t in c.token_ids], chunks[-1].finish_reason
+
+    assert run(max_tokens=10) == ([], "stop")
+    tokens, reason = run(max_tokens=10, ignore_eos=True)
+    assert len(tokens) == 10 and reason == "length" and tokens[0] == first["token_ids"][0]
+    tokens, reason = run(max_tokens=10, min_tokens=6)
+    assert len(tokens) >= 6 and first["token_ids"][0] not in tokens[:6]
+    tokens, reason = run(max_tokens=6, min_tokens=6)
+    assert len(tokens) == 6 and reason == "length"
+
+
+def test_stop_strings_do_not_end_a_completion_before_min_tokens(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    full = decode_all(model, tokenizer, [GenerationRequest(ids, 16, temperature=0,
+                                                           ignore_eos=True)])[0]
+    stop = full["text"][1:3]  # found within the first tokens
+    early = decode_all(model, tokenizer, [GenerationRequest(ids, 16, temperature=0, stop=[stop],
+                                                            ignore_eos=True)])[0]
+    assert early["finish_reason"] == "stop" and len(early["token_ids"]) < 12
+    held = decode_all(model, tokenizer, [GenerationRequest(ids, 16, temperature=0, stop=[stop],
+                                                           ignore_eos=True, min_tokens=12)])[0]
+    assert len(held["token_ids"]) >= 12
+    assert held["token_ids"][:12] == full["token_ids"][:12]
+    assert full["text"].startswith(held["text"])
+
+
+def expected_logprobs(model, prompt_ids, generated):
+    """log_softmax of the model's logits (plain transformers, one unpadded forward pass) at
+    each generated position: [V] per generated token."""
+    import torch
+
+    ids = torch.tensor([prompt_ids + generated])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0]
+    return torch.log_softmax(logits.float(), dim=-1)[len(prompt_ids) - 1:-1]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_logprobs_are_log_softmax_of_the_models_logits_single_and_batched(
+        model_and_tokenizer, temperature):
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+    def request(i, **settings):
+        return GenerationRequest(ids[i], 8, temperature=temperature, seed=i, logprobs=3,
+                                 ignore_eos=True, **settings)
+
+    alone = decode_all(model, tokenizer, [request(0)])
+    # Batched: different prompt lengths (left padding), a row without logprobs beside them
+    # and one with penalties (its logprobs are still the model's own, before the penalty).
+    batched = decode_all(model, tokenizer, [
+        request(0), request(1, repetition_penalty=1.5, presence_penalty=1.0),
+        GenerationRequest(ids[2], 8, temperature=temperature), request(2)])
+    assert batched[2]["logprobs"] is None
+    assert batched[0]["token_ids"] == alone[0]["token_ids"]
+    for prompt, result in [(ids[0], alone[0]), (ids[0], batched[0]), (ids[1], batched[1]),
+                           (ids[2], batched[3])]:
+        want = expected_logprobs(model, prompt, result["token_ids"])
+        assert [e.token_id for e in result["logprobs"]] == result["token_ids"]
+        got = torch.tensor([e.logprob for e in result["logprobs"]])
+        chosen = want.gather(1, torch.tensor(result["token_ids"]).unsqueeze(1)).squeeze(1)
+        assert torch.allclose(got, chosen, atol=1e-4)
+        for row, entry in zip(want, result["logprobs"]):
+            values, top_ids = torch.topk(row, 3)
+            assert [t for t, _ in entry.top] == top_ids.tolist()
+            assert torch.allclose(torch.tensor([v for _, v in entry.top]), values, atol=1e-4)
+        if temperature == 0:  # greedy: the chosen token is the likeliest one
+            assert all(e.top[0][0] == e.token_id for e in result["logprobs"]) or \
+                result is batched[1]
+
+
+def test_prompt_logprobs_are_log_softmax_over_the_prompt(model_and_tokenizer):
+    import torch
+
+    model, tokenizer = model_and_tokenizer
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    results = decode_all(model, tokenizer, [
+        GenerationRequest(ids[0], 2, temperature=0, logprobs=0, prompt_logprobs=2),
+        GenerationRequest(ids[1], 2, temperature=0, logprobs=0, prompt_logprobs=2)])
+    for prompt, result in zip(ids, results):
+        entries = result["prompt_logprobs"]
+        assert len(entries) == len(prompt) and entries[0] is None
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt])).logits[0]
+        want = torch.log_softmax(logits, dim=-1)[:-1]
+        for j, entry in enumerate(entries[1:]):
+            assert entry.token_id == prompt[j + 1]
+            assert abs(entry.logprob - float(want[j, prompt[j + 1]])) < 1e-4
+            assert [t for t, _ in entry.top] == torch.topk(want[j], 2).indices.tolist()
+        assert [e.top for e in result["logprobs"]] == [[], []]  # logprobs=0: the token's own
