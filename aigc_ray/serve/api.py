@@ -13,10 +13,48 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from aigc_ray.decode import GenerationRequest
+from aigc_ray.decode import GenerationRequest, TokenLogprob
 
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_CHOICES = 64  # prompts x n in one request; more belongs in batch generation
+MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's chat limit, vLLM's default max_logprobs
+
+# Which body fields a request may carry. A field is honoured (declared on the request models
+# below), describes the caller without changing the output (IGNORED), or is refused with a 400
+# naming it: never dropped silently, because a client that asked for JSON, tools or a bias and
+# got plain text would not know. A field that is null, an empty list or an empty object counts
+# as not sent (SDKs send explicit nulls and empty defaults), and so do the values in NO_OP, which
+# ask for exactly what we do anyway. The official openai client sends only what its caller set.
+IGNORED = {"user", "metadata"}
+NO_OP = {
+    "response_format": [{"type": "text"}],
+    "tool_choice": ["none"],
+    "function_call": ["none"],
+    "best_of": [1],
+    "suffix": [""],
+    "store": [False],
+    "modalities": [["text"]],
+    "service_tier": ["auto", "default"],
+    "stream_options.include_obfuscation": [False, True],  # only pads chunks; harmless
+}
+# OpenAI fields we know and do not implement; the error says so rather than "unknown".
+UNSUPPORTED = {
+    "response_format": "constrained decoding (JSON mode, JSON schema) is not implemented; "
+                       "only type 'text' is served",
+    "tools": "tool calling is not implemented", "tool_choice": "tool calling is not implemented",
+    "parallel_tool_calls": "tool calling is not implemented",
+    "functions": "function calling is not implemented",
+    "function_call": "function calling is not implemented",
+    "logit_bias": "logit_bias is not implemented",
+    "best_of": "best_of above 1 is not implemented; use n",
+    "suffix": "suffix (insertion) is not implemented",
+    "store": "stored completions are not implemented",
+    "audio": "audio output is not implemented", "modalities": "only text output is served",
+    "prediction": "predicted outputs are not implemented",
+    "reasoning_effort": "this is not a reasoning model",
+    "web_search_options": "web search is not implemented",
+    "service_tier": "service tiers are not implemented",
+}
 
 
 class ApiError(Exception):
@@ -37,13 +75,44 @@ class ApiError(Exception):
                           "param": self.param, "code": self.code}}
 
 
+def _not_sent(value) -> bool:
+    return value is None or value == [] or value == {}
+
+
+def _no_op(name: str, value) -> bool:
+    # Type and value: `true` is not the 1 of best_of, nor `0` the false of store.
+    return any(type(value) is type(v) and value == v for v in NO_OP.get(name, ()))
+
+
+def check_fields(data: dict, schema: type[BaseModel], where: str = "",
+                 unknown: str = "it is not a field this endpoint knows") -> dict:
+    """The body (or a nested object at `where`) without the fields that change nothing
+    (IGNORED, NO_OP, not sent); a 400 naming the first field we would otherwise drop."""
+    kept = {}
+    for name, value in data.items():
+        key = f"{where}{name}"
+        if name in schema.model_fields:
+            if value is not None:  # null: the default, as OpenAI reads it
+                kept[name] = value
+        elif _not_sent(value) or (not where and name in IGNORED) or _no_op(key, value):
+            continue
+        elif key in UNSUPPORTED:
+            raise ApiError(400, f"{key} is not supported: {UNSUPPORTED[key]}; remove it",
+                           param=key, code="unsupported_parameter")
+        else:
+            raise ApiError(400, f"{key} is not supported: {unknown}; remove it", param=key,
+                           code="unknown_parameter")
+    return kept
+
+
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
 
 
 class Sampling(BaseModel):
-    # Clients send fields we do not act on (user, logit_bias, ...): accept and ignore them.
-    model_config = ConfigDict(extra="ignore")
+    # Every field is declared: `check_fields` has refused or removed any other by now.
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = None
     max_tokens: int | None = None
@@ -56,36 +125,87 @@ class Sampling(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     return_token_ids: bool = False  # extension: each choice also carries its token ids
+    # vLLM's sampling extensions, same names and meanings.
+    top_k: int = 0  # 0 or -1: off
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    repetition_penalty: float = 1.0
+    # OpenAI's.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+
+    def top_logprobs_asked(self) -> int | None:
+        """None: no logprobs; n: each token's logprob and the n likeliest alternatives."""
+        return None
 
 
 class CompletionRequest(Sampling):
     prompt: str | list[str]
+    logprobs: int | None = None  # OpenAI completions: the n likeliest per token (0: only its own)
+    echo: bool = False  # the prompt comes back in front of the completion
+
+    def top_logprobs_asked(self) -> int | None:
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: str
     content: str | list[dict] | None = None
 
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(part.get("text", "") for part in self.content
-                           if part.get("type") == "text")
+        if isinstance(self.content, list):  # content parts: only text ones pass check_messages
+            return "".join(part.get("text", "") for part in self.content)
         return self.content or ""
 
 
 class ChatRequest(Sampling):
     messages: list[ChatMessage]
+    logprobs: bool = False  # OpenAI chat: each token's logprob...
+    top_logprobs: int | None = None  # ...and the n likeliest alternatives
+
+    def top_logprobs_asked(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def check_messages(messages):
+    """The messages without fields that change nothing; fields or content parts the template
+    would never see get a 400 naming them."""
+    if not isinstance(messages, list):
+        return messages  # the schema's own error (422) names it
+    kept = []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            kept.append(message)
+            continue
+        message = check_fields(message, ChatMessage, where=f"messages[{i}].", unknown=(
+            "the chat template is given each message's role and content only"))
+        kept.append(message)
+        content = message.get("content")
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text" or not isinstance(part.get("text"), str):
+                raise ApiError(400, f"messages[{i}].content[{j}] is a {kind!r} part; this model "
+                                    "reads text parts only", param=f"messages[{i}].content",
+                               code="unsupported_parameter")
+    return kept
 
 
 def parse_body(raw: bytes, schema: type[BaseModel]):
-    """JSON bytes → a validated request, or a 422 ApiError naming the first bad field."""
+    """JSON bytes → a validated request; 422 naming the first malformed field, 400 naming the
+    first field this server does not implement (`check_fields`)."""
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(422, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(422, "the request body must be a JSON object")
+    data = check_fields(data, schema)
+    if isinstance(data.get("stream_options"), dict):
+        data["stream_options"] = check_fields(data["stream_options"], StreamOptions,
+                                              where="stream_options.")
+    if schema is ChatRequest and "messages" in data:
+        data["messages"] = check_messages(data["messages"])
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -112,7 +232,33 @@ def check_sampling(req: Sampling, default_max_tokens: int, max_tokens_limit: int
     if len(stops) > MAX_STOP_STRINGS or any(s == "" for s in stops):
         raise ApiError(400, f"stop takes up to {MAX_STOP_STRINGS} non-empty strings",
                        param="stop")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if not -2 <= getattr(req, name) <= 2:
+            raise ApiError(400, f"{name} must be between -2 and 2, got {getattr(req, name)}",
+                           param=name)
+    if not req.repetition_penalty > 0:
+        raise ApiError(400, f"repetition_penalty must be > 0 (1: off), got "
+                            f"{req.repetition_penalty}", param="repetition_penalty")
+    if req.top_k < -1:
+        raise ApiError(400, f"top_k must be -1 or 0 (off) or a positive count, got {req.top_k}",
+                       param="top_k")
+    if not 0 <= req.min_tokens <= max_tokens:
+        raise ApiError(400, f"min_tokens must be between 0 and max_tokens ({max_tokens}), got "
+                            f"{req.min_tokens}", param="min_tokens")
+    check_logprobs(req)
     return max_tokens
+
+
+def check_logprobs(req: Sampling) -> None:
+    if isinstance(req, ChatRequest):
+        if req.top_logprobs is not None and not req.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        name, asked = "top_logprobs", req.top_logprobs or 0
+    else:
+        name, asked = "logprobs", req.top_logprobs_asked() or 0
+    if not 0 <= asked <= MAX_LOGPROBS:
+        raise ApiError(400, f"{name} must be between 0 and {MAX_LOGPROBS}, got {asked}",
+                       param=name)
 
 
 def stop_list(stop: str | list[str] | None) -> list[str]:
@@ -142,11 +288,75 @@ def generation_requests(prompt_ids: list[list[int]], req: Sampling, max_tokens: 
         for j in range(req.n):
             # n choices of one seeded request must differ from each other yet repeat run to run.
             seed = None if req.seed is None else req.seed + j
-            out.append(GenerationRequest(prompt_ids=ids, max_tokens=max_tokens,
-                                         temperature=req.temperature, top_p=req.top_p,
-                                         stop=stop_list(req.stop), seed=seed,
-                                         arrival_time=arrival_time))
+            out.append(GenerationRequest(
+                prompt_ids=ids, max_tokens=max_tokens, temperature=req.temperature,
+                top_p=req.top_p, stop=stop_list(req.stop), seed=seed, arrival_time=arrival_time,
+                top_k=max(0, req.top_k), presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty,
+                repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
+                ignore_eos=req.ignore_eos, logprobs=req.top_logprobs_asked(),
+                prompt_logprobs=(req.top_logprobs_asked()
+                                 if getattr(req, "echo", False) else None)))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Logprobs in OpenAI's two shapes. The replica sends token ids and numbers; the text is made here.
+
+
+def token_text(tokenizer, token_id: int) -> str:
+    """A token as the logprobs show it (special tokens by name)."""
+    return tokenizer.decode([token_id], skip_special_tokens=False)
+
+
+def completion_logprobs(tokenizer, entries: list[TokenLogprob | None], offset: int) -> dict:
+    """OpenAI completions' `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (the
+    character where each token starts in the choice's text, from `offset`)."""
+    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
+                            "text_offset": []}
+    for entry, token_id in entries:
+        text = token_text(tokenizer, token_id)
+        out["tokens"].append(text)
+        out["text_offset"].append(offset)
+        offset += len(tokenizer.decode([token_id], skip_special_tokens=True))
+        if entry is None:  # the prompt's first token: nothing came before it
+            out["token_logprobs"].append(None)
+            out["top_logprobs"].append(None)
+            continue
+        out["token_logprobs"].append(entry.logprob)
+        out["top_logprobs"].append({token_text(tokenizer, t): lp for t, lp in entry.top})
+    return out
+
+
+def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+    """OpenAI chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def one(token_id: int, logprob: float) -> dict:
+        text = token_text(tokenizer, token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**one(e.token_id, e.logprob),
+                         "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
+            "refusal": None}
+
+
+def prompt_entries(prompt_ids: list[int], prompt_logprobs) -> list[tuple]:
+    """(entry, token id) pairs for an echoed prompt; entries None where not computed."""
+    lps = prompt_logprobs or [None] * len(prompt_ids)
+    return list(zip(lps, prompt_ids))
+
+
+def choice_logprobs(tokenizer, logprobs: list[TokenLogprob] | None, prompt_logprobs,
+                    chat: bool, echo_ids: list[int] | None = None, offset: int = 0
+                    ) -> dict | None:
+    """A choice's (or stream chunk's) `logprobs` object, or None when none were asked for;
+    `echo_ids`: the echoed prompt, whose tokens come first (completions)."""
+    if logprobs is None:
+        return None
+    if chat:
+        return chat_logprobs(tokenizer, logprobs)
+    pairs = [] if echo_ids is None else prompt_entries(echo_ids, prompt_logprobs)
+    pairs += [(e, e.token_id) for e in logprobs]
+    return completion_logprobs(tokenizer, pairs, offset)
 
 
 def new_id(prefix: str) -> str:
@@ -159,16 +369,22 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_response(model: str, results: list[dict], prompt_tokens: int, chat: bool,
-                        with_token_ids: bool) -> dict:
-    """The non-streaming body for /v1/completions or /v1/chat/completions."""
+                        with_token_ids: bool, tokenizer=None,
+                        echo: list[tuple[str, list[int]]] | None = None) -> dict:
+    """The non-streaming body for /v1/completions or /v1/chat/completions. `echo`: per choice,
+    the prompt's (text, ids) to put in front of its completion."""
     choices = []
     for index, result in enumerate(results):
+        echo_text, echo_ids = echo[index] if echo else ("", None)
+        logprobs = choice_logprobs(tokenizer, result.get("logprobs"),
+                                   result.get("prompt_logprobs"), chat, echo_ids)
         if chat:
             choice: dict[str, Any] = {"index": index, "message": {"role": "assistant",
                                                                  "content": result["text"]},
-                                      "logprobs": None, "finish_reason": result["finish_reason"]}
+                                      "logprobs": logprobs,
+                                      "finish_reason": result["finish_reason"]}
         else:
-            choice = {"index": index, "text": result["text"], "logprobs": None,
+            choice = {"index": index, "text": echo_text + result["text"], "logprobs": logprobs,
                       "finish_reason": result["finish_reason"]}
         if with_token_ids:
             choice["token_ids"] = result["token_ids"]
@@ -181,16 +397,17 @@ def completion_response(model: str, results: list[dict], prompt_tokens: int, cha
 
 
 def stream_chunk(response_id: str, model: str, index: int, text: str | None,
-                 finish_reason: str | None, chat: bool, first: bool = False) -> dict:
+                 finish_reason: str | None, chat: bool, first: bool = False,
+                 logprobs: dict | None = None) -> dict:
     """One server-sent event's data for a streamed choice."""
     if chat:
         delta: dict[str, Any] = {"role": "assistant"} if first else {}
         if text:
             delta["content"] = text
-        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None,
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs,
                                   "finish_reason": finish_reason}
     else:
-        choice = {"index": index, "text": text or "", "logprobs": None,
+        choice = {"index": index, "text": text or "", "logprobs": logprobs,
                   "finish_reason": finish_reason}
     return {"id": response_id, "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": model, "choices": [choice]}

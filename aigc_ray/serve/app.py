@@ -22,7 +22,7 @@ from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.config import Config
 from aigc_ray.errors import ConfigError
 from aigc_ray.run_folder import BEST_DIR, FINAL_DIR
-from aigc_ray.serve.ingress import API_KEY_ENV, INGRESS_MAX_ONGOING, OpenAIIngress
+from aigc_ray.serve.ingress import API_KEY_ENV, INGRESS_MAX_ONGOING, OpenAIIngress, key_digest
 from aigc_ray.serve.replica import Generator
 
 # Keys a served checkpoint may override; the rest of its config describes how it was trained.
@@ -51,8 +51,14 @@ def model_name_for(path: Path, cfg: Config) -> str:
 
 
 def build_app(checkpoint: str | Path, cfg: Config):
-    """The Serve application (ingress bound to an autoscaled Generator) for a model folder."""
+    """The Serve application (ingress bound to an autoscaled Generator) for a model folder.
+
+    The API key (serve.api_key, else AIGC_RAY_API_KEY where this runs) reaches no deployment:
+    their arguments, config and runtime env show on the dashboard and through the jobs API, so
+    the ingress is given only the key's SHA-256 and compares digests."""
     s = cfg.serve
+    key = s.api_key or os.environ.get(API_KEY_ENV) or None
+    section = s.model_dump() | {"api_key": None}
     path = Path(checkpoint)
     cuda = s.device == "cuda"
     actor = {"num_cpus": s.cpus_per_replica, **({"num_gpus": s.gpus_per_replica} if cuda else {})}
@@ -70,14 +76,12 @@ def build_app(checkpoint: str | Path, cfg: Config):
         ray_actor_options=actor,
         health_check_period_s=s.health_check_period_s,
         health_check_timeout_s=s.health_check_timeout_s,
-    ).bind(str(path), s.model_dump(), cfg.model.trust_remote_code)
-    env = {API_KEY_ENV: os.environ[API_KEY_ENV]} if os.environ.get(API_KEY_ENV) else {}
-    ingress_actor = {"num_cpus": 0, **({"runtime_env": {"env_vars": env}} if env else {})}
+    ).bind(str(path), section, cfg.model.trust_remote_code)
     return OpenAIIngress.options(
         num_replicas=s.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
-        ray_actor_options=ingress_actor,
-    ).bind(generator, str(path), s.model_dump(), model_name_for(path, cfg),
-           cfg.model.trust_remote_code)
+        ray_actor_options={"num_cpus": 0},
+    ).bind(generator, str(path), section, model_name_for(path, cfg),
+           cfg.model.trust_remote_code, None if key is None else key_digest(key))
 
 
 def app_builder(args: dict):
@@ -113,7 +117,7 @@ def write_serve_config(path: Path, cfg: Config, out: str | Path) -> Path:
     )
     if secret:
         header += (f"# serve.api_key is not written here: set {API_KEY_ENV} in the cluster's "
-                   "environment instead.\n")
+                   "environment instead\n# (the deployments receive only its SHA-256).\n")
     out = Path(out)
     out.write_text(header + yaml.safe_dump(document, sort_keys=False))
     return out

@@ -9,8 +9,8 @@ a DeploymentHandle queues up to `serve.max_queued_requests`; past that a request
 # No `from __future__ import annotations` here: Serve ships the ingress class to replicas by
 # value, and FastAPI must still see `Request` as a class, not a string it cannot resolve there.
 import asyncio
+import hashlib
 import hmac
-import os
 import time
 
 from fastapi import FastAPI, Request
@@ -27,6 +27,7 @@ from aigc_ray.serve.api import (
     CompletionRequest,
     check_prompt_fits,
     check_sampling,
+    choice_logprobs,
     completion_response,
     generation_requests,
     new_id,
@@ -58,6 +59,11 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     return JSONResponse(error.body(), status_code=exc.status_code)
 
 
+def key_digest(key: str) -> str:
+    """What the ingress holds instead of the API key: its SHA-256, hex."""
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
 def overloaded(retry_after_s: int) -> ApiError:
     return ApiError(503, "the server is at capacity; retry after the Retry-After seconds",
                     code="overloaded", headers={"Retry-After": str(retry_after_s)})
@@ -69,7 +75,7 @@ class OpenAIIngress:
     """The HTTP face: checks and tokenizes requests, fans choices out to `Generator` replicas."""
 
     def __init__(self, generator, checkpoint: str, serve_section: dict, model_name: str,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, api_key_sha256: str | None = None):
         from transformers import AutoConfig
 
         from aigc_ray.config import Serve
@@ -82,7 +88,7 @@ class OpenAIIngress:
         self.context_length = context_length(
             AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code),
             self.tokenizer) or ASSUMED_CONTEXT_LENGTH
-        self.api_key = self.cfg.api_key or os.environ.get(API_KEY_ENV) or None
+        self.api_key_sha256 = api_key_sha256  # None: no key asked for (see build_app)
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict:
@@ -114,7 +120,8 @@ class OpenAIIngress:
                            param="prompt")
         ids = [self.tokenizer(p)["input_ids"] for p in prompts]
         indexed = not isinstance(req.prompt, str)
-        return await self._generate(req, ids, chat=False, indexed=indexed)
+        echo = [(p, i) for p, i in zip(prompts, ids) for _ in range(req.n)] if req.echo else None
+        return await self._generate(req, ids, chat=False, indexed=indexed, echo=echo)
 
     @fastapi_app.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
@@ -133,7 +140,9 @@ class OpenAIIngress:
                                 f"{str(exc).splitlines()[0][:200]}", param="messages") from None
         return await self._generate(req, ids, chat=True, indexed=False)
 
-    async def _generate(self, req, prompt_ids: list[list[int]], chat: bool, indexed: bool):
+    async def _generate(self, req, prompt_ids: list[list[int]], chat: bool, indexed: bool,
+                        echo: list[tuple[str, list[int]]] | None = None):
+        """`echo`: per choice, the prompt's (text, ids) to put in front of its completion."""
         arrival = time.time()
         if req.model is not None and req.model != self.model_name:
             raise ApiError(404, f"model {req.model!r} is not served here; this server serves "
@@ -149,10 +158,10 @@ class OpenAIIngress:
         prompt_tokens = sum(len(ids) for ids in prompt_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(work, prompt_tokens, chat, include_usage)
+            return await self._stream(work, prompt_tokens, chat, include_usage, echo)
         results = await self._all(self._complete_one(w) for w in work)
         return completion_response(self.model_name, results, prompt_tokens, chat,
-                                   req.return_token_ids)
+                                   req.return_token_ids, self.tokenizer, echo)
 
     async def _all(self, coroutines):
         """Await every coroutine; on the first failure cancel the rest and raise it."""
@@ -192,7 +201,8 @@ class OpenAIIngress:
 
         return await self._retry_once(open_stream)
 
-    async def _stream(self, work, prompt_tokens: int, chat: bool, include_usage: bool):
+    async def _stream(self, work, prompt_tokens: int, chat: bool, include_usage: bool,
+                      echo: list[tuple[str, list[int]]] | None):
         opened = await self._all(self._first_chunk(w) for w in work)
         response_id = new_id("chatcmpl" if chat else "cmpl")
         queue: asyncio.Queue = asyncio.Queue()
@@ -210,6 +220,7 @@ class OpenAIIngress:
         async def events():
             pumps = [asyncio.ensure_future(pump(i, s, c)) for i, (s, c) in enumerate(opened)]
             open_choices, completion_tokens, started = len(pumps), 0, set()
+            offsets = [0] * len(pumps)  # characters of each choice sent so far (text_offset)
             try:
                 while open_choices:
                     index, item = await queue.get()
@@ -221,9 +232,16 @@ class OpenAIIngress:
                     else:
                         if item.finish_reason is not None:
                             completion_tokens += item.completion_tokens
-                        yield sse(stream_chunk(response_id, self.model_name, index, item.text,
-                                               item.finish_reason, chat,
-                                               first=index not in started))
+                        first = index not in started
+                        echo_text, echo_ids = echo[index] if echo and first else ("", None)
+                        logprobs = choice_logprobs(self.tokenizer, item.logprobs,
+                                                   item.prompt_logprobs, chat, echo_ids,
+                                                   offsets[index])
+                        text = echo_text + item.text
+                        offsets[index] += len(text)
+                        yield sse(stream_chunk(response_id, self.model_name, index, text,
+                                               item.finish_reason, chat, first=first,
+                                               logprobs=logprobs))
                         started.add(index)
                 if include_usage:
                     yield sse(usage_chunk(response_id, self.model_name, prompt_tokens,
@@ -237,11 +255,11 @@ class OpenAIIngress:
                                  headers={"Cache-Control": "no-cache"})
 
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
+        if self.api_key_sha256 is None:
             return
         sent = request.headers.get("authorization", "")
         token = sent[7:] if sent.lower().startswith("bearer ") else ""
-        if not hmac.compare_digest(token.encode(), self.api_key.encode()):
+        if not hmac.compare_digest(key_digest(token), self.api_key_sha256):
             raise ApiError(401, "missing or wrong API key; send the header "
                                 "'Authorization: Bearer <key>'", code="invalid_api_key")
 

@@ -75,3 +75,27 @@ def test_write_serve_config_round_trips_the_serve_section(run_dir, tmp_path):
     document = yaml.safe_load(write_serve_config(path, cfg, tmp_path / "s.yaml").read_text())
     assert document["http_options"] == {"host": "0.0.0.0", "port": 8000}
     assert document["applications"][0]["args"]["checkpoint"] == str(path)
+
+
+def test_the_api_key_reaches_no_deployment_only_its_digest(run_dir, monkeypatch):
+    # Deployment arguments, options and runtime env show on the dashboard and through the jobs
+    # API: the key (from serve.api_key or AIGC_RAY_API_KEY) must be in none of them.
+    import hashlib
+
+    from aigc_ray.serve import build_app
+
+    def everything(app) -> str:
+        """Arguments and actor options of the app's deployments, the bound ones too."""
+        deployment = app._bound_deployment
+        seen = [repr(deployment.ray_actor_options)]
+        for arg in deployment.init_args:
+            seen.append(everything(arg) if type(arg).__name__ == "Application" else repr(arg))
+        return " ".join(seen)
+
+    for overrides, env in ((["serve.api_key=s3cret-key"], None), ([], "s3cret-key")):
+        if env:
+            monkeypatch.setenv("AIGC_RAY_API_KEY", env)
+        path, cfg = load_serve_config(str(run_dir), overrides)
+        shown = everything(build_app(path, cfg))
+        assert "s3cret-key" not in shown and "runtime_env" not in shown
+        assert hashlib.sha256(b"s3cret-key").hexdigest() in shown

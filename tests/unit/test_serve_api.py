@@ -1,0 +1,143 @@
+"""The OpenAI wire format without Ray: which fields a request may carry, the new sampling
+fields' checks and how they reach the decoder, and the two logprobs shapes."""
+
+import json
+
+import pytest
+
+from aigc_ray.decode import TokenLogprob
+from aigc_ray.serve.api import (
+    UNSUPPORTED,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    check_sampling,
+    choice_logprobs,
+    generation_requests,
+    parse_body,
+)
+from aigc_ray.tokenizer import load_tokenizer
+
+
+def parse(schema=CompletionRequest, **body):
+    base = {"prompt": "Hi"} if schema is CompletionRequest else {
+        "messages": [{"role": "user", "content": "Hi"}]}
+    return parse_body(json.dumps({**base, **body}).encode(), schema)
+
+
+def refused(schema=CompletionRequest, **body) -> ApiError:
+    with pytest.raises(ApiError) as error:
+        req = parse(schema, **body)
+        check_sampling(req, 16, 1024)
+    return error.value
+
+
+CHAT_ONLY = {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+             "response_format", "audio", "modalities", "prediction", "reasoning_effort",
+             "web_search_options"}
+SOME_VALUE = {"response_format": {"type": "json_object"}, "tools": [{"type": "function"}],
+              "tool_choice": "auto", "functions": [{"name": "f"}], "function_call": "auto",
+              "logit_bias": {"50": 10}, "best_of": 3, "suffix": "end", "store": True,
+              "modalities": ["text", "audio"], "service_tier": "flex",
+              "parallel_tool_calls": False, "audio": {"voice": "x"}, "reasoning_effort": "low",
+              "prediction": {"type": "content"}, "web_search_options": {"x": 1}}
+
+
+@pytest.mark.parametrize("field", sorted(UNSUPPORTED))
+def test_every_unsupported_field_is_a_400_naming_it(field):
+    schema = ChatRequest if field in CHAT_ONLY else CompletionRequest
+    error = refused(schema, **{field: SOME_VALUE[field]})
+    assert error.status == 400 and error.param == field and field in error.message
+    assert error.code == "unsupported_parameter" and "\n" not in error.message
+
+
+def test_json_mode_and_json_schema_are_refused_not_ignored():
+    for fmt in ({"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "x"}}):
+        error = refused(ChatRequest, response_format=fmt)
+        assert error.param == "response_format" and "JSON" in error.message
+
+
+def test_unknown_fields_are_400_and_no_op_values_pass():
+    error = refused(temprature=0.5)
+    assert error.param == "temprature" and error.code == "unknown_parameter"
+    assert refused(messages=[{"role": "user", "content": "Hi"}]).param == "messages"
+    assert refused(ChatRequest, echo=True).param == "echo"  # and the other way round
+    assert refused(ChatRequest, messages=[
+        {"role": "user", "content": "Hi", "tool_call_id": "1"}]).param == "messages[0].tool_call_id"
+    image = refused(ChatRequest, messages=[{"role": "user", "content": [
+        {"type": "text", "text": "Hi"}, {"type": "image_url", "image_url": {"url": "x"}}]}])
+    assert "messages[0].content[1]" in image.message and "image_url" in image.message
+    assert refused(stream_options={"include_usage": True, "chunk": 1}).param == \
+        "stream_options.chunk"
+    # Nulls, empty lists/objects and values that ask for what we do anyway change nothing.
+    req = parse(ChatRequest, user="u1", metadata={"k": "v"}, response_format={"type": "text"},
+                tools=[], tool_choice="none", logit_bias={}, store=False, temperature=None,
+                messages=[{"role": "assistant", "content": "Hi", "refusal": None,
+                           "tool_calls": []}, {"role": "user", "content": "more"}],
+                stream_options={"include_usage": True, "include_obfuscation": False})
+    assert req.temperature == 1.0 and len(req.messages) == 2
+    assert parse(best_of=1, suffix="", echo=False).echo is False
+    assert refused(best_of=True).param == "best_of"  # true is not 1
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"),
+    ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"top_k": -2}, "top_k"),
+    ({"min_tokens": 17}, "min_tokens"),  # above max_tokens (16 here)
+    ({"logprobs": 21}, "logprobs"),
+])
+def test_out_of_range_sampling_fields_are_400(body, param):
+    error = refused(**body)
+    assert error.status == 400 and error.param == param and "\n" not in error.message
+
+
+def test_chat_top_logprobs_needs_logprobs_and_a_bound():
+    assert refused(ChatRequest, top_logprobs=2).param == "top_logprobs"
+    assert refused(ChatRequest, logprobs=True, top_logprobs=21).param == "top_logprobs"
+
+
+def test_request_fields_reach_the_decoder():
+    req = parse(top_k=5, min_tokens=3, ignore_eos=True, repetition_penalty=1.3,
+                presence_penalty=0.5, frequency_penalty=-0.5, logprobs=2, echo=True, n=2)
+    [first, second] = generation_requests([[1, 2, 3]], req, check_sampling(req, 16, 1024), 0.0)
+    assert (first.top_k, first.min_tokens, first.ignore_eos, first.repetition_penalty,
+            first.presence_penalty, first.frequency_penalty) == (5, 3, True, 1.3, 0.5, -0.5)
+    assert first.logprobs == 2 and first.prompt_logprobs == 2 and second.logprobs == 2
+    plain = generation_requests([[1]], parse(top_k=-1), 4, 0.0)[0]
+    assert plain.top_k == 0 and plain.logprobs is None and plain.prompt_logprobs is None
+    assert not plain.processed
+    chat = parse(ChatRequest, logprobs=True)
+    assert generation_requests([[1]], chat, 4, 0.0)[0].logprobs == 0
+    assert generation_requests([[1]], parse(ChatRequest, logprobs=True, top_logprobs=4), 4,
+                               0.0)[0].logprobs == 4
+
+
+def test_logprobs_in_openais_completion_and_chat_shapes(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    prompt = tokenizer("Hi there")["input_ids"]
+    made = tokenizer(" Agent")["input_ids"]
+    entries = [TokenLogprob(t, -0.5 - i, [(t, -0.5 - i), (prompt[0], -3.0)])
+               for i, t in enumerate(made)]
+    tokens = [tokenizer.decode([t]) for t in made]
+
+    plain = choice_logprobs(tokenizer, entries, None, chat=False)
+    assert plain["tokens"] == tokens and "".join(tokens) == " Agent"
+    assert plain["token_logprobs"] == [-0.5 - i for i in range(len(made))]
+    assert plain["top_logprobs"][0] == {tokens[0]: -0.5, tokenizer.decode([prompt[0]]): -3.0}
+    assert plain["text_offset"][0] == 0 and plain["text_offset"][-1] == len(" Agent") - len(
+        tokens[-1])
+
+    prompt_entries = [None] + [TokenLogprob(t, -1.0, []) for t in prompt[1:]]
+    echoed = choice_logprobs(tokenizer, entries, prompt_entries, chat=False, echo_ids=prompt)
+    assert echoed["tokens"][:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
+    assert echoed["token_logprobs"][0] is None and echoed["top_logprobs"][0] is None
+    assert echoed["text_offset"][len(prompt)] == len("Hi there")  # the completion follows
+
+    chat = choice_logprobs(tokenizer, entries, None, chat=True)
+    first = chat["content"][0]
+    assert set(first) == {"token", "logprob", "bytes", "top_logprobs"}
+    assert first["token"] == tokens[0] and first["bytes"] == list(tokens[0].encode())
+    assert [t["logprob"] for t in first["top_logprobs"]] == [-0.5, -3.0]
+    assert choice_logprobs(tokenizer, None, None, chat=True) is None
