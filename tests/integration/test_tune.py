@@ -73,11 +73,19 @@ def test_grid_runs_exactly_its_points(ray_cluster, tune_args):
     assert sorted(float(row["train.lr"]) for row in rows) == [0.001, 0.004]
 
 
+SPACE = {"train.lr": (1.0e-4, 1.0e-2), "train.warmup_steps": (0, 40), "train.batch_size": (4, 8)}
+
+
+@pytest.mark.parametrize("search_alg", ["random", "optuna"])
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tune_args,
-                                                                      tmp_path):
+                                                                      tmp_path, search_alg):
+    """Ctrl-C after a trial has finished, then --resume: the sampler (optuna's included) picks up
+    where it stopped, every trial's values lie in the declared space, none runs twice."""
     args = ["tiny_tune", *tune_args, "train.max_steps=10", "train.eval_every=10",
             "tune.scheduler=fifo", "tune.num_samples=3", "tune.max_concurrent_trials=1",
-            "run.name=resume"]
+            f"tune.search_alg={search_alg}", "run.name=resume",
+            "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, "
+            "train.warmup_steps: {randint: [0, 40]}, train.batch_size: {choice: [4, 8]}}"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     run_dir, trials = tmp_path / "resume", tmp_path / "resume" / "trials"
     first = subprocess.Popen([sys.executable, "-m", "aigc_ray", "tune", *args], env=env,
@@ -103,6 +111,12 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = results_of(run_dir)
     assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
+    for row in rows:  # what the sampler drew follows the search space
+        assert SPACE["train.lr"][0] <= float(row["train.lr"]) <= SPACE["train.lr"][1]
+        low, high = SPACE["train.warmup_steps"]
+        assert low <= int(row["train.warmup_steps"]) <= high
+        assert int(row["train.batch_size"]) in SPACE["train.batch_size"]
+    assert len({row["train.lr"] for row in rows}) == 3  # three draws, not one trial thrice
     for trial in finished:  # trained once: one start per rank, never restarted
         assert len(worker_starts(trials / trial)) == 1
         assert [r["step"] for r in read_jsonl(trials / trial / "metrics.jsonl")] == [0, 10]
