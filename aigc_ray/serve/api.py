@@ -304,35 +304,83 @@ def generation_requests(prompt_ids: list[list[int]], req: Sampling, max_tokens: 
 # Logprobs in OpenAI's two shapes. The replica sends token ids and numbers; the text is made here.
 
 
-def token_text(tokenizer, token_id: int) -> str:
-    """A token as the logprobs show it (special tokens by name)."""
-    return tokenizer.decode([token_id], skip_special_tokens=False)
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet, character → byte: printable bytes stand for
+    themselves, the rest for the characters from U+0100 on, in byte order."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1),
+                 *range(ord("\u00ae"), ord("\u00ff") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {**{chr(b): b for b in printable},
+            **{chr(256 + i): b for i, b in enumerate(others)}}
 
 
-def completion_logprobs(tokenizer, entries: list[TokenLogprob | None], offset: int) -> dict:
-    """OpenAI completions' `logprobs`: tokens, token_logprobs, top_logprobs, text_offset (the
-    character where each token starts in the choice's text, from `offset`)."""
+class TokenStrings:
+    """How logprobs show tokens, as OpenAI does: a token's text, or `bytes:\\xe2\\x80` when it
+    holds only part of a character; `bytes` are the token's own UTF-8 bytes (byte-level BPE
+    tokens map back exactly; SentencePiece pieces through their byte and space markers)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.special = set(tokenizer.all_special_ids)
+        probe = tokenizer.convert_ids_to_tokens(tokenizer(" a", add_special_tokens=False)
+                                                ["input_ids"])
+        self.byte_level = any(p.startswith("\u0120") for p in probe)  # Ġ: GPT-2's space
+        self.byte_of = _byte_level_alphabet() if self.byte_level else {}
+        self.cache: dict[int, tuple[str, bytes]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, bytes]:
+        """(the token as shown, its bytes)."""
+        if token_id not in self.cache:
+            self.cache[token_id] = self._make(token_id)
+        return self.cache[token_id]
+
+    def _make(self, token_id: int) -> tuple[str, bytes]:
+        piece = self.tokenizer.convert_ids_to_tokens(token_id)
+        if token_id in self.special or piece is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            return text, text.encode()
+        if self.byte_level and all(c in self.byte_of for c in piece):
+            raw = bytes(self.byte_of[c] for c in piece)
+        elif len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            raw = bytes([int(piece[3:5], 16)])  # SentencePiece byte fallback
+        else:
+            raw = piece.replace("\u2581", " ").encode()  # SentencePiece's space marker
+        try:
+            return raw.decode("utf-8"), raw
+        except UnicodeDecodeError:  # part of a character
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), raw
+
+    def text_bytes(self, token_id: int) -> bytes:
+        """What the token adds to the completion's text (special tokens add nothing)."""
+        return b"" if token_id in self.special else self(token_id)[1]
+
+
+def completion_logprobs(strings: TokenStrings, entries: list[tuple], offset: int) -> dict:
+    """OpenAI completions' `logprobs` of (entry, token id) pairs: tokens, token_logprobs,
+    top_logprobs, text_offset (the character where each token starts in the choice's text,
+    counting from `offset`)."""
     out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [],
                             "text_offset": []}
+    so_far = b""
     for entry, token_id in entries:
-        text = token_text(tokenizer, token_id)
-        out["tokens"].append(text)
-        out["text_offset"].append(offset)
-        offset += len(tokenizer.decode([token_id], skip_special_tokens=True))
+        out["tokens"].append(strings(token_id)[0])
+        # A token that starts inside a character points at that character.
+        out["text_offset"].append(offset + len(so_far.decode("utf-8", errors="ignore")))
+        so_far += strings.text_bytes(token_id)
         if entry is None:  # the prompt's first token: nothing came before it
             out["token_logprobs"].append(None)
             out["top_logprobs"].append(None)
             continue
         out["token_logprobs"].append(entry.logprob)
-        out["top_logprobs"].append({token_text(tokenizer, t): lp for t, lp in entry.top})
+        out["top_logprobs"].append({strings(t)[0]: lp for t, lp in entry.top})
     return out
 
 
-def chat_logprobs(tokenizer, entries: list[TokenLogprob]) -> dict:
+def chat_logprobs(strings: TokenStrings, entries: list[TokenLogprob]) -> dict:
     """OpenAI chat's `logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}."""
     def one(token_id: int, logprob: float) -> dict:
-        text = token_text(tokenizer, token_id)
-        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+        text, raw = strings(token_id)
+        return {"token": text, "logprob": logprob, "bytes": list(raw)}
 
     return {"content": [{**one(e.token_id, e.logprob),
                          "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries],
@@ -345,7 +393,7 @@ def prompt_entries(prompt_ids: list[int], prompt_logprobs) -> list[tuple]:
     return list(zip(lps, prompt_ids))
 
 
-def choice_logprobs(tokenizer, logprobs: list[TokenLogprob] | None, prompt_logprobs,
+def choice_logprobs(strings: TokenStrings, logprobs: list[TokenLogprob] | None, prompt_logprobs,
                     chat: bool, echo_ids: list[int] | None = None, offset: int = 0
                     ) -> dict | None:
     """A choice's (or stream chunk's) `logprobs` object, or None when none were asked for;
@@ -353,10 +401,10 @@ def choice_logprobs(tokenizer, logprobs: list[TokenLogprob] | None, prompt_logpr
     if logprobs is None:
         return None
     if chat:
-        return chat_logprobs(tokenizer, logprobs)
+        return chat_logprobs(strings, logprobs)
     pairs = [] if echo_ids is None else prompt_entries(echo_ids, prompt_logprobs)
     pairs += [(e, e.token_id) for e in logprobs]
-    return completion_logprobs(tokenizer, pairs, offset)
+    return completion_logprobs(strings, pairs, offset)
 
 
 def new_id(prefix: str) -> str:
@@ -369,14 +417,14 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
 
 
 def completion_response(model: str, results: list[dict], prompt_tokens: int, chat: bool,
-                        with_token_ids: bool, tokenizer=None,
+                        with_token_ids: bool, strings: TokenStrings | None = None,
                         echo: list[tuple[str, list[int]]] | None = None) -> dict:
     """The non-streaming body for /v1/completions or /v1/chat/completions. `echo`: per choice,
     the prompt's (text, ids) to put in front of its completion."""
     choices = []
     for index, result in enumerate(results):
         echo_text, echo_ids = echo[index] if echo else ("", None)
-        logprobs = choice_logprobs(tokenizer, result.get("logprobs"),
+        logprobs = choice_logprobs(strings, result.get("logprobs"),
                                    result.get("prompt_logprobs"), chat, echo_ids)
         if chat:
             choice: dict[str, Any] = {"index": index, "message": {"role": "assistant",

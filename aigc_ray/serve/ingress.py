@@ -25,6 +25,7 @@ from aigc_ray.serve.api import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    TokenStrings,
     check_prompt_fits,
     check_sampling,
     choice_logprobs,
@@ -85,6 +86,7 @@ class OpenAIIngress:
         self.generator = generator
         self.model_name = model_name
         self.tokenizer = load_tokenizer(checkpoint, trust_remote_code)
+        self.token_strings = TokenStrings(self.tokenizer)  # tokens as logprobs show them
         self.context_length = context_length(
             AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code),
             self.tokenizer) or ASSUMED_CONTEXT_LENGTH
@@ -161,7 +163,7 @@ class OpenAIIngress:
             return await self._stream(work, prompt_tokens, chat, include_usage, echo)
         results = await self._all(self._complete_one(w) for w in work)
         return completion_response(self.model_name, results, prompt_tokens, chat,
-                                   req.return_token_ids, self.tokenizer, echo)
+                                   req.return_token_ids, self.token_strings, echo)
 
     async def _all(self, coroutines):
         """Await every coroutine; on the first failure cancel the rest and raise it."""
@@ -234,7 +236,7 @@ class OpenAIIngress:
                             completion_tokens += item.completion_tokens
                         first = index not in started
                         echo_text, echo_ids = echo[index] if echo and first else ("", None)
-                        logprobs = choice_logprobs(self.tokenizer, item.logprobs,
+                        logprobs = choice_logprobs(self.token_strings, item.logprobs,
                                                    item.prompt_logprobs, chat, echo_ids,
                                                    offsets[index])
                         text = echo_text + item.text

@@ -20,6 +20,7 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM
 
+from aigc_ray.chat import chat_ids
 from aigc_ray.serve import build_app, load_serve_config, model_name_for
 from aigc_ray.tokenizer import load_tokenizer
 
@@ -255,6 +256,11 @@ BAD_REQUESTS = [
     ("no API key", {"prompt": "Hi"}, {}, 401, "API key"),
     ("wrong API key", {"prompt": "Hi"}, {"Authorization": "Bearer nope"}, 401, "API key"),
     ("unknown model", {"prompt": "Hi", "model": "gpt-9"}, AUTH, 404, "gpt-9"),
+    ("a field we do not implement", {"prompt": "Hi", "logit_bias": {"5": 10}}, AUTH, 400,
+     "logit_bias"),
+    ("an unknown field", {"prompt": "Hi", "temprature": 0}, AUTH, 400, "temprature"),
+    ("min_tokens above max_tokens", {"prompt": "Hi", "max_tokens": 4, "min_tokens": 5}, AUTH,
+     400, "min_tokens"),
 ]
 
 
@@ -412,3 +418,182 @@ def test_cli_once_deploys_answers_over_http_and_shuts_down(chat_model_dir, tmp_p
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "→" in result.stdout and "tokens from" in result.stdout
+
+
+# --- the rest of the OpenAI surface: logprobs, echo, penalties, lengths, refused fields ------
+
+
+@pytest.fixture(scope="module")
+def local_model(app):
+    """The served model and tokenizer loaded here with plain transformers, for expected values."""
+    return (AutoModelForCausalLM.from_pretrained(app["path"]).eval(),
+            load_tokenizer(str(app["path"])))
+
+
+def model_logprobs(model, ids: list[int]):
+    """log_softmax of the model's logits for a sequence, one row per position."""
+    import torch
+
+    with torch.no_grad():
+        return torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+
+
+def test_completion_logprobs_equal_the_models_batched_streamed_and_echoed(app, local_model):
+    from aigc_ray.serve.api import TokenStrings
+
+    model, tokenizer = local_model
+    strings = TokenStrings(tokenizer)
+    body = complete(app["url"], prompt=PROMPTS[:3], max_tokens=6, temperature=0.7, seed=3,
+                    logprobs=2, ignore_eos=True, return_token_ids=True).json()
+    for prompt, choice in zip(PROMPTS, body["choices"]):
+        prompt_ids, made = tokenizer(prompt)["input_ids"], choice["token_ids"]
+        want = model_logprobs(model, prompt_ids + made)[len(prompt_ids) - 1:-1]
+        lp = choice["logprobs"]
+        assert lp["tokens"] == [strings(t)[0] for t in made]
+        for row, token, got, top in zip(want, made, lp["token_logprobs"], lp["top_logprobs"]):
+            assert abs(got - float(row[token])) < 1e-4
+            assert len(top) <= 2 and max(top.values()) == pytest.approx(float(row.max()),
+                                                                         abs=1e-4)
+        assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
+
+    # Streamed: every chunk carries the logprobs of its own tokens; together they are the same.
+    alone = dict(prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=1, ignore_eos=True)
+    whole = complete(app["url"], **alone).json()["choices"][0]["logprobs"]
+    with httpx.stream("POST", app["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                      json={**alone, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    pieces = [c["choices"][0]["logprobs"] for c in chunks]
+    assert all(p is not None for p in pieces)
+    assert [t for p in pieces for t in p["tokens"]] == whole["tokens"]
+    assert [t for p in pieces for t in p["token_logprobs"]] == \
+        pytest.approx(whole["token_logprobs"], abs=1e-5)
+    assert [t for p in pieces for t in p["text_offset"]] == whole["text_offset"]
+
+    # Echo: the prompt comes first, its tokens with their logprobs (none for the first).
+    echoed = complete(app["url"], **alone, echo=True).json()["choices"][0]
+    prompt_ids = tokenizer(PROMPTS[0])["input_ids"]
+    assert echoed["text"].startswith(PROMPTS[0])
+    lp = echoed["logprobs"]
+    assert lp["tokens"][:len(prompt_ids)] == [strings(t)[0] for t in prompt_ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    want = model_logprobs(model, prompt_ids)
+    for j, token in enumerate(prompt_ids[1:]):
+        assert abs(lp["token_logprobs"][j + 1] - float(want[j, token])) < 1e-4
+    assert lp["tokens"][len(prompt_ids):] == whole["tokens"]
+    assert lp["text_offset"][len(prompt_ids)] == len(PROMPTS[0])
+
+
+def test_chat_logprobs_in_openais_shape_through_the_client(app, local_model):
+    from openai import OpenAI
+
+    model, tokenizer = local_model
+    client = OpenAI(base_url=app["url"] + "/v1", api_key=API_KEY, max_retries=0)
+    messages = [{"role": "user", "content": "Where is my order?"}]
+    reply = client.chat.completions.create(model=app["model"], messages=messages, max_tokens=5,
+                                           temperature=0, logprobs=True, top_logprobs=3,
+                                           extra_body={"ignore_eos": True,
+                                                       "return_token_ids": True})
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens == 5
+    prompt_ids = chat_ids(tokenizer, messages, add_generation_prompt=True)
+    made = reply.choices[0].token_ids
+    want = model_logprobs(model, prompt_ids + made)[len(prompt_ids) - 1:-1]
+    for row, token, entry in zip(want, made, content):
+        assert entry.logprob == pytest.approx(float(row[token]), abs=1e-4)
+        assert entry.bytes == list(entry.token.encode())
+        assert len(entry.top_logprobs) == 3 and entry.top_logprobs[0].token == entry.token
+    streamed = client.chat.completions.create(model=app["model"], messages=messages,
+                                              max_tokens=5, temperature=0, logprobs=True,
+                                              stream=True, extra_body={"ignore_eos": True})
+    tokens = [e.token for c in streamed if c.choices and c.choices[0].logprobs
+              for e in c.choices[0].logprobs.content]
+    assert tokens == [e.token for e in content]
+
+
+def test_ignore_eos_and_min_tokens_give_exactly_the_asked_length(app):
+    held = complete(app["url"], prompt=PROMPTS[:2], max_tokens=20, temperature=1.0, n=2,
+                    ignore_eos=True).json()
+    assert held["usage"]["completion_tokens"] == 4 * 20
+    assert {c["finish_reason"] for c in held["choices"]} == {"length"}
+    floor = complete(app["url"], prompt=PROMPTS[3], max_tokens=15, min_tokens=15,
+                     temperature=0).json()
+    assert floor["usage"]["completion_tokens"] == 15
+
+
+def test_penalties_and_top_k_change_the_output_as_the_engine_says(app, local_model):
+    from aigc_ray.decode import GenerationRequest, decode_all
+
+    model, tokenizer = local_model
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    settings = dict(repetition_penalty=1.8, frequency_penalty=1.5, presence_penalty=0.5)
+    expected = decode_all(model, tokenizer, [GenerationRequest(
+        ids, 24, temperature=0, ignore_eos=True, **settings)])[0]["token_ids"]
+    plain = decode_all(model, tokenizer, [GenerationRequest(
+        ids, 24, temperature=0, ignore_eos=True)])[0]["token_ids"]
+    assert expected != plain  # the penalties matter for this prompt
+    assert len(set(expected)) >= len(set(plain))  # and they only push away from repeats
+
+    def served(**body):
+        return complete(app["url"], prompt=PROMPTS[0], max_tokens=24, ignore_eos=True,
+                        return_token_ids=True, **body).json()["choices"][0]["token_ids"]
+
+    assert served(temperature=0, **settings) == expected
+    # top_k=1 samples the likeliest token at any temperature: greedy's tokens.
+    assert served(temperature=1.5, top_k=1, seed=5) == plain
+
+
+REFUSED = [
+    # (endpoint, field, value): every one a 400 naming the field, never a silent ignore
+    ("chat", "response_format", {"type": "json_object"}),
+    ("chat", "response_format", {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object"}}}),
+    ("chat", "tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+    ("chat", "tool_choice", "required"),
+    ("chat", "functions", [{"name": "f"}]),
+    ("chat", "parallel_tool_calls", True),
+    ("chat", "logit_bias", {"5": 100}),
+    ("completions", "best_of", 2),
+    ("completions", "suffix", " the end"),
+    ("completions", "logit_bias", {"5": 100}),
+    ("completions", "min_p", 0.1),
+]
+
+
+def test_every_field_we_do_not_implement_is_a_400_naming_it(app):
+    for endpoint, field, value in REFUSED:
+        body = ({"messages": [{"role": "user", "content": "Hi"}]} if endpoint == "chat"
+                else {"prompt": "Hi"})
+        response = httpx.post(f"{app['url']}/v1/{endpoint.replace('chat', 'chat/completions')}",
+                              json={**body, field: value, "max_tokens": 2}, headers=AUTH,
+                              timeout=60)
+        assert response.status_code == 400, (field, response.text)
+        error = response.json()["error"]
+        assert error["param"] == field and field in error["message"], error
+    # What clients send by default passes: nulls, empty lists, no-op values, user/metadata.
+    fine = httpx.post(app["url"] + "/v1/chat/completions", headers=AUTH, timeout=60, json={
+        "messages": [{"role": "user", "content": "Hi", "name": None}], "max_tokens": 2,
+        "response_format": {"type": "text"}, "tools": [], "logit_bias": None, "user": "u-1",
+        "metadata": {"team": "a"}, "stream_options": None})
+    assert fine.status_code == 200, fine.text
+
+
+def test_json_mode_through_the_openai_client_is_refused(app):
+    import openai
+
+    client = openai.OpenAI(base_url=app["url"] + "/v1", api_key=API_KEY, max_retries=0)
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model=app["model"], max_tokens=4,
+                                       messages=[{"role": "user", "content": "Say JSON"}],
+                                       response_format={"type": "json_object"})
+    assert error.value.body["param"] == "response_format"
+
+
+def test_the_api_key_is_absent_from_what_serve_reports(app):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    shown = json.dumps(_get_global_client().get_serve_details(), default=str)
+    shown += repr(serve.status())
+    assert "main" in shown and API_KEY not in shown
+    assert "AIGC_RAY_API_KEY" not in shown  # nor an environment variable that carries it

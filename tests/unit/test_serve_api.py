@@ -11,6 +11,7 @@ from aigc_ray.serve.api import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    TokenStrings,
     check_sampling,
     choice_logprobs,
     generation_requests,
@@ -116,13 +117,14 @@ def test_request_fields_reach_the_decoder():
 
 def test_logprobs_in_openais_completion_and_chat_shapes(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
+    strings = TokenStrings(tokenizer)
     prompt = tokenizer("Hi there")["input_ids"]
     made = tokenizer(" Agent")["input_ids"]
     entries = [TokenLogprob(t, -0.5 - i, [(t, -0.5 - i), (prompt[0], -3.0)])
                for i, t in enumerate(made)]
     tokens = [tokenizer.decode([t]) for t in made]
 
-    plain = choice_logprobs(tokenizer, entries, None, chat=False)
+    plain = choice_logprobs(strings, entries, None, chat=False)
     assert plain["tokens"] == tokens and "".join(tokens) == " Agent"
     assert plain["token_logprobs"] == [-0.5 - i for i in range(len(made))]
     assert plain["top_logprobs"][0] == {tokens[0]: -0.5, tokenizer.decode([prompt[0]]): -3.0}
@@ -130,14 +132,32 @@ def test_logprobs_in_openais_completion_and_chat_shapes(tiny_model_dir):
         tokens[-1])
 
     prompt_entries = [None] + [TokenLogprob(t, -1.0, []) for t in prompt[1:]]
-    echoed = choice_logprobs(tokenizer, entries, prompt_entries, chat=False, echo_ids=prompt)
+    echoed = choice_logprobs(strings, entries, prompt_entries, chat=False, echo_ids=prompt)
     assert echoed["tokens"][:len(prompt)] == [tokenizer.decode([t]) for t in prompt]
     assert echoed["token_logprobs"][0] is None and echoed["top_logprobs"][0] is None
     assert echoed["text_offset"][len(prompt)] == len("Hi there")  # the completion follows
 
-    chat = choice_logprobs(tokenizer, entries, None, chat=True)
+    chat = choice_logprobs(strings, entries, None, chat=True)
     first = chat["content"][0]
     assert set(first) == {"token", "logprob", "bytes", "top_logprobs"}
     assert first["token"] == tokens[0] and first["bytes"] == list(tokens[0].encode())
     assert [t["logprob"] for t in first["top_logprobs"]] == [-0.5, -3.0]
-    assert choice_logprobs(tokenizer, None, None, chat=True) is None
+    assert choice_logprobs(strings, None, None, chat=True) is None
+
+
+def test_tokens_that_split_a_character_show_as_bytes_and_offsets_stay_right(tiny_model_dir):
+    tokenizer = load_tokenizer(tiny_model_dir)
+    strings = TokenStrings(tokenizer)
+    text = "Hi \u2603 snow \u00e9t\u00e9"  # a snowman and accents: rare, split into bytes
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    shown = [strings(t) for t in ids]
+    assert b"".join(raw for _, raw in shown) == text.encode()  # each token's own bytes
+    assert any(token.startswith("bytes:\\x") for token, _ in shown)  # some are partial
+    assert all("\ufffd" not in token for token, _ in shown)
+    lp = choice_logprobs(strings, [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in ids], None,
+                         chat=False)
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        if not token.startswith("bytes:"):
+            assert text[offset:offset + len(token)] == token
+    eos = tokenizer.eos_token_id
+    assert strings(eos)[0] == tokenizer.eos_token and strings.text_bytes(eos) == b""
