@@ -246,6 +246,7 @@ class Serve(Section):
     max_tokens: int = Field(1024, ge=1)  # the most one request may ask for: bounds its decode time
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies get 413
     # Requests must carry `Authorization: Bearer <key>` when set (or AIGC_RAY_API_KEY is set).
+    # Deployments are given only its SHA-256: their arguments show on the dashboard.
     api_key: str | None = None
     ingress_replicas: int = Field(1, ge=1)  # the HTTP layer is light: one keeps up with many models
     health_check_period_s: float = Field(10.0, gt=0)  # Ray's default
