@@ -482,6 +482,14 @@ def test_completion_logprobs_equal_the_models_batched_streamed_and_echoed(app, l
         assert abs(lp["token_logprobs"][j + 1] - float(want[j, token])) < 1e-4
     assert lp["tokens"][len(prompt_ids):] == whole["tokens"]
     assert lp["text_offset"][len(prompt_ids)] == len(PROMPTS[0])
+    # Streamed with echo: the first chunk brings the prompt and its logprobs.
+    with httpx.stream("POST", app["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                      json={**alone, "stream": True, "echo": True}) as response:
+        chunks = [json.loads(line[6:])["choices"][0] for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    assert "".join(c["text"] for c in chunks) == echoed["text"]
+    assert [t for c in chunks for t in c["logprobs"]["tokens"]] == lp["tokens"]
+    assert [t for c in chunks for t in c["logprobs"]["text_offset"]] == lp["text_offset"]
 
 
 def test_chat_logprobs_in_openais_shape_through_the_client(app, local_model):
