@@ -301,6 +301,14 @@ class Run(Section):
     # Ray forwards every worker's output to the console; our progress lines say what matters,
     # and Ray's logs stay in its session folder (/tmp/ray/session_latest/logs).
     ray_logs: bool = False
+    # Experiment trackers each training run logs to (rank 0): metrics, config, samples, the loss
+    # curve and the final evaluation. None by default: metrics.jsonl and the plots need nothing.
+    trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
+    # MLflow's tracking URI; None: a SQLite store beside the runs ({output_dir}/mlflow.db).
+    mlflow_uri: str | None = None
+    # The MLflow experiment / W&B project (and W&B group) runs are logged under; None: aigc-ray.
+    # `aigc-ray tune` sets it to the search's name, so its trials are grouped.
+    experiment: str | None = None
 
     @property
     def dir(self) -> Path:

@@ -30,8 +30,10 @@ from aigc_ray.data import (
     tokenize,
 )
 from aigc_ray.errors import ConfigError
+from aigc_ray.metrics import read_jsonl
 from aigc_ray.run_folder import RunFolder
 from aigc_ray.tokenizer import tokenizer_spec
+from aigc_ray.trackers import open_trackers
 
 if TYPE_CHECKING:
     from aigc_ray.train import TrainSummary
@@ -209,8 +211,17 @@ def evaluate_after_training(cfg: Config, summary: TrainSummary) -> dict | None:
     final = summary.final_dir
     print(f"[aigc-ray] evaluating {final.name}/ against the starting model on the "
           "validation split", flush=True)
-    return run_eval(str(final), cfg, baseline=summary.start_model,
-                    output=RunFolder(summary.run_dir).eval_report)
+    run = RunFolder(summary.run_dir)
+    report = run_eval(str(final), cfg, baseline=summary.start_model, output=run.eval_report)
+    if trackers := open_trackers(cfg, run.path):  # the training run's own tracker runs
+        step = max((row["step"] for row in read_jsonl(run.metrics)), default=0)
+        trackers.metrics({"step": step, **{f"eval/{side}/{name}": report[side][name]
+                                           for side in ("model", "baseline")
+                                           for name, _ in METRICS
+                                           if report.get(side, {}).get(name) is not None}})
+        trackers.files(run.eval_report)
+        trackers.close()
+    return report
 
 
 def _short(path: str) -> str:

@@ -30,6 +30,7 @@ from aigc_ray.metrics import (
     truncate_after,
 )
 from aigc_ray.run_folder import CheckpointFolder, RunFolder
+from aigc_ray.trackers import check_trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
@@ -463,6 +464,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     note_start(run_dir, rank, world_size, device, state.step, total_steps,
                global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size)
 
+    trackers = open_trackers(cfg, run_dir, state.step) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
@@ -505,6 +507,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     def write_metrics(row: dict) -> None:
         if rank == 0:
             append_jsonl(run.metrics, {key: row.get(key) for key in METRIC_KEYS})
+        if trackers:
+            trackers.metrics(row)
 
     # 2. The perplexity before training, so the end of the run can say how much it gained.
     if state.step == 0:
@@ -577,9 +581,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         if rank == 0 and cfg.train.sample_prompts:
                             replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
                                                        device, chat=cfg.data.chat)
-                            for prompt, reply in zip(cfg.train.sample_prompts, replies):
-                                append_jsonl(run.samples,
-                                             {"step": state.step, "prompt": prompt, "reply": reply})
+                            samples = [{"step": state.step, "prompt": prompt, "reply": reply}
+                                       for prompt, reply in zip(cfg.train.sample_prompts, replies)]
+                            for sample in samples:
+                                append_jsonl(run.samples, sample)
+                            if trackers:
+                                trackers.samples(state.step, samples)
                     write_metrics(row)
                     if evaluating:
                         save_and_report(row)
@@ -592,8 +599,12 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     raise DataError(too_few_blocks(cfg, None, world_size))
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 finished = loop_config["epochs_bound"] and state.epoch >= cfg.train.epochs
+        if trackers and math.isfinite(state.best_val_loss):
+            trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
     finally:
         epochs.close()  # a run that ends mid-epoch stops the reader thread
+        if trackers:
+            trackers.close()
 
 
 def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: int,
@@ -735,6 +746,7 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
     from aigc_ray.model import check_model_path, resolve_model_path
 
     check_model_path(cfg)  # fail before Ray starts
+    check_trackers(cfg)
     files = check_config(cfg)  # files exist
     start_ray(ray_logs=cfg.run.ray_logs)
     import ray
@@ -794,6 +806,9 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
 
     rows = read_jsonl(run.metrics)
     plot_loss_curve(rows, run.loss_curve)
+    if trackers := open_trackers(cfg, run_dir):
+        trackers.files(run.loss_curve)
+        trackers.close()
     before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r["val_perplexity"]]
     after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r["val_perplexity"]]
     return TrainSummary(
