@@ -276,7 +276,9 @@ COMMANDS = (
         "tune", "search hyperparameters with Ray Tune; each trial is a DDP training run",
         add_tune_arguments, cmd_tune,
         description="Run the trials that tune.search_space describes, each a whole `aigc-ray "
-        "train` run; ASHA (tune.scheduler) stops the losers. Writes results.csv, "
+        "train` run. tune.scheduler: asha (default) stops the losers, fifo runs every trial "
+        "to its end, pbt continues the worse trials from the better ones' checkpoints with "
+        "perturbed values (tune.pbt.*); tune.search_alg: random or optuna. Writes results.csv, "
         "tune_curves.png, best_config.yaml and best/ (the best model) to the run folder.",
         epilog=CONFIG_HELP),
     Command(

@@ -183,12 +183,41 @@ class Asha(Section):
     reduction_factor: float = Field(2.0, gt=1)  # keep the better half at each rung: gentle for few trials
 
 
+# Keys PBT cannot change mid-run: they decide which parameters exist or train, so a trial
+# continuing from another's checkpoint must keep the donor's values.
+PBT_FIXED_PREFIXES = ("model.", "train.lora.", "train.freeze_layers")
+
+
+class Pbt(Section):
+    # Training steps between perturbations; None: train.eval_every (every evaluation is a chance
+    # to move the population). Each exploit restarts a trial's workers, so raise it when
+    # starts are slow. Must be a multiple of train.eval_every: trials report at evaluations.
+    perturbation_interval: int | None = Field(None, ge=1)
+    # The worse quarter copies the better quarter (Ray's default and the PBT paper's).
+    quantile_fraction: float = Field(0.25, gt=0, le=0.5)
+    # Search-space keys PBT changes when a trial exploits another; None: every key of
+    # tune.search_space it can change mid-run (not model.*, train.lora.*, train.freeze_layers).
+    mutate: list[str] | None = None
+    # Each mutated value is drawn again from its distribution with this probability; otherwise
+    # a number is multiplied by one of perturbation_factors and a choice moves to a neighbour
+    # (Ray's defaults). Values stay inside the declared bounds.
+    resample_probability: float = Field(0.25, ge=0.0, le=1.0)
+    perturbation_factors: list[float] = Field([1.2, 0.8], min_length=1)
+    # false: a trial is compared with the others' latest results when it reaches a perturbation
+    # (no one waits). true: every trial waits there for the slowest and all are compared at
+    # the same step, at the price of restarting each trial's workers at every perturbation.
+    synch: bool = False
+
+
 class Tune(Section):
     num_samples: int = Field(4, ge=1)  # random draws; with grid keys, repeats of the whole grid
     metric: Literal["val_loss", "val_perplexity", "loss"] = "val_loss"
     mode: Literal["min", "max"] = "min"
-    scheduler: Literal["asha", "fifo"] = "asha"  # fifo: every trial runs to its end
+    # fifo: every trial runs to its end; pbt: the worse trials continue from the better ones'
+    # checkpoints with perturbed values (settings under tune.pbt)
+    scheduler: Literal["asha", "fifo", "pbt"] = "asha"
     asha: Asha = Asha()
+    pbt: Pbt = Pbt()
     search_alg: Literal["random", "optuna"] = "random"
     seed: int = 0  # the sampler's seed: the same config draws the same trials
     # None: as many trials at once as the cluster's CPUs (and GPUs) fit.
@@ -344,7 +373,31 @@ class Config(Section):
                 except ValidationError as exc:
                     raise ValueError(f"tune.search_space {key}: {_describe(exc.errors()[0])}"
                                      ) from None
+        if self.tune.scheduler == "pbt":
+            self._pbt_fits()
         return self
+
+    def _pbt_fits(self) -> None:
+        pbt, space = self.tune.pbt, self.tune.search_space
+        interval = pbt.perturbation_interval or self.train.eval_every
+        if interval % self.train.eval_every:
+            raise ValueError(f"tune.pbt.perturbation_interval must be a multiple of "
+                             f"train.eval_every ({self.train.eval_every}): trials report at "
+                             f"evaluations; got {interval}")
+        for key in pbt.mutate or []:
+            if key not in space:
+                raise ValueError(f"tune.pbt.mutate key {key} is not in tune.search_space "
+                                 f"({', '.join(space) or 'empty'}); PBT mutates searched keys")
+            if key.startswith(PBT_FIXED_PREFIXES):
+                raise ValueError(f"tune.pbt.mutate key {key} cannot change mid-run (it decides "
+                                 "which parameters exist or train); leave it out of tune.pbt.mutate")
+        if not pbt_mutations(self.tune):
+            raise ValueError("tune.scheduler pbt needs a key to mutate: search a key such as "
+                             "train.lr (model.*, train.lora.* and train.freeze_layers cannot "
+                             "change mid-run)")
+        if self.tune.search_alg != "random":
+            raise ValueError("tune.scheduler pbt takes no search algorithm (Ray's PBT draws and "
+                             "perturbs the values itself); set tune.search_alg=random")
 
 
 def leaf_keys(model: type[BaseModel] | None = None, prefix: str = "") -> list[str]:
@@ -379,6 +432,14 @@ def check_distribution(key: str, spec: dict) -> list:
     if kind == "randint" and not all(isinstance(a, int) for a in args):
         raise ValueError(f"{where} randint needs whole numbers, got {args!r}")
     return args
+
+
+def pbt_mutations(tune: Tune) -> list[str]:
+    """The search-space keys PBT mutates: `tune.pbt.mutate`, or every searched key that can
+    change mid-run."""
+    if tune.pbt.mutate is not None:
+        return list(tune.pbt.mutate)
+    return [key for key in tune.search_space if not key.startswith(PBT_FIXED_PREFIXES)]
 
 
 def set_key(raw: dict, keys: list[str], value) -> None:

@@ -152,9 +152,11 @@ def plot_loss_curve(rows: list[dict], out: Path) -> None:
 
 
 def plot_trial_curves(trial_dirs: dict[str, Path], best: str | None, stopped: set[str],
-                      out: Path) -> None:
+                      out: Path, exploits: dict[str, list] | None = None) -> None:
     """Validation loss against step for every trial of a search; trials a scheduler stopped
-    end in an x, the best trial is drawn bold."""
+    end in an x, the best trial is drawn bold; where a trial continued from another's
+    checkpoint (PBT's `exploits`: trial → [(donor, step)]) a triangle marks its first
+    evaluation after that step."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,6 +173,12 @@ def plot_trial_curves(trial_dirs: dict[str, Path], best: str | None, stopped: se
                               f"{' (stopped early)' if trial in stopped else ''}")
         if trial in stopped:
             ax.plot(*points[-1], "x", color=line.get_color(), markersize=9)
+        for donor, step in (exploits or {}).get(trial, []):
+            after = [point for point in points if point[0] > (step or 0)][:1]
+            if after:  # the first evaluation of the line it continued
+                ax.plot(*after[0], "^", color=line.get_color(), markersize=9)
+                ax.annotate(f"from {donor}@{step}", after[0], fontsize=6, xytext=(4, 4),
+                            textcoords="offset points")
     ax.set_xlabel("step")
     ax.set_ylabel("validation loss")
     ax.set_title(f"{out.parent.name}: validation loss of every trial")

@@ -417,7 +417,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     use_bf16 = cfg.train.mixed_precision == "bf16" or (
         cfg.train.mixed_precision == "auto" and device.type == "cuda")
 
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = ray.train.get_checkpoint()  # this run's own, after a failure or a rerun
+    if checkpoint is None and loop_config.get("start_from"):  # Tune's PBT: another trial's
+        checkpoint = ray.train.Checkpoint.from_directory(loop_config["start_from"])
     saved, restore_dir = None, None
     if checkpoint:
         restore_dir = tempfile.mkdtemp(prefix="aigc-ray-restore-")
@@ -455,6 +457,15 @@ def train_loop_per_worker(loop_config: dict) -> None:
     if saved:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
+        # The config's learning rate and weight decay, not the checkpoint's: Tune's PBT continues
+        # a trial from another's checkpoint with perturbed values (a plain resume changes nothing).
+        scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
+        for group, fresh in zip(optimizer.param_groups,
+                                decay_groups(model, cfg.train.weight_decay)):
+            group.update(weight_decay=fresh["weight_decay"], initial_lr=cfg.train.lr,
+                         lr=cfg.train.lr * lr_factor(
+                             scheduler.last_epoch, total_steps, cfg.train.warmup_steps,
+                             cfg.train.lr_schedule, cfg.train.min_lr_ratio))
         state.load_state_dict(saved.get("loop", saved))  # runs saved before LoopState: flat keys
         torch.set_rng_state(saved["rng"])
         shutil.rmtree(restore_dir, ignore_errors=True)
@@ -731,11 +742,13 @@ def export_checkpoint(checkpoint_dir: str, folder: Path) -> None:
     shutil.rmtree(CheckpointFolder(folder).adapter, ignore_errors=True)
 
 
-def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -> TrainSummary:
+def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
+              start_from: str | None = None) -> TrainSummary:
     """Fit a `TorchTrainer` from the config; resumes when `run.name` already has checkpoints.
 
     `callbacks` are Ray Train `UserCallback`s (Tune passes its report forwarder); `follow`
-    prints the run's progress lines on this console.
+    prints the run's progress lines on this console; `start_from` is a checkpoint folder to
+    start from when the run has none of its own (Tune's PBT: the trial it exploits).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -779,7 +792,8 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True) -
         train_loop_per_worker,
         train_loop_config={"config": cfg.model_dump(), "model_path": model_path,
                            "run_dir": str(run_dir), "total_steps": total_steps,
-                           "epochs_bound": epochs_bound, "has_val": "val" in datasets},
+                           "epochs_bound": epochs_bound, "has_val": "val" in datasets,
+                           "start_from": start_from},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
                                      use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,

@@ -1,10 +1,17 @@
 """Hyperparameter search: `run_tune(cfg)` runs Ray Tune trials that are each a whole
 `aigc-ray train` run (a `TorchTrainer` with its own DDP workers), lets ASHA stop the losers
-between evaluations, and exports the best trial's model to `best/`.
+between evaluations (or PBT move the worse trials onto the better ones' checkpoints), and
+exports the best trial's model to `best/`.
 
 The run folder `{run.output_dir}/{run.name}/` is Tune's experiment folder; each trial trains in
 `trials/<trial id>/` (the same run folder `aigc-ray train` writes), so a resumed search also
 resumes its unfinished trials from their last checkpoints.
+
+Under PBT a trial also hands Tune a checkpoint at every perturbation interval: the Train
+controller passes each report to the trial through a queue (`report_to_trial`), and the trial
+reports it with `tune.report(checkpoint=...)`, which copies it into Tune's trial folder. A trial
+that Tune restarts from another trial's checkpoint (an exploit) starts a new Train run in its
+own folder from that checkpoint, so its steps and metrics continue from the donor's step.
 """
 
 from __future__ import annotations
@@ -12,16 +19,25 @@ from __future__ import annotations
 import copy
 import csv
 import math
-from dataclasses import dataclass
+import os
+import shutil
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from aigc_ray.config import Config, set_key, to_yaml
+from aigc_ray.config import Config, pbt_mutations, set_key, to_yaml
 from aigc_ray.data import GLOB_CHARS
 from aigc_ray.errors import ConfigError, user_error
 from aigc_ray.run_folder import RunFolder
 
 TRIAL_DRIVER_CPUS = 0.01
 NO_STEP_LIMIT = 10**9  # ASHA needs a max_t; epoch-bound runs end on their own before it
+# Tune checkpoints kept per trial under PBT: a donor's must outlive the restart of the trial
+# that copies it (Ray warns at 2 or fewer).
+PBT_CHECKPOINTS_KEPT = 4
+PBT_STAGING = "pbt_staging"  # in a trial folder: hard-linked copies waiting for Tune to take them
+STAGED_KEY = "_staged_checkpoint"  # the staged folder, from the Train controller to the trial
+DONOR_KEY, DONOR_STEP_KEY = "pbt_donor", "pbt_donor_step"  # on a trial's first report after an exploit
 
 
 def check_tune_config(cfg: Config, resume: bool) -> None:
@@ -86,8 +102,10 @@ def trial_config(base: dict, params: dict) -> Config:
     return Config.model_validate(raw)
 
 
-def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: str) -> None:
-    """One Tune trial: a whole `aigc-ray train` run whose reports Tune sees."""
+def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: str,
+                pbt_every: int | None = None) -> None:
+    """One Tune trial: a whole `aigc-ray train` run whose reports Tune sees (under PBT, with a
+    checkpoint every `pbt_every` steps)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -96,20 +114,154 @@ def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: st
     raw = copy.deepcopy(base)
     if model_path:  # built once by the driver, shared by every trial
         raw["model"]["name_or_path"] = model_path
-    raw["run"].update(output_dir=trials_dir, name=tune.get_context().get_trial_id())
+    trial_id = tune.get_context().get_trial_id()
+    raw["run"].update(output_dir=trials_dir, name=trial_id)
     raw["eval"]["after_training"] = False  # trials compare by val_loss; generation would slow them
-    run_train(trial_config(raw, params), callbacks=[TuneReportCallback()], follow=False)
+    cfg = trial_config(raw, params)
+    if not pbt_every:
+        run_train(cfg, callbacks=[TuneReportCallback()], follow=False)
+        return
+    checkpoint = tune.get_checkpoint()
+    # Tune's trial folders are named by trial id: a checkpoint from another's is an exploit.
+    donor = Path(checkpoint.path).parent.name if checkpoint else None
+    if donor == trial_id:
+        donor = None  # its own (a pause or a resumed search): Train resumes its own run
+    elif donor:
+        start_new_train_run(cfg.run.dir)
+    run_reporting_checkpoints(cfg, pbt_every, donor, checkpoint.path if donor else None)
+
+
+def start_new_train_run(run_dir: Path) -> None:
+    """Forget the Train run in `run_dir` (its checkpoints stay, for `best/`): the trial now
+    continues another trial's line."""
+    from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
+
+    (run_dir / CHECKPOINT_MANAGER_SNAPSHOT_FILENAME).unlink(missing_ok=True)
+
+
+def run_reporting_checkpoints(cfg: Config, every: int, donor: str | None,
+                              start_from: str | None) -> None:
+    """`run_train` in a thread while this trial reports each evaluation to Tune, with the
+    checkpoint at every `every` steps (Tune copies it; PBT exploits copy Tune's)."""
+    from ray import tune
+    from ray.util.queue import Queue
+
+    from aigc_ray.train import run_train
+
+    staging = cfg.run.dir / PBT_STAGING
+    shutil.rmtree(staging, ignore_errors=True)  # left by a trial Tune stopped mid-report
+    reports = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    failure: list[BaseException] = []
+
+    def fit() -> None:
+        try:
+            run_train(cfg, callbacks=[report_to_trial(reports, every, str(staging))],
+                      follow=False, start_from=start_from)
+        except BaseException as exc:  # raised again in the trial's thread
+            failure.append(exc)
+        finally:
+            reports.put(None)
+
+    thread = threading.Thread(target=fit, name="aigc-ray-trial", daemon=True)
+    thread.start()
+    staged = None
+    while (row := reports.get()) is not None:
+        if staged:  # Tune has copied it
+            shutil.rmtree(staged, ignore_errors=True)
+        staged = row.pop(STAGED_KEY, None)
+        if donor:  # the first report since continuing from the donor's checkpoint
+            row[DONOR_KEY], row[DONOR_STEP_KEY] = donor, start_step(cfg.run.dir)
+            donor = None
+        tune.report(row, checkpoint=tune.Checkpoint.from_directory(staged) if staged else None)
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
+def start_step(run_dir: Path) -> int | None:
+    """The step rank 0 last started from (the donor checkpoint's, after an exploit)."""
+    from aigc_ray.metrics import worker_starts
+
+    starts = [row for row in worker_starts(run_dir) if row["rank"] == 0]
+    return starts[-1]["start_step"] if starts else None
+
+
+def report_to_trial(queue, every: int, staging: str):
+    """A Ray Train callback (it runs in the Train controller) that hands every report to the
+    Tune trial through `queue`, with a hard-linked copy of the checkpoint at every `every`
+    steps: the copy survives Train deleting the original before Tune has copied it."""
+    from ray.train import UserCallback
+
+    class ReportToTrial(UserCallback):
+        def after_report(self, run_context, metrics, checkpoint) -> None:
+            row = dict(metrics[0])
+            if checkpoint:
+                row["checkpoint_path"] = checkpoint.path  # as Ray's TuneReportCallback has it
+                if row.get("step", 0) % every == 0:
+                    row[STAGED_KEY] = linked_copy(checkpoint.path,
+                                                  Path(staging) / f"step-{row['step']}")
+            queue.put(row)  # waits while the trial has not taken the one before
+
+    return ReportToTrial()
+
+
+def linked_copy(source: str, target: Path) -> str:
+    """A copy of a checkpoint folder made of hard links (a full copy where links fail)."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another filesystem, or one without hard links
+            shutil.copy2(src, dst)
+
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(source, target, copy_function=link)
+    return str(target)
 
 
 def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
+def pbt_interval(cfg: Config) -> int | None:
+    """Steps between PBT perturbations (None when the scheduler is not PBT)."""
+    if cfg.tune.scheduler != "pbt":
+        return None
+    return cfg.tune.pbt.perturbation_interval or cfg.train.eval_every
+
+
+class KeepInBounds:
+    """PBT's explore step, finished: a multiplied number stays inside its declared bounds."""
+
+    def __init__(self, bounds: dict[str, tuple]):
+        self.bounds = bounds
+
+    def __call__(self, config: dict) -> dict:
+        for key, (low, high) in self.bounds.items():
+            if key in config:
+                config[key] = type(config[key])(min(max(config[key], low), high))
+        return config
+
+
 def scheduler(cfg: Config):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, PopulationBasedTraining
 
     if cfg.tune.scheduler == "fifo":
         return FIFOScheduler()
+    if cfg.tune.scheduler == "pbt":
+        pbt, space = cfg.tune.pbt, param_space(cfg)
+        keys = pbt_mutations(cfg.tune)
+        specs = {key: next(iter(cfg.tune.search_space[key].items())) for key in keys}
+        return PopulationBasedTraining(
+            time_attr="step", perturbation_interval=pbt_interval(cfg),
+            quantile_fraction=pbt.quantile_fraction,
+            resample_probability=pbt.resample_probability,
+            perturbation_factors=tuple(pbt.perturbation_factors), synch=pbt.synch,
+            # choice and grid: a list (PBT resamples or moves to a neighbour); numbers: the
+            # distribution (PBT resamples or multiplies)
+            hyperparam_mutations={key: list(args) if kind in ("choice", "grid") else space[key]
+                                  for key, (kind, args) in specs.items()},
+            custom_explore_fn=KeepInBounds({key: tuple(args) for key, (kind, args)
+                                            in specs.items() if kind not in ("choice", "grid")}))
     return ASHAScheduler(time_attr="step", max_t=cfg.train.max_steps or NO_STEP_LIMIT,
                          grace_period=cfg.tune.asha.grace_period or cfg.train.eval_every,
                          reduction_factor=cfg.tune.asha.reduction_factor)
@@ -146,12 +298,32 @@ def concurrent_trials(cfg: Config) -> int:
     return max(1, fit)
 
 
+def trials_at_once(cfg: Config) -> int:
+    """How many trials run at once: as many as fit, or under PBT the whole population (PBT
+    compares trials that train side by side; one waiting for a slot is never compared)."""
+    fit = concurrent_trials(cfg)
+    if cfg.tune.scheduler != "pbt":
+        return fit
+    population = planned_trials(cfg)
+    if population > fit:
+        raise ConfigError(
+            f"tune.scheduler pbt trains its {population} trials at once but only {fit} fit "
+            f"({'tune.max_concurrent_trials' if cfg.tune.max_concurrent_trials else 'the cluster'}"
+            f"); lower tune.num_samples, or scaling.cpus_per_worker and data.cpus_per_task, "
+            f"or use a larger cluster")
+    return population
+
+
 def progress_callback():
     """A Tune callback printing one line per evaluation and per finished trial."""
     from ray.tune import Callback
 
     class TrialLines(Callback):
         def on_trial_result(self, iteration, trials, trial, result, **info):
+            if result.get(DONOR_KEY):
+                print(f"[aigc-ray] trial {trial.trial_id} exploits {result[DONOR_KEY]}: continues "
+                      f"from its step {result.get(DONOR_STEP_KEY)} with "
+                      f"{format_params(trial.config)}", flush=True)
             if result.get("val_loss") is not None:
                 print(f"[aigc-ray] trial {trial.trial_id} step {result['step']} | val_loss "
                       f"{result['val_loss']:.4f} | {format_params(trial.config)}", flush=True)
@@ -184,6 +356,11 @@ class TrialRow:
     status: str
     best_checkpoint: str | None
     error: str | None = None  # the first line of a failed trial's error
+    # PBT: (donor trial, the donor's step this trial continued from), oldest first
+    exploits: list[tuple[str, int | None]] = field(default_factory=list)
+
+    def exploited(self) -> str:
+        return ", ".join(f"{donor}@{step}" for donor, step in self.exploits) or "-"
 
 
 @dataclass
@@ -193,13 +370,16 @@ class TuneSummary:
     rows: list[TrialRow]
     best: TrialRow | None
     unfinished: int = 0  # trials left running or pending when the search was interrupted
+    pbt: bool = False  # the table shows which trials each one exploited
 
     def table(self) -> str:
         keys = list(self.rows[0].params) if self.rows else []
-        header = ["trial", *keys, f"best {self.metric}", "steps", "stopped early", "status"]
+        header = ["trial", *keys, f"best {self.metric}", "steps", "stopped early", "status",
+                  *(["exploited (trial@step)"] if self.pbt else [])]
         lines = [[row.trial, *(show(row.params.get(k)) for k in keys),
                   "-" if row.best is None else f"{row.best:.4f}", str(row.steps),
-                  "yes" if row.stopped_early else "no", row.status] for row in self.rows]
+                  "yes" if row.stopped_early else "no", row.status,
+                  *([row.exploited()] if self.pbt else [])] for row in self.rows]
         widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines)]
         return "\n".join("  ".join(str(cell).ljust(width) for cell, width in zip(line, widths))
                          for line in [header, *lines])
@@ -250,10 +430,12 @@ def summarize(cfg: Config, results, run: RunFolder) -> list[TrialRow]:
             stopped = status == "done" and steps < cfg.train.max_steps
         else:  # epoch-bound: a trial the scheduler stopped never exported its final/
             stopped = status == "done" and not run.trial(trial).final.exists()
+        exploits = [(r[DONOR_KEY], int(r[DONOR_STEP_KEY]) if _number(r.get(DONOR_STEP_KEY))
+                     else None) for r in records if isinstance(r.get(DONOR_KEY), str)]
         rows.append(TrialRow(trial=trial, params=dict(result.config), best=best and best[
             cfg.tune.metric], steps=steps, stopped_early=stopped, status=status,
             best_checkpoint=best.get("checkpoint_path") if best else None,
-            error=_first_line(result.error)))
+            error=_first_line(result.error), exploits=exploits))
     return sorted(rows, key=lambda row: row.trial)
 
 
@@ -274,10 +456,11 @@ def write_results(summary: TuneSummary) -> None:
     with RunFolder(summary.run_dir).results.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", *keys, f"best_{summary.metric}", "steps", "stopped_early",
-                         "status"])
+                         "status", *(["exploited"] if summary.pbt else [])])
         for row in summary.rows:
             writer.writerow([row.trial, *(row.params.get(k) for k in keys), row.best, row.steps,
-                             row.stopped_early, row.status])
+                             row.stopped_early, row.status,
+                             *([row.exploited()] if summary.pbt else [])])
 
 
 def export_best(cfg: Config, summary: TuneSummary) -> None:
@@ -318,7 +501,7 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
     model_path = None if searches_model else resolve_model_path(cfg)
     trainable = tune.with_resources(
         tune.with_parameters(train_trial, base=absolute_paths(cfg), model_path=model_path,
-                             trials_dir=str(run.trials)),
+                             trials_dir=str(run.trials), pbt_every=pbt_interval(cfg)),
         # The trial only drives its TorchTrainer, whose workers hold the CPUs and GPUs (Tune
         # refuses an empty request, so a token share).
         {"CPU": TRIAL_DRIVER_CPUS})
@@ -332,13 +515,17 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
             trainable, param_space=space,
             tune_config=tune.TuneConfig(
                 metric=cfg.tune.metric, mode=cfg.tune.mode, scheduler=scheduler(cfg),
-                search_alg=search_alg(cfg, concurrent_trials(cfg)),
+                search_alg=search_alg(cfg, trials_at_once(cfg)),
                 # Repeating a grid point repeats the same seeded run: one of each is enough.
                 num_samples=1 if only_grid else cfg.tune.num_samples,
-                trial_dirname_creator=_trial_dirname),
+                trial_dirname_creator=_trial_dirname,
+                # A trial's thread runs its TorchTrainer: only a new actor ends it for sure.
+                reuse_actors=False),
             run_config=tune.RunConfig(
                 name=cfg.run.name, storage_path=str(run_dir.parent), verbose=0,
-                callbacks=[progress_callback()]),
+                callbacks=[progress_callback()],
+                checkpoint_config=tune.CheckpointConfig(
+                    num_to_keep=PBT_CHECKPOINTS_KEPT if pbt_interval(cfg) else None)),
         )
     results = tuner.fit()
     unfinished = unfinished_trials(results) + max(0, planned_trials(cfg) - len(results))
@@ -349,11 +536,12 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
     rows = summarize(cfg, results, run)
     summary = TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=rows,
                           best=best_of(cfg, [r for r in rows if r.best is not None],
-                                       lambda r: r.best))
+                                       lambda r: r.best), pbt=cfg.tune.scheduler == "pbt")
     write_results(summary)
     plot_trial_curves({row.trial: run.trial(row.trial).path for row in rows},
                       summary.best.trial if summary.best else None,
-                      {row.trial for row in rows if row.stopped_early}, run.tune_curves)
+                      {row.trial for row in rows if row.stopped_early}, run.tune_curves,
+                      exploits={row.trial: row.exploits for row in rows if row.exploits})
     if summary.best:
         export_best(cfg, summary)
     return summary

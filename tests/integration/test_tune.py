@@ -64,6 +64,44 @@ def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args, tmp_path
     assert run_train(again).final_dir.joinpath("model.safetensors").exists()
 
 
+def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_cluster, tune_args):
+    """Two trials, one at a learning rate too small to learn: at a perturbation it continues
+    from the other's checkpoint (its steps and loss carry on from the donor's step) with a
+    perturbed learning rate, which the restored optimizer really uses."""
+    cfg = load_config("tiny_tune", [
+        *tune_args, "train.max_steps=65", "train.eval_every=10", "train.warmup_steps=0",
+        "tune.scheduler=pbt", "run.name=pbt", "tune.search_space={train.lr: {grid: [1.0e-5, 3.0e-3]}}",
+        # PBT trains its population side by side: two trials in 2 CPUs, long enough to overlap
+        # however far apart they start.
+        "scaling.cpus_per_worker=0.25"])
+    summary = run_tune(cfg)
+
+    rows = results_of(summary.run_dir)
+    assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
+    exploited = [row for row in rows if row["exploited"] != "-"]
+    assert exploited, rows
+    for row in exploited:
+        donor, step = row["exploited"].split(", ")[0].split("@")
+        step = int(step)
+        assert donor in {r["trial"] for r in rows} - {row["trial"]} and step > 0
+        trial = summary.run_dir / "trials" / row["trial"]
+        # Rank 0 started again from the donor's step, and the metrics carry on from there.
+        assert step in [start["start_step"] for start in worker_starts(trial)]
+        metrics = [r for r in read_jsonl(trial / "metrics.jsonl") if r["val_loss"] is not None]
+        steps = [r["step"] for r in metrics]
+        assert steps == sorted(set(steps)) and steps[-1] == 65
+        before = [r["val_loss"] for r in metrics if 0 < r["step"] <= step]
+        after = [r["val_loss"] for r in metrics if r["step"] > step]
+        assert after and after[0] < before[-1]  # the donor's weights, not its own
+    for row in rows:  # the learning rate the trial ended with is the one its optimizer used
+        last = read_jsonl(summary.run_dir / "trials" / row["trial"] / "metrics.jsonl")[-1]
+        assert last["lr"] == pytest.approx(0.1 * float(row["train.lr"]))  # cosine to 10%
+    assert summary.table().splitlines()[0].endswith("exploited (trial@step)")
+    assert (summary.run_dir / "tune_curves.png").stat().st_size > 1000
+    model = AutoModelForCausalLM.from_pretrained(summary.run_dir / "best")
+    assert model.config.n_layer == 2
+
+
 def test_grid_runs_exactly_its_points(ray_cluster, tune_args):
     cfg = load_config("tiny_tune", [*tune_args, "train.max_steps=10", "train.eval_every=10",
                                     "tune.scheduler=fifo", "run.name=grid",

@@ -7,8 +7,9 @@ import pytest
 import ray
 
 from aigc_ray.cli import main
-from aigc_ray.config import leaf_keys, load_config
+from aigc_ray.config import leaf_keys, load_config, pbt_mutations
 from aigc_ray.errors import ConfigError
+from aigc_ray.tune import scheduler
 
 
 def space_error(override: str) -> str:
@@ -73,3 +74,34 @@ def test_cli_tune_with_a_bad_space_fails_before_ray_starts(capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: tune.search_space key train.lrr") and err.count("\n") == 1
     assert ray.is_initialized() is was_running
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["tune.pbt.perturbation_interval=45"],
+     "tune.pbt.perturbation_interval must be a multiple of train.eval_every (30)"),
+    (["tune.pbt.mutate=[train.batch_size]"],
+     "tune.pbt.mutate key train.batch_size is not in tune.search_space"),
+    (["tune.search_space={train.lora.r: {choice: [4, 8]}}", "tune.pbt.mutate=[train.lora.r]"],
+     "tune.pbt.mutate key train.lora.r cannot change mid-run"),
+    (["tune.search_space={model.builtin.n_layer: {choice: [1, 2]}}"],
+     "tune.scheduler pbt needs a key to mutate"),
+    (["tune.search_alg=optuna"], "tune.scheduler pbt takes no search algorithm"),
+])
+def test_pbt_settings_are_checked_before_ray_starts(overrides, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_tune", ["tune.scheduler=pbt", *overrides])
+    assert str(info.value).startswith(expected) and "\n" not in str(info.value)
+
+
+def test_pbt_mutates_searched_keys_and_keeps_them_in_bounds():
+    cfg = load_config("tiny_tune", [
+        "tune.scheduler=pbt", "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, "
+        "train.batch_size: {choice: [4, 8]}, train.lora.r: {grid: [4, 8]}}"])
+    assert pbt_mutations(cfg.tune) == ["train.lr", "train.batch_size"]  # not train.lora.r
+    pbt = scheduler(cfg)
+    assert pbt._perturbation_interval == cfg.train.eval_every
+    assert pbt._hyperparam_mutations["train.batch_size"] == [4, 8]
+    clip = pbt._custom_explore_fn
+    assert clip({"train.lr": 0.05, "train.batch_size": 8}) == {"train.lr": 1.0e-2,
+                                                               "train.batch_size": 8}
+    assert clip({"train.lr": 2e-3})["train.lr"] == 2e-3
