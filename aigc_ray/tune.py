@@ -174,6 +174,7 @@ def run_reporting_checkpoints(cfg: Config, every: int, donor: str | None,
             donor = None
         tune.report(row, checkpoint=tune.Checkpoint.from_directory(staged) if staged else None)
     thread.join()
+    shutil.rmtree(staging, ignore_errors=True)  # Tune has copied the last one
     if failure:
         raise failure[0]
 

@@ -3,13 +3,16 @@ line naming the key, before Ray starts (nothing here starts Ray)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import ray
 
 from aigc_ray.cli import main
 from aigc_ray.config import leaf_keys, load_config, pbt_mutations
 from aigc_ray.errors import ConfigError
-from aigc_ray.tune import scheduler
+from aigc_ray.tune import linked_copy, scheduler, trials_at_once
 
 
 def space_error(override: str) -> str:
@@ -105,3 +108,23 @@ def test_pbt_mutates_searched_keys_and_keeps_them_in_bounds():
     assert clip({"train.lr": 0.05, "train.batch_size": 8}) == {"train.lr": 1.0e-2,
                                                                "train.batch_size": 8}
     assert clip({"train.lr": 2e-3})["train.lr"] == 2e-3
+
+
+def test_pbt_refuses_a_population_that_cannot_train_at_once():
+    cfg = load_config("tiny_tune", ["tune.scheduler=pbt", "tune.num_samples=3",
+                                    "tune.max_concurrent_trials=2"])
+    with pytest.raises(ConfigError) as info:
+        trials_at_once(cfg)
+    message = str(info.value)
+    assert message.startswith("tune.scheduler pbt trains its 3 trials at once but only 2 fit "
+                              "(tune.max_concurrent_trials)") and "\n" not in message
+
+
+def test_a_staged_checkpoint_outlives_the_original(tmp_path):
+    """Hard links: Train may delete its checkpoint before Tune has copied the staged one."""
+    original = tmp_path / "checkpoint_1"
+    original.mkdir()
+    (original / "model.safetensors").write_bytes(b"weights")
+    staged = Path(linked_copy(str(original), tmp_path / "staging" / "step-10"))
+    shutil.rmtree(original)
+    assert (staged / "model.safetensors").read_bytes() == b"weights"
