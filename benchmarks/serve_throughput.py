@@ -3,7 +3,7 @@
 Same checkpoint, same machine, same run, same greedy requests (so both produce the same tokens):
 
     .venv/bin/python benchmarks/serve_throughput.py [--checkpoint DIR] [--max-tokens 32] [--int8]
-        [--mixed] [--static]
+        [--mixed] [--static] [--fixed-length]
 
 The baseline is one uvicorn process whose endpoint calls `model.generate` per request (FastAPI
 runs sync endpoints on its thread pool, so concurrent requests overlap as well as the GIL lets
@@ -13,7 +13,9 @@ ratios are ours / baseline (requests per second: higher is better; latency: lowe
 `--mixed` gives requests different lengths (max_tokens × 0.25, 0.5, 1, 2 in turn), as real
 traffic has; `--static` also measures ours with `serve.continuous_batching=false` (a request
 waits for the running batch to finish), so continuous batching is measured against it in the
-same run.
+same run. `--fixed-length` holds every completion to its max_tokens (`min_tokens` = `max_tokens`
+for ours, `min_new_tokens` for the baseline: both mask EOS the same way, so the greedy tokens
+still agree), so an early end of text cannot flatter either side.
 """
 
 import argparse
@@ -81,6 +83,7 @@ def baseline_server(port: int, checkpoint: str) -> None:
         ids = tokenizer(body["prompt"], return_tensors="pt")
         with torch.inference_mode():
             out = model.generate(**ids, max_new_tokens=body["max_tokens"], do_sample=False,
+                                 min_new_tokens=body.get("min_tokens") or None,
                                  pad_token_id=tokenizer.pad_token_id)
         new = out[0, ids["input_ids"].shape[1]:]
         return {"choices": [{"text": tokenizer.decode(new, skip_special_tokens=True)}],
@@ -97,9 +100,9 @@ def baseline_server(port: int, checkpoint: str) -> None:
 
 
 async def measure(url: str, texts: list[str], concurrency: int, total: int,
-                  lengths: list[int]) -> dict:
+                  lengths: list[int], fixed: bool = False) -> dict:
     """Send `total` greedy completions from `concurrency` clients (request i asks for
-    lengths[i % len(lengths)] tokens); throughput and latency."""
+    lengths[i % len(lengths)] tokens, all of them with `fixed`); throughput and latency."""
     import httpx
 
     latencies, tokens, failures = [], 0, 0
@@ -110,9 +113,10 @@ async def measure(url: str, texts: list[str], concurrency: int, total: int,
         while queue:
             i = queue.pop()
             start = time.perf_counter()
+            length = lengths[i % len(lengths)]
             response = await http.post(url + "/v1/completions", json={
-                "prompt": texts[i % len(texts)], "max_tokens": lengths[i % len(lengths)],
-                "temperature": 0})
+                "prompt": texts[i % len(texts)], "max_tokens": length, "temperature": 0,
+                **({"min_tokens": length} if fixed else {})})
             latencies.append(time.perf_counter() - start)
             if response.status_code == 200:
                 tokens += response.json()["usage"]["completion_tokens"]
@@ -134,10 +138,12 @@ async def measure(url: str, texts: list[str], concurrency: int, total: int,
             "failures": failures}
 
 
-def run_levels(name: str, url: str, texts: list[str], lengths: list[int]) -> dict:
+def run_levels(name: str, url: str, texts: list[str], lengths: list[int],
+               fixed: bool = False) -> dict:
     results = {}
     for concurrency, total in LEVELS.items():
-        results[concurrency] = asyncio.run(measure(url, texts, concurrency, total, lengths))
+        results[concurrency] = asyncio.run(measure(url, texts, concurrency, total, lengths,
+                                                   fixed))
         r = results[concurrency]
         print(f"  {name:<10} c={concurrency:<3} {r['requests_per_second']:7.1f} req/s "
               f"{r['tokens_per_second']:8.0f} tok/s  p50 {r['p50_s'] * 1000:7.1f} ms  "
@@ -159,21 +165,22 @@ def wait_healthy(url: str, timeout: float = 120) -> None:
     raise RuntimeError(f"{url} did not become healthy")
 
 
-def run_baseline(checkpoint: str, texts: list[str], lengths: list[int]) -> dict:
+def run_baseline(checkpoint: str, texts: list[str], lengths: list[int],
+                 fixed: bool = False) -> dict:
     port = free_port()
     server = subprocess.Popen([sys.executable, __file__, "--baseline-server", str(port),
                                checkpoint])
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        return run_levels("baseline", url, texts, lengths)
+        return run_levels("baseline", url, texts, lengths, fixed)
     finally:
         server.terminate()  # the server this function started, by its handle
         server.wait(timeout=30)
 
 
 def run_ours(checkpoint: str, texts: list[str], lengths: list[int], replicas: int,
-             label: str, overrides: list[str]) -> dict:
+             label: str, overrides: list[str], fixed: bool = False) -> dict:
     from ray import serve
 
     from aigc_ray.serve import deploy, load_serve_config
@@ -188,7 +195,7 @@ def run_ours(checkpoint: str, texts: list[str], lengths: list[int], replicas: in
     try:
         url = f"http://127.0.0.1:{port}"
         wait_healthy(url)
-        return run_levels(label, url, texts, lengths)
+        return run_levels(label, url, texts, lengths, fixed)
     finally:
         serve.delete(label)
         serve.shutdown()
@@ -203,6 +210,8 @@ def main() -> None:
     parser.add_argument("--int8", action="store_true", help="also measure serve.quantize=int8")
     parser.add_argument("--mixed", action="store_true",
                         help="requests of different lengths: max_tokens x 0.25, 0.5, 1, 2")
+    parser.add_argument("--fixed-length", action="store_true",
+                        help="every completion exactly max_tokens long (min_tokens)")
     parser.add_argument("--static", action="store_true",
                         help="also measure ours with serve.continuous_batching=false")
     parser.add_argument("--baseline-server", nargs=2, metavar=("PORT", "CHECKPOINT"),
@@ -222,7 +231,7 @@ def main() -> None:
                    else [args.max_tokens])
         print(f"checkpoint {checkpoint}, {os.cpu_count()} CPUs, max_tokens {lengths}, "
               f"greedy; concurrency: requests = {LEVELS}", flush=True)
-        baseline = run_baseline(checkpoint, texts, lengths)
+        baseline = run_baseline(checkpoint, texts, lengths, args.fixed_length)
         # A cluster of its own (address="local"), never whichever one is already running here.
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  logging_level=logging.ERROR, log_to_driver=False)
@@ -232,7 +241,8 @@ def main() -> None:
                 variants["ours-static"] = ["serve.continuous_batching=false"]
             if args.int8:
                 variants["ours-int8"] = ["serve.quantize=int8"]
-            ours = {label: run_ours(checkpoint, texts, lengths, args.replicas, label, overrides)
+            ours = {label: run_ours(checkpoint, texts, lengths, args.replicas, label, overrides,
+                                    args.fixed_length)
                     for label, overrides in variants.items()}
         finally:
             ray.shutdown()
