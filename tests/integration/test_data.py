@@ -26,6 +26,7 @@ from aigc_ray.data import (
     corpus_statistics,
     create_stats,
     format_statistics,
+    pack_lengths,
     read_corpus,
     split_of,
 )
@@ -282,7 +283,11 @@ def test_prompt_completion_labels_cover_the_completion_only(tmp_path, tiny_model
     assert totals == {
         "documents.train": 5, "skipped.prompt_too_long": 1, "truncated.train": 1,
         "tokens.train": sum(map(len, expected)), "blocks.train": 4,
-        "padding.train": 4 * block - sum(map(len, expected)), "target_tokens.train": target_tokens}
+        "padding.train": 4 * block - sum(map(len, expected)), "target_tokens.train": target_tokens,
+        # What packing would leave (the summary prints both): one row per packed group.
+        "padding_unpacked.train": 4 * block - sum(map(len, expected)),
+        "padding_packed.train": len(pack_lengths(list(map(len, expected)), block)) * block
+        - sum(map(len, expected))}
 
 
 # ── Train/validation split ──────────────────────────────────────────────────────────────────

@@ -75,7 +75,10 @@ def cli(*args: str) -> list[str]:
 
 def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cluster,
                                                                          train_args):
+    # Warm-up 5 (tiny_cpu has 30) and a higher peak: a 30-step run that is all warm-up barely
+    # learns, and its greedy replies stay degenerate (ROUGE-L 0).
     cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=30", "train.eval_every=15",
+                                   "train.warmup_steps=5", "train.lr=5e-3",
                                    "run.name=t2", "eval.after_training=true",
                                    "eval.generate_rows=24"])
     summary = run_train(cfg)
@@ -109,7 +112,7 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
     tuned, start = report["model"], report["baseline"]
     assert tuned["model"] == str(final) and report["data"]["split"] == "val"
     assert tuned["perplexity"] < start["perplexity"] / 2, (tuned, start)
-    # 30 steps teach the answers' first words only (measured 4.97 against 0.0 from the start):
+    # 30 steps teach the answers' first words only (measured 5.71 against 0.0 from the start):
     # a margin of 2 ROUGE-L points.
     assert tuned["rouge_l"] > start["rouge_l"] + 2, (tuned, start)
     assert tuned["generated"] == start["generated"] == 24
