@@ -304,6 +304,13 @@ class Generate(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     stop: list[str] = []  # strings that end a completion (not included in it)
     seed: int = 0  # with temperature > 0 a row's sample depends only on the seed and its id
+    # The serving API's sampling controls, with the same definitions (see README, Serving).
+    top_k: int = Field(0, ge=0)  # 0: every token
+    presence_penalty: float = Field(0.0, ge=-2, le=2)
+    frequency_penalty: float = Field(0.0, ge=-2, le=2)
+    repetition_penalty: float = Field(1.0, gt=0)
+    min_tokens: int = Field(0, ge=0)  # EOS and stop strings cannot end a completion earlier
+    ignore_eos: bool = False  # only max_tokens or a stop string ends a completion
     batch_size: int = Field(16, ge=1)  # prompts decoded together; CPU steps cost ~flat to 16
     concurrency: int = Field(1, ge=1)  # model actors (replicas of the model) in the pool
     cpus_per_actor: float = Field(1.0, gt=0)  # also the actor's torch threads (at least 1)

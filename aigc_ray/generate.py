@@ -177,7 +177,11 @@ class Completer:
             rows.append(index)
             requests.append(GenerationRequest(
                 prompt_ids=prompt_ids, max_tokens=room, temperature=gen.temperature,
-                top_p=gen.top_p, stop=list(gen.stop), seed=row_seed(gen.seed, row_id)))
+                top_p=gen.top_p, stop=list(gen.stop), seed=row_seed(gen.seed, row_id),
+                top_k=gen.top_k, presence_penalty=gen.presence_penalty,
+                frequency_penalty=gen.frequency_penalty,
+                repetition_penalty=gen.repetition_penalty,
+                min_tokens=min(gen.min_tokens, room), ignore_eos=gen.ignore_eos))
         results = decode_all(self.model, self.tokenizer, requests) if requests else []
         if self.stats is not None:
             counts = Counter(f"skipped.{s['reason']}" for s in skipped)

@@ -143,3 +143,17 @@ def test_a_list_of_messages_is_rendered_by_the_chat_template(ray_cluster, tiny_c
         assert json.loads(row["prompt"]) == messages and row["prompt_tokens"] == ids.shape[1]
         assert row["completion"] == tokenizer.decode(out[0, ids.shape[1]:],
                                                      skip_special_tokens=True)
+
+
+def test_ignore_eos_holds_every_completion_to_max_tokens(ray_cluster, tiny_model_dir, tmp_path):
+    """generate.* takes the serving API's controls: with ignore_eos every row is exactly
+    max_tokens long (what a benchmark of decode speed needs)."""
+    (tmp_path / "p.txt").write_text("Customer: Hi\nAgent:\nCustomer: Where is my order?\n")
+    path, cfg = checkpoint_config(tiny_model_dir, ["generate.max_tokens=7",
+                                                   "generate.ignore_eos=true",
+                                                   "generate.repetition_penalty=1.3",
+                                                   "generate.top_k=5"], GENERATE_KEYS, "generate")
+    run_generate(str(path), str(tmp_path / "p.txt"), str(tmp_path / "out"), cfg)
+    rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
+    assert len(rows) == 3 and all(r["completion_tokens"] == 7 for r in rows)
+    assert all(r["finish_reason"] == "length" for r in rows)
