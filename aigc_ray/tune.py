@@ -32,9 +32,6 @@ from aigc_ray.run_folder import RunFolder
 
 TRIAL_DRIVER_CPUS = 0.01
 NO_STEP_LIMIT = 10**9  # ASHA needs a max_t; epoch-bound runs end on their own before it
-# Tune checkpoints kept per trial under PBT: a donor's must outlive the restart of the trial
-# that copies it (Ray warns at 2 or fewer).
-PBT_CHECKPOINTS_KEPT = 4
 PBT_STAGING = "pbt_staging"  # in a trial folder: hard-linked copies waiting for Tune to take them
 STAGED_KEY = "_staged_checkpoint"  # the staged folder, from the Train controller to the trial
 DONOR_KEY, DONOR_STEP_KEY = "pbt_donor", "pbt_donor_step"  # on a trial's first report after an exploit
@@ -410,6 +407,14 @@ def unfinished_trials(results) -> int:
     return sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
 
 
+def remove_tune_checkpoints(run_dir: Path, results) -> None:
+    """Tune's copies of PBT checkpoints, once the search is over: nothing restarts from them,
+    and `best/` comes from the trials' own checkpoints (Train's, in `trials/`)."""
+    for result in results:
+        for checkpoint in Path(result.path).glob("checkpoint_*"):
+            shutil.rmtree(checkpoint, ignore_errors=True)
+
+
 def best_of(cfg: Config, items: list, score):
     """The item whose `score(item)` is best by `tune.mode` (None for no items)."""
     sign = 1 if cfg.tune.mode == "min" else -1
@@ -524,9 +529,10 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
                 reuse_actors=False),
             run_config=tune.RunConfig(
                 name=cfg.run.name, storage_path=str(run_dir.parent), verbose=0,
-                callbacks=[progress_callback()],
-                checkpoint_config=tune.CheckpointConfig(
-                    num_to_keep=PBT_CHECKPOINTS_KEPT if pbt_interval(cfg) else None)),
+                # Tune keeps every checkpoint a trial hands it (PBT's): a donor's must outlive
+                # the restart of the trial that copies it, however late that comes (a search
+                # that kept 4 lost one on a busy machine); they go when the search ends.
+                callbacks=[progress_callback()]),
         )
     results = tuner.fit()
     unfinished = unfinished_trials(results) + max(0, planned_trials(cfg) - len(results))
@@ -534,6 +540,8 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
         return TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=[], best=None,
                            unfinished=unfinished)
 
+    if cfg.tune.scheduler == "pbt":
+        remove_tune_checkpoints(run_dir, results)
     rows = summarize(cfg, results, run)
     summary = TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=rows,
                           best=best_of(cfg, [r for r in rows if r.best is not None],

@@ -97,7 +97,8 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
         last = read_jsonl(summary.run_dir / "trials" / row["trial"] / "metrics.jsonl")[-1]
         assert last["lr"] == pytest.approx(0.1 * float(row["train.lr"]))  # cosine to 10%
         assert not (summary.run_dir / "trials" / row["trial"] / "pbt_staging").exists()
-    assert summary.table().splitlines()[0].endswith("exploited (trial@step)")
+        assert not list((summary.run_dir / row["trial"]).glob("checkpoint_*"))  # Tune's copies
+    assert summary.table().splitlines()[0].rstrip().endswith("exploited (trial@step)")
     assert (summary.run_dir / "tune_curves.png").stat().st_size > 1000
     model = AutoModelForCausalLM.from_pretrained(summary.run_dir / "best")
     assert model.config.n_layer == 2
