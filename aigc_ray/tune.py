@@ -112,7 +112,13 @@ def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: st
     if model_path:  # built once by the driver, shared by every trial
         raw["model"]["name_or_path"] = model_path
     trial_id = tune.get_context().get_trial_id()
-    raw["run"].update(output_dir=trials_dir, name=trial_id)
+    # Trackers: each trial is its own run, grouped under the search's name, and MLflow's default
+    # store stays the one beside the search's folder rather than one in its trials folder.
+    search = raw["run"]
+    root = Path(search["output_dir"]).expanduser().resolve()
+    raw["run"].update(output_dir=trials_dir, name=trial_id,
+                      experiment=search.get("experiment") or search["name"],
+                      mlflow_uri=search.get("mlflow_uri") or f"sqlite:///{root}/mlflow.db")
     raw["eval"]["after_training"] = False  # trials compare by val_loss; generation would slow them
     cfg = trial_config(raw, params)
     if not pbt_every:

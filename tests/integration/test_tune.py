@@ -104,13 +104,23 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
     assert model.config.n_layer == 2
 
 
-def test_grid_runs_exactly_its_points(ray_cluster, tune_args):
+def test_grid_runs_exactly_its_points_each_an_mlflow_run_under_the_search(ray_cluster,
+                                                                          tune_args):
+    from mlflow.tracking import MlflowClient
+
     cfg = load_config("tiny_tune", [*tune_args, "train.max_steps=10", "train.eval_every=10",
                                     "tune.scheduler=fifo", "run.name=grid",
-                                    "tune.search_space={train.lr: {grid: [0.001, 0.004]}}"])
+                                    "tune.search_space={train.lr: {grid: [0.001, 0.004]}}",
+                                    "run.trackers=[mlflow]"])
     run_tune(cfg)
     rows = results_of(cfg.run.dir)
     assert sorted(float(row["train.lr"]) for row in rows) == [0.001, 0.004]
+    # Each trial is its own MLflow run, grouped under the search's name, in the store beside it.
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.run.dir.parent}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == sorted(row["trial"] for row in rows)
+    assert sorted(float(r.data.params["train.lr"]) for r in runs) == [0.001, 0.004]
+    assert all("val_loss" in r.data.metrics and "best_val_loss" in r.data.metrics for r in runs)
 
 
 SPACE = {"train.lr": (1.0e-4, 1.0e-2), "train.warmup_steps": (0, 40), "train.batch_size": (4, 8)}
