@@ -424,7 +424,7 @@ class TokenizeAndPack:
         input_ids = np.full((len(rows), block), self.pad, np.int32)
         labels = np.full((len(rows), block), IGNORE_INDEX, np.int32)
         attention_mask = np.zeros((len(rows), block), np.int8)
-        position_ids = np.zeros((len(rows), block), np.int32)
+        position_ids = np.zeros((len(rows), block), np.int32) if self.data.packing else None
         for r, members in enumerate(rows):
             at = 0
             for i in members:
@@ -432,10 +432,12 @@ class TokenizeAndPack:
                 end = at + len(ids)
                 input_ids[r, at:end], labels[r, at:end] = ids, lab
                 labels[r, at] = IGNORE_INDEX  # never predicted from the example before it
-                position_ids[r, at:end] = np.arange(len(ids))
+                if position_ids is not None:
+                    position_ids[r, at:end] = np.arange(len(ids))
                 at = end
             attention_mask[r, :at] = 1
-            position_ids[r, at:] = np.arange(block - at)  # padding: a segment of its own
+            if position_ids is not None:
+                position_ids[r, at:] = np.arange(block - at)  # padding: a segment of its own
         real = sum(lengths)
         counts.update({f"tokens.{self.split}": real, f"blocks.{self.split}": len(rows),
                        f"padding.{self.split}": len(rows) * block - real,
@@ -443,7 +445,7 @@ class TokenizeAndPack:
                        f"padding_packed.{self.split}": len(packed_rows) * block - real,
                        f"target_tokens.{self.split}": int((labels != IGNORE_INDEX).sum())})
         out = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        if self.data.packing:
+        if position_ids is not None:
             out["position_ids"] = position_ids
         return out
 

@@ -31,7 +31,6 @@ from aigc_ray.chat import chat_ids, messages_of
 from aigc_ray.config import Config, Data, Generate
 from aigc_ray.data import (
     SKIP_REASONS,
-    clean,
     create_stats,
     field_text,
     format_of,
@@ -41,6 +40,7 @@ from aigc_ray.data import (
     stream_datasource,
 )
 from aigc_ray.errors import ConfigError, DataError
+from aigc_ray.tokenizer import clean
 
 OUTPUT_COLUMNS = ("id", "prompt", "completion", "prompt_tokens", "completion_tokens",
                   "finish_reason")

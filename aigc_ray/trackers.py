@@ -184,7 +184,7 @@ class Trackers:
     def metrics(self, row: dict) -> None:
         """A `metrics.jsonl` row: its numbers at its step."""
         values = {key: float(value) for key, value in row.items()
-                  if key != "step" and isinstance(value, (int, float)) and value is not None}
+                  if key != "step" and isinstance(value, (int, float))}
         for backend in self.backends:
             backend.metrics(int(row["step"]), values)
 
