@@ -39,6 +39,9 @@ def resolve_checkpoint(checkpoint: str) -> Path:
     if not model_type:
         raise ConfigError(f"checkpoint {checkpoint} is not a Hugging Face model folder (its "
                           "config.json names no model_type); pass e.g. runs/tiny-cpu/final")
+    if folder.sharded.is_dir():
+        raise ConfigError(f"checkpoint {checkpoint} holds FSDP shards (scaling.strategy fsdp), "
+                          "not whole weights; pass the run folder or its final/ folder")
     return folder.path
 
 

@@ -171,6 +171,19 @@ class Scaling(Section):
     max_failures: int = Field(0, ge=-1)  # worker-group restarts; -1 retries forever
     # bf16 dense TFLOPS of one accelerator, for `mfu`; None: looked up by the GPU's name.
     peak_tflops: float | None = Field(None, gt=0)
+    # ddp: a whole copy of the model, gradients and optimizer state per worker (fastest while it
+    # fits one device); fsdp: FSDP2 shards all three across the workers (~1/N each).
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp on GPUs: keep parameter shards and optimizer state in host memory between uses.
+    cpu_offload: bool = False
+
+    @model_validator(mode="after")
+    def _offload_needs_fsdp_on_gpu(self) -> Scaling:
+        if self.cpu_offload and (self.strategy != "fsdp" or not self.use_gpu):
+            raise ValueError("scaling.cpu_offload moves FSDP shards from the GPU to host memory; "
+                             "it needs scaling.strategy=fsdp and scaling.use_gpu=true (or set "
+                             "scaling.cpu_offload=false)")
+        return self
 
 
 SEARCH_DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
@@ -185,7 +198,7 @@ class Asha(Section):
 
 # Keys PBT cannot change mid-run: they decide which parameters exist or train, so a trial
 # continuing from another's checkpoint must keep the donor's values.
-PBT_FIXED_PREFIXES = ("model.", "train.lora.", "train.freeze_layers")
+PBT_FIXED_PREFIXES = ("model.", "train.lora.", "train.freeze_layers", "scaling.strategy")
 
 
 class Pbt(Section):

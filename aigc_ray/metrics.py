@@ -45,10 +45,21 @@ def truncate_after(path: Path, step: int) -> None:
         path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
-def worker_starts(run_dir: Path) -> list[dict]:
-    """Every start of every rank, oldest first (rank, pid, node_id, device, start_step, ...)."""
+def worker_rows(run_dir: Path) -> list[dict]:
+    """Every line of every rank's `workers/rank-N.jsonl`, oldest first."""
     rows = [row for path in RunFolder(run_dir).worker_logs() for row in read_jsonl(path)]
     return sorted(rows, key=lambda row: row["time"])
+
+
+def worker_starts(run_dir: Path) -> list[dict]:
+    """Every start of every rank, oldest first (rank, pid, node_id, device, start_step, ...)."""
+    return [row for row in worker_rows(run_dir) if "start_step" in row]
+
+
+def worker_memory(run_dir: Path) -> list[dict]:
+    """What each rank held after its first step of each start, oldest first (parameter_bytes,
+    gradient_bytes, optimizer_bytes, peak_process_bytes, ...)."""
+    return [row for row in worker_rows(run_dir) if "memory_at_step" in row]
 
 
 def progress_line(row: dict, total_steps: int | None = None) -> str:
@@ -74,7 +85,7 @@ def start_line(row: dict) -> str:
                 "best checkpoint again (raise train.max_steps to go on, or change run.name)")
     what = f"resuming at step {row['start_step']}" if row["start_step"] else "starting"
     return (f"[aigc-ray] {what}: {row['world_size']} worker(s) on {row['num_nodes']} node(s), "
-            f"{row['device']}, {row['total_steps']} steps, global batch "
+            f"{row['device']}, {row.get('strategy', 'ddp')}, {row['total_steps']} steps, global batch "
             f"{row['global_batch']} sequences")
 
 

@@ -16,6 +16,9 @@ command that reads a run (serve, generate, eval, tune) depend on these exact nam
     a CheckpointFolder: a Hugging Face model folder (config.json, weights, tokenizer) plus
         config.yaml                   the run's config: serve/generate/eval need only the folder
         training_state.pt, adapter/   optimizer, loop state and LoRA adapters (not in final/, best/)
+        sharded/                      scaling.strategy fsdp: each rank's shard of the weights and
+                                      optimizer state (torch.distributed.checkpoint), in place
+                                      of the weights; final/ and best/ are whole HF folders
         eval.json                     what `aigc-ray eval` writes by default
 """
 
@@ -123,6 +126,10 @@ class CheckpointFolder:
     @property
     def adapter(self) -> Path:
         return self.path / "adapter"
+
+    @property
+    def sharded(self) -> Path:
+        return self.path / "sharded"
 
     @property
     def eval_report(self) -> Path:

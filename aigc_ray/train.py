@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import os
@@ -30,6 +31,16 @@ from aigc_ray.metrics import (
     truncate_after,
 )
 from aigc_ray.run_folder import CheckpointFolder, RunFolder
+from aigc_ray.sharding import (
+    gradient_sync,
+    is_sharded,
+    load_full_model_state,
+    load_sharded,
+    lockstep,
+    save_sharded,
+    shard_model,
+    state_bytes,
+)
 from aigc_ray.trackers import check_trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -57,16 +68,17 @@ def decay_groups(model, weight_decay: float) -> list[dict]:
             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
 
 
-def transformer_blocks(model):
-    """The model's list of transformer blocks, found by shape so any HF causal LM works."""
+def transformer_blocks(model, setting: str = "train.freeze_layers=0"):
+    """The model's list of transformer blocks, found by shape so any HF causal LM works;
+    `setting` is what the error tells a user to set instead."""
     import torch
 
     depth = getattr(model.config, "num_hidden_layers", None)
     for module in model.modules():
         if isinstance(module, torch.nn.ModuleList) and len(module) == depth:
             return module
-    raise UserError(f"train.freeze_layers does not support {type(model).__name__}: its "
-                    f"{depth} transformer blocks were not found; set train.freeze_layers=0")
+    raise UserError(f"{setting.partition('=')[0]} does not support {type(model).__name__}: its "
+                    f"{depth} transformer blocks were not found; set {setting}")
 
 
 def freeze_bottom(model, num_layers: int) -> None:
@@ -127,9 +139,10 @@ def export_model(model, tokenizer, folder: Path) -> None:
 
 
 def generate_samples(model, tokenizer, prompts: list[str], device, max_new_tokens: int = 40,
-                     chat: bool = False):
+                     chat: bool = False, synced: bool = False):
     """Greedy replies to fixed prompts, for the log; with `chat`, each prompt is a user message
-    rendered by the chat template."""
+    rendered by the chat template. `synced`: every rank of a sharded model calls this, and each
+    keeps stepping until all are done (each step gathers parameters from all of them)."""
     import torch
 
     from aigc_ray.chat import chat_ids
@@ -145,7 +158,7 @@ def generate_samples(model, tokenizer, prompts: list[str], device, max_new_token
             ids = torch.tensor([ids], device=device)
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
+                                 pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
             replies.append(tokenizer.decode(out[0, ids.shape[1]:],
                                             skip_special_tokens=True).strip())
     model.train(was_training)
@@ -403,7 +416,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     from aigc_ray.loss import check_packed_attention, token_loss_sum
     from aigc_ray.model import load_model
-    from aigc_ray.tokenizer import load_tokenizer
+    from aigc_ray.tokenizer import IGNORE_INDEX, load_tokenizer
 
     # 1. Set up: config, device, model (from the latest checkpoint when resuming), optimizer.
     cfg = Config.model_validate(loop_config["config"])
@@ -417,29 +430,37 @@ def train_loop_per_worker(loop_config: dict) -> None:
     use_bf16 = cfg.train.mixed_precision == "bf16" or (
         cfg.train.mixed_precision == "auto" and device.type == "cuda")
 
+    sharded = is_sharded(cfg)
     checkpoint = ray.train.get_checkpoint()  # this run's own, after a failure or a rerun
     if checkpoint is None and loop_config.get("start_from"):  # Tune's PBT: another trial's
         checkpoint = ray.train.Checkpoint.from_directory(loop_config["start_from"])
+    restoring = contextlib.ExitStack()  # holds a downloaded checkpoint until it is loaded
     saved, restore_dir = None, None
-    if checkpoint:
-        restore_dir = tempfile.mkdtemp(prefix="aigc-ray-restore-")
-        checkpoint.to_directory(restore_dir)
-        saved = torch.load(CheckpointFolder(Path(restore_dir)).training_state, weights_only=True)
+    if checkpoint:  # read in place when local; a remote one is downloaded once per node
+        restore_dir = Path(restoring.enter_context(checkpoint.as_directory()))
+        saved = torch.load(CheckpointFolder(restore_dir).training_state, weights_only=True)
     tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
     lora = cfg.train.lora.enabled
-    # LoRA resumes from the base model plus the saved adapters; full fine-tuning from the
-    # checkpoint's own weights.
-    model = load_model(restore_dir if restore_dir and not lora else model_path,
+    # Full fine-tuning with ddp resumes from the checkpoint's own weights; LoRA from the base
+    # model plus the saved adapters; fsdp from the base model, then its shards (below).
+    model = load_model(restore_dir if restore_dir and not lora and not sharded else model_path,
                        cfg.model.trust_remote_code)
     if cfg.train.freeze_layers:
         freeze_bottom(model, cfg.train.freeze_layers)
     if lora:
-        model = add_lora(model, cfg,
-                         str(CheckpointFolder(Path(restore_dir)).adapter) if restore_dir else None)
+        model = add_lora(model, cfg, str(CheckpointFolder(restore_dir).adapter)
+                         if restore_dir and not sharded else None)
     if cfg.train.gradient_checkpointing:
         unwrap(model).gradient_checkpointing_enable(
             gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.to(device)  # `model` stays the plain module: evaluation, samples and export use it
+    flops = flops_per_token(model, cfg.data.block_size)  # of the whole model, before sharding
+    # `model` stays the module itself (sharded in place with fsdp): evaluation, samples and
+    # checkpoints use it; `step_model` is what the training step calls.
+    if sharded:
+        shard_model(model, transformer_blocks(model, "scaling.strategy=ddp"), device, use_bf16,
+                    cfg.scaling.cpu_offload)
+    else:
+        model.to(device)
     if cfg.data.packing:
         check_packed_attention(model, device)
     step_model = model
@@ -447,15 +468,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step_model, warning = compiled(model, device)
         if warning and rank == 0:
             print(warning, flush=True)
-    step_model = ray.train.torch.prepare_model(step_model)  # DDP when world_size > 1
+    if not sharded:
+        step_model = ray.train.torch.prepare_model(step_model)  # DDP when world_size > 1
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(0.9, 0.95), fused=device.type == "cuda")
+                                  betas=(0.9, 0.95),
+                                  fused=device.type == "cuda" and not cfg.scaling.cpu_offload)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
         step, total_steps, cfg.train.warmup_steps, cfg.train.lr_schedule, cfg.train.min_lr_ratio))
 
     state = LoopState()
     if saved:
-        optimizer.load_state_dict(saved["optimizer"])
+        if sharded:
+            load_sharded(model, optimizer, CheckpointFolder(restore_dir).sharded)
+        else:
+            optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         # The config's learning rate and weight decay, not the checkpoint's: Tune's PBT continues
         # a trial from another's checkpoint with perturbed values (a plain resume changes nothing).
@@ -468,12 +494,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                              cfg.train.lr_schedule, cfg.train.min_lr_ratio))
         state.load_state_dict(saved.get("loop", saved))  # runs saved before LoopState: flat keys
         torch.set_rng_state(saved["rng"])
-        shutil.rmtree(restore_dir, ignore_errors=True)
+    restoring.close()
     if rank == 0:  # keep what the checkpoint had seen; a fresh start keeps nothing
         for path in (run.metrics, run.samples):
             truncate_after(path, state.step if saved else -1)
     note_start(run_dir, rank, world_size, device, state.step, total_steps,
-               global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size)
+               global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size,
+               strategy=cfg.scaling.strategy)
 
     trackers = open_trackers(cfg, run_dir, state.step) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
@@ -481,7 +508,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     peak = cfg.scaling.peak_tflops or (
         peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
-    flops = flops_per_token(model, cfg.data.block_size)
+
+    def filler_batch() -> dict:  # one short row without targets
+        ids = torch.zeros((1, 8), dtype=torch.long, device=device)
+        return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
 
     def evaluate() -> dict | None:
         if val_shard is None:
@@ -489,30 +519,44 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         tokens = torch.zeros((), dtype=torch.float64, device=device)
+        batches = itertools.islice(feed(val_shard, cfg.train.batch_size, device, 1),
+                                   cfg.train.eval_batches)
+        # fsdp: every rank runs as many forwards as the largest shard needs (fillers count 0).
+        batches = (lockstep(list(batches), filler_batch, device) if sharded
+                   else ((batch, True) for batch in batches))
         with torch.no_grad(), autocast:
-            for index, batch in enumerate(feed(val_shard, cfg.train.batch_size, device, 1)):
-                if cfg.train.eval_batches and index >= cfg.train.eval_batches:
-                    break
+            for batch, real in batches:
                 batch_loss, batch_tokens = token_loss_sum(model, batch)
-                loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
+                if real:
+                    loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
         model.train()
         loss_sum, tokens = all_reduce_sum(loss_sum, tokens, device=device)
         val_loss = loss_sum / max(tokens, 1)
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
 
     def save_and_report(metrics: dict) -> None:
-        if rank != 0:
+        """Rank 0 writes the checkpoint (ddp), or every rank its own shard of it (fsdp); Ray
+        Train gathers what each rank reports into one checkpoint folder."""
+        if rank != 0 and not sharded:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory(prefix="aigc-ray-ckpt-") as folder:
-            export_model(model, tokenizer, Path(folder))
             out = CheckpointFolder(Path(folder))
-            if lora:
-                model.save_pretrained(out.adapter)
-            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "loop": state.state_dict(), "rng": torch.get_rng_state()},
-                       out.training_state)
-            shutil.copy(run.config, out.config)
+            if sharded:
+                save_sharded(model, optimizer, out.sharded)
+            if rank == 0:
+                if sharded:  # the model's config and tokenizer, for the export of final/
+                    unwrap(model).config.save_pretrained(out.path)
+                    tokenizer.save_pretrained(out.path)
+                else:
+                    export_model(model, tokenizer, out.path)
+                    if lora:
+                        model.save_pretrained(out.adapter)
+                torch.save({"scheduler": scheduler.state_dict(), "loop": state.state_dict(),
+                            "rng": torch.get_rng_state(),
+                            **({} if sharded else {"optimizer": optimizer.state_dict()})},
+                           out.training_state)
+                shutil.copy(run.config, out.config)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
     def write_metrics(row: dict) -> None:
@@ -534,7 +578,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     interval_loss = torch.zeros((), dtype=torch.float64, device=device)
     interval_targets = interval_tokens = 0
     clock = WaitClock(device)
-    finished = state.step >= total_steps
+    finished, measured = state.step >= total_steps, False
     epochs = EpochFeed(train_shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
                        cfg.train.epochs - state.epoch if loop_config["epochs_bound"] else None)
     try:
@@ -554,8 +598,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 scale = loss_scale(micro, world_size)
                 for position, micro_batch in enumerate(micro):
                     last = position == len(micro) - 1
-                    with (step_model.no_sync() if not last and world_size > 1
-                          else contextlib.nullcontext()):
+                    with gradient_sync(step_model, model if sharded else None, last,
+                                       world_size):
                         with autocast:
                             loss_sum, _ = token_loss_sum(step_model, micro_batch)
                         (loss_sum * scale).backward()
@@ -564,6 +608,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                     interval_tokens += micro_batch["tokens"]
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
                 optimizer.step()
+                if not measured:  # what this rank holds, once its optimizer state exists
+                    note_memory(run_dir, rank, state.step + 1, state_bytes(model, optimizer))
+                    measured = True
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 clock.mark_step()
@@ -589,9 +636,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         row.update(evaluate() or {})
                         if "val_loss" in row:
                             state.note_eval(row["val_loss"])
-                        if rank == 0 and cfg.train.sample_prompts:
+                        if cfg.train.sample_prompts and (rank == 0 or sharded):
                             replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
-                                                       device, chat=cfg.data.chat)
+                                                       device, chat=cfg.data.chat,
+                                                       synced=sharded and world_size > 1)
+                        if cfg.train.sample_prompts and rank == 0:
                             samples = [{"step": state.step, "prompt": prompt, "reply": reply}
                                        for prompt, reply in zip(cfg.train.sample_prompts, replies)]
                             for sample in samples:
@@ -619,7 +668,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: int,
-               total_steps: int, global_batch: int) -> None:
+               total_steps: int, global_batch: int, strategy: str = "ddp") -> None:
     """Append this worker's start to `workers/rank-N.jsonl`: where each rank ran, as which
     process, and from which step (a restart after a failure shows up as a second line)."""
     import socket
@@ -634,9 +683,17 @@ def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: in
         dist.all_gather_object(nodes, node_id)
     append_jsonl(RunFolder(run_dir).worker_log(rank), {
         "rank": rank, "pid": os.getpid(), "node_id": node_id, "host": socket.gethostname(),
-        "device": str(device), "torch_threads": torch.get_num_threads(), "start_step": start_step, "world_size": world_size,
-        "num_nodes": len(set(nodes)), "total_steps": total_steps, "global_batch": global_batch,
+        "device": str(device), "torch_threads": torch.get_num_threads(),
+        "start_step": start_step, "world_size": world_size, "num_nodes": len(set(nodes)),
+        "total_steps": total_steps, "global_batch": global_batch, "strategy": strategy,
         "time": time.time()})
+
+
+def note_memory(run_dir: Path, rank: int, step: int, held: dict) -> None:
+    """Append what this rank holds after its first optimizer step (parameters, gradients,
+    optimizer state, peak memory; see `sharding.state_bytes`) to `workers/rank-N.jsonl`."""
+    append_jsonl(RunFolder(run_dir).worker_log(rank),
+                 {"rank": rank, "memory_at_step": step, **held, "time": time.time()})
 
 
 # ── the driver ──────────────────────────────────────────────────────────────────────────────
@@ -715,6 +772,15 @@ def exact_validation_config():
     return ExactValidation(execution_options={"train": in_order})
 
 
+def strategy_note(cfg: Config) -> str | None:
+    """What the chosen strategy cannot do with these settings (said, not refused)."""
+    if is_sharded(cfg) and cfg.scaling.num_workers == 1:
+        return ("[aigc-ray] note: scaling.strategy fsdp with 1 worker shards nothing (the one "
+                "worker holds the whole model and optimizer state, as with ddp); raise "
+                "scaling.num_workers to split them")
+    return None
+
+
 def resource_warning(cfg: Config, cluster: dict) -> str | None:
     """A warning when the cluster (as it is now) cannot hold the workers and the data pipeline
     together: Ray Train then waits for an autoscaler, which on a fixed cluster means forever."""
@@ -734,12 +800,33 @@ def resource_warning(cfg: Config, cluster: dict) -> str | None:
 
 
 def export_checkpoint(checkpoint_dir: str, folder: Path) -> None:
-    """Copy a training checkpoint as a plain HF folder (no optimizer state, no adapters)."""
+    """Copy a training checkpoint as a plain HF folder (no optimizer state, no adapters). The
+    shards of an fsdp checkpoint are gathered here, once, into whole weights."""
     if folder.exists():
         shutil.rmtree(folder)
-    shutil.copytree(checkpoint_dir, folder)
-    CheckpointFolder(folder).training_state.unlink(missing_ok=True)
-    shutil.rmtree(CheckpointFolder(folder).adapter, ignore_errors=True)
+    source = CheckpointFolder(Path(checkpoint_dir))
+    shutil.copytree(source.path, folder, ignore=shutil.ignore_patterns(
+        source.training_state.name, source.adapter.name, source.sharded.name))
+    if source.sharded.is_dir():
+        model = gathered_model(source)
+        model.save_pretrained(folder, safe_serialization=True)
+
+
+def gathered_model(checkpoint: CheckpointFolder):
+    """The whole model of an fsdp checkpoint, in this process (LoRA merged in): built from the
+    checkpoint's own config.json, filled from its shards."""
+    import yaml
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = Config.model_validate(yaml.safe_load(checkpoint.config.read_text()))
+    trust = cfg.model.trust_remote_code
+    config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust,
+                                             dtype=getattr(config, "dtype", None))
+    if cfg.train.lora.enabled:
+        model = add_lora(model, cfg)
+    load_full_model_state(model, checkpoint.sharded)
+    return model.merge_and_unload() if cfg.train.lora.enabled else model
 
 
 def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
@@ -764,9 +851,9 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     start_ray(ray_logs=cfg.run.ray_logs)
     import ray
 
-    warning = resource_warning(cfg, ray.cluster_resources())
-    if warning:
-        print(warning, flush=True)
+    for warning in (strategy_note(cfg), resource_warning(cfg, ray.cluster_resources())):
+        if warning:
+            print(warning, flush=True)
     run_dir = cfg.run.dir
     run = RunFolder(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

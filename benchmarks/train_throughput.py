@@ -18,6 +18,13 @@ epoch), each against the best plain loop we could write: every block already on 
 same model, loss, fused AdamW, schedule and clipping, with the same torch.compile setting.
 
     python3 benchmarks/train_throughput.py --gpu [--steps 150] [--compile both|on|off] [--out DIR]
+
+Strategy mode (`--strategy fsdp`): `scaling.strategy=fsdp` against ddp, same config, same
+workers (`--workers`, default 2; on GPUs one per visible GPU), in the same run: tokens/s and what
+each rank holds after its first step (parameters, gradients, optimizer state, peak process
+memory, and peak GPU memory on GPUs), from the run folders' `workers/rank-N.jsonl`.
+
+    .venv/bin/python benchmarks/train_throughput.py --strategy fsdp [--size small] [--steps 100]
 """
 
 from __future__ import annotations
@@ -270,6 +277,57 @@ def gpu_main(args) -> None:
     (out / "train_gpu.json").write_text(json.dumps(results, indent=2))
 
 
+MEMORY_KEYS = ("parameter_bytes", "gradient_bytes", "optimizer_bytes", "peak_process_bytes",
+               "peak_gpu_bytes")
+
+
+def strategy_main(args) -> None:
+    """FSDP against DDP on the same workers: tokens/s and the bytes each rank holds."""
+    import torch
+
+    from aigc_ray.cluster import start_ray
+    from aigc_ray.config import load_config
+    from aigc_ray.metrics import worker_memory
+    from aigc_ray.sample_data import write_sample_corpus
+
+    gpus = torch.cuda.device_count() if args.gpu else 0
+    workers = args.workers or max(2, gpus)
+    log_every = max(1, args.steps // 5)
+    size = [f"model.builtin.{key}={value}" for key, value in SIZES[args.size].items()]
+    results: dict = {"device": torch.cuda.get_device_name() if gpus else "cpu",
+                     "workers": workers, "steps": args.steps, "size": args.size, "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = write_sample_corpus(Path(tmp) / "corpus", num_pairs=args.pairs)
+        start_ray()
+        for strategy in ("ddp", args.strategy):
+            cfg = load_config("tiny_cpu", [
+                f"data.path={corpus['jsonl']}", f"run.output_dir={tmp}/runs",
+                f"run.name={strategy}", f"train.max_steps={args.steps}",
+                f"train.eval_every={args.steps}", f"train.log_every={log_every}",
+                "train.sample_prompts=[]", "eval.after_training=false",
+                f"scaling.num_workers={workers}", f"scaling.strategy={strategy}",
+                *(["scaling.use_gpu=true"] if gpus else []), *size])
+            rate, wall, _ = ours(cfg)
+            held = worker_memory(cfg.run.dir)
+            results["runs"][strategy] = {
+                "tokens_per_second": rate, "wall_s": wall,
+                **{key: statistics.mean(row[key] for row in held)
+                   for key in MEMORY_KEYS if key in held[0]}}
+            print(strategy, results["runs"][strategy], flush=True)
+    if args.out_json:
+        Path(args.out_json).write_text(json.dumps(results, indent=2) + "\n")
+    ddp, other = results["runs"]["ddp"], results["runs"][args.strategy]
+    print(f"\n{workers} workers on {results['device']}, model size {args.size}, {args.steps} steps; "
+          "bytes are per rank (mean over ranks), after the first optimizer step")
+    print(f"{'':<22}{'ddp':>14}{args.strategy:>14}{'ratio':>9}")
+    for key in ("tokens_per_second", *MEMORY_KEYS):
+        if key in ddp:
+            scale = 1 if key == "tokens_per_second" else 2 ** 20
+            unit = "" if key == "tokens_per_second" else " MiB"
+            print(f"{key:<22}{ddp[key] / scale:>10,.1f}{unit:<4}{other[key] / scale:>10,.1f}"
+                  f"{unit:<4}{other[key] / ddp[key]:>9.3f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps per run (200)")
@@ -283,11 +341,18 @@ def main() -> None:
     parser.add_argument("--large-compile", action="store_true",
                         help="GPU mode: also measure the large corpus with compile")
     parser.add_argument("--out", default="runs/bench", help="GPU mode: where train_gpu.json goes")
+    parser.add_argument("--strategy", choices=("fsdp",), default=None,
+                        help="strategy mode: this scaling.strategy against ddp, same workers")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="strategy mode: workers (default 2; on GPUs one per GPU)")
+    parser.add_argument("--out-json", default=None, help="strategy mode: write the figures here")
     args = parser.parse_args()
     if args.gpu is None:
         import torch
 
         args.gpu = torch.cuda.is_available()
+    if args.strategy:
+        return strategy_main(args)
     if args.gpu:
         if args.steps == 200:
             args.steps = 150

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.config import load_config
 from aigc_ray.evaluate import evaluate_after_training
-from aigc_ray.metrics import METRIC_KEYS, read_jsonl, worker_starts
+from aigc_ray.metrics import METRIC_KEYS, read_jsonl, worker_memory, worker_starts
 from aigc_ray.train import compiled, flops_per_token, run_train
 
 pytestmark = pytest.mark.slow
@@ -120,16 +120,19 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
     assert tuned["perplexity"] == pytest.approx(summary.val_perplexity_after, rel=1e-4)
 
 
-def test_one_and_two_workers_follow_the_same_curve(ray_cluster, train_args):
+def test_one_and_two_workers_and_fsdp_follow_the_same_curve(ray_cluster, train_args):
     """Same global batch (8 sequences) and seed: 1×8 and 2×4 give the same losses, within the
-    noise of which sequences land in which step (Ray Data's split hands blocks out as ready)."""
+    noise of which sequences land in which step (Ray Data's split hands blocks out as ready).
+    FSDP on 2 workers computes what DDP computes, from half the state per worker."""
     runs = {}
-    for workers, batch in ((1, 8), (2, 4)):
+    for name, workers, batch, strategy in (("ddp1", 1, 8, "ddp"), ("ddp2", 2, 4, "ddp"),
+                                           ("fsdp2", 2, 4, "fsdp")):
         cfg = load_config("tiny_cpu", [*train_args, f"scaling.num_workers={workers}",
                                        f"train.batch_size={batch}", "train.max_steps=20",
-                                       "train.eval_every=10", f"run.name=ddp{workers}"])
-        runs[workers] = metrics_of(run_train(cfg).run_dir)
-    one, two = runs[1], runs[2]
+                                       "train.eval_every=10", f"scaling.strategy={strategy}",
+                                       f"run.name={name}"])
+        runs[name] = run_train(cfg)
+    one, two, fsdp = (metrics_of(runs[name].run_dir) for name in ("ddp1", "ddp2", "fsdp2"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 10, 15, 20]
     # Same model, same validation rows (none dropped by the 2-way split): the same loss.
     assert one[0]["val_loss"] == pytest.approx(two[0]["val_loss"], rel=1e-5)
@@ -138,6 +141,27 @@ def test_one_and_two_workers_follow_the_same_curve(ray_cluster, train_args):
         if a["val_loss"] is not None:
             assert a["val_loss"] == pytest.approx(b["val_loss"], rel=0.02), (a, b)
     assert one[-1]["val_loss"] < one[0]["val_loss"] - 0.5
+
+    # FSDP: the same batches, the same math (fp32, reduce-scatter instead of all-reduce).
+    assert [r["step"] for r in fsdp] == [r["step"] for r in two]
+    for a, b in zip(two, fsdp):
+        for key in ("loss", "val_loss"):
+            assert (a[key] is None) == (b[key] is None), (a, b)
+            if a[key] is not None:
+                assert b[key] == pytest.approx(a[key], rel=1e-3), (key, a, b)
+    # final/ is a whole HF folder gathered from the shards: DDP's weights, within float noise.
+    gathered, whole = weights(runs["fsdp2"].final_dir), weights(runs["ddp2"].final_dir)
+    assert set(gathered) == set(whole)
+    assert all(torch.allclose(gathered[k], whole[k], atol=1e-4) for k in whole)
+    # Each rank holds half the parameters, gradients and AdamW moments DDP's ranks hold.
+    held = {name: {row["rank"]: row for row in worker_memory(runs[name].run_dir)}
+            for name in ("ddp2", "fsdp2")}
+    assert sorted(held["fsdp2"]) == [0, 1]
+    for rank, row in held["fsdp2"].items():
+        for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
+            assert row[key] == pytest.approx(held["ddp2"][rank][key] / 2, rel=0.01), (key, row)
+        assert row["optimizer_bytes"] == 2 * row["parameter_bytes"]  # AdamW's two moments
+    assert [s["strategy"] for s in worker_starts(runs["fsdp2"].run_dir)] == ["fsdp", "fsdp"]
 
 
 def test_freeze_layers_keeps_the_bottom_bit_identical(ray_cluster, train_args, tiny_model_dir):
@@ -153,11 +177,12 @@ def test_freeze_layers_keeps_the_bottom_bit_identical(ray_cluster, train_args, t
     assert len(changed) == len(trained), set(trained) - set(changed)
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster, train_args,
-                                                                    tiny_model_dir):
+                                                                    tiny_model_dir, strategy):
     cfg = load_config("tiny_cpu", [*train_args, "train.lora.enabled=true", "train.lora.r=4",
                                    "train.max_steps=10", "train.eval_every=10",
-                                   "run.name=lora"])
+                                   f"scaling.strategy={strategy}", f"run.name=lora-{strategy}"])
     summary = run_train(cfg)
     final = summary.final_dir
     assert not (final / "adapter_config.json").exists() and not (final / "adapter").exists()
@@ -169,6 +194,14 @@ def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster,
     assert adapted and all(not torch.equal(before[k], after[k]) for k in adapted)
     assert all(torch.equal(before[k], after[k]) for k in before if k not in adapted)
     assert summary.val_perplexity_after < summary.val_perplexity_before
+    # Only the adapters train: AdamW holds two moments for them alone (r=4: under 5% of the
+    # model), on each rank its share of them.
+    held = worker_memory(summary.run_dir)
+    assert len(held) == 2
+    for row in held:
+        assert row["trainable_parameters"] < 0.05 * sum(t.numel() for t in before.values())
+        assert row["optimizer_bytes"] == pytest.approx(
+            2 * 4 * row["trainable_parameters"] / (2 if strategy == "fsdp" else 1), rel=0.02)
     # The export loads where peft cannot even be imported.
     code = ("import sys; sys.modules['peft'] = None\n"
             "from transformers import AutoModelForCausalLM\n"
@@ -177,9 +210,12 @@ def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster,
     assert loaded.stdout.strip() == "loaded", loaded.stderr[-2000:]
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, train_args):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, train_args, strategy):
+    """With fsdp, every rank reloads its own shard of the weights and optimizer state."""
     cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=40", "train.eval_every=10",
-                                   "scaling.max_failures=1", "run.name=fault"])
+                                   "scaling.max_failures=1", f"scaling.strategy={strategy}",
+                                   f"run.name=fault-{strategy}"])
     run_dir = cfg.run.dir
     outcome: dict = {}
 
@@ -208,10 +244,12 @@ def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, train_args
     assert steps == sorted(set(steps)) and steps[-1] == 40  # no step logged twice
 
 
-def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tmp_path):
-    """Kill `aigc-ray train` mid-run (SIGKILL, no clean-up), run the same command again."""
+def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tiny_model_dir, tmp_path):
+    """Kill `aigc-ray train` mid-run (SIGKILL, no clean-up), run the same command again. With
+    fsdp (ddp resumes through the same Ray Train checkpoint, tested by the worker kill above):
+    the checkpoints hold shards, and final/ is gathered from them into a plain HF folder."""
     command = cli("train", "tiny_cpu", *train_args, "train.max_steps=40", "train.eval_every=10",
-                  "run.name=restart")
+                  "scaling.strategy=fsdp", "run.name=restart")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     run_dir = tmp_path / "restart"
     first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -229,7 +267,15 @@ def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tmp_path):
     assert "Reporting training result" not in second.stdout  # our lines, not Ray's dict dumps
     steps = [r["step"] for r in metrics_of(run_dir)]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 40
-    assert (run_dir / "final" / "model.safetensors").exists()
+    checkpoints = [path for path in run_dir.glob("checkpoint_*") if path.is_dir()]
+    assert checkpoints and all((c / "sharded" / ".metadata").exists() for c in checkpoints)
+    assert all(len(list((c / "sharded").glob("*.distcp"))) == 2 for c in checkpoints)
+    assert not (run_dir / "final" / "sharded").exists()
+    # The export loads in plain transformers and holds the trained weights, not the start's.
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    start = weights(tiny_model_dir)
+    trained = dict(model.named_parameters())
+    assert all(not torch.equal(start[k], trained[k].detach()) for k in start if k in trained)
 
 
 def test_two_node_cluster_spreads_the_workers(train_args, tmp_path):
@@ -424,10 +470,13 @@ def test_the_trainer_reads_its_batches_in_the_same_order_every_epoch(ray_cluster
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_one_gpu_worker_trains_in_bf16_and_reports_mfu(ray_cluster, train_args):
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_one_gpu_worker_trains_in_bf16_and_reports_mfu(ray_cluster, train_args, strategy):
+    """fsdp on one GPU shards nothing, but runs the bf16 MixedPrecisionPolicy path."""
     cfg = load_config("tiny_cpu", [*train_args, "scaling.num_workers=1", "scaling.use_gpu=true",
                                    "scaling.peak_tflops=100", "train.max_steps=20",
-                                   "train.log_every=5", "train.eval_every=20", "run.name=gpu"])
+                                   "train.log_every=5", "train.eval_every=20",
+                                   f"scaling.strategy={strategy}", f"run.name=gpu-{strategy}"])
     summary = run_train(cfg)
     rows = [row for row in metrics_of(summary.run_dir) if row["loss"] is not None]
     assert rows[-1]["loss"] < rows[0]["loss"]

@@ -123,6 +123,15 @@ def test_chat_settings_that_cannot_work_together():
     assert "data.train_on applies to conversations" in _error(["data.train_on=all"])
 
 
+def test_cpu_offload_needs_fsdp_on_gpus():
+    assert load_config("tiny_cpu").scaling.strategy == "ddp"
+    assert _error(["scaling.strategy=zero3"]).startswith("scaling.strategy must be one of")
+    message = _error(["scaling.strategy=fsdp", "scaling.cpu_offload=true"])  # tiny_cpu: no GPU
+    assert message.startswith("scaling.cpu_offload moves FSDP shards from the GPU")
+    assert "scaling.use_gpu=true" in message
+    assert "scaling.strategy=fsdp" in _error(["scaling.use_gpu=true", "scaling.cpu_offload=true"])
+
+
 def test_unknown_builtin_model():
     message = _error(["model.name_or_path=builtin:huge"])
     assert message == ("model.name_or_path 'builtin:huge' is not a built-in model "

@@ -49,7 +49,9 @@ def test_follower_prints_each_new_line_once_in_step_order(tmp_path):
     with Follower(tmp_path, total_steps=20, interval_s=0.05, out=printed.append) as follower:
         append_jsonl(tmp_path / "workers" / "rank-0.jsonl", {
             "rank": 0, "start_step": 0, "world_size": 2, "num_nodes": 1, "device": "cpu",
-            "total_steps": 20, "global_batch": 16, "time": 1.0})
+            "total_steps": 20, "global_batch": 16, "strategy": "fsdp", "time": 1.0})
+        append_jsonl(tmp_path / "workers" / "rank-0.jsonl", {  # not a start: not printed
+            "rank": 0, "memory_at_step": 1, "parameter_bytes": 100, "time": 1.5})
         append_jsonl(tmp_path / "metrics.jsonl", {"step": 0, "epoch": 0, "loss": None, "lr": 0.0,
                                                   "tokens_per_second": None, "val_loss": 6.0,
                                                   "val_perplexity": 403.4})
@@ -59,7 +61,8 @@ def test_follower_prints_each_new_line_once_in_step_order(tmp_path):
                                                   "lr": 1e-3, "tokens_per_second": 1234.5,
                                                   "val_loss": 4.5, "val_perplexity": 90.0})
     assert printed == [
-        "[aigc-ray] starting: 2 worker(s) on 1 node(s), cpu, 20 steps, global batch 16 sequences",
+        "[aigc-ray] starting: 2 worker(s) on 1 node(s), cpu, fsdp, 20 steps, global batch 16 "
+        "sequences",
         "[aigc-ray] before training | val_loss 6.0000 | val_perplexity 403.40",
         "[aigc-ray] step 10/20 | epoch 0 | loss 5.0000 | lr 1.00e-03 | 1,234 tokens/s | "
         "val_loss 4.5000 | val_perplexity 90.00",
