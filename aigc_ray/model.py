@@ -125,14 +125,24 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def quantize_int8(model):
-    """Dynamic int8 quantization of every linear layer (CPU only).
+    """Int8 weights (one scale per output channel) and int8 activations quantized on the fly (one
+    scale per token) in every linear layer, through torchao's `quantize_` with
+    `Int8DynamicActivationInt8WeightConfig`: the maintained successor of torch.ao's deprecated
+    `quantize_dynamic`. Needs torchao (`pip install 'aigc-ray[int8]'`); CPU only here. Unlike
+    torch.ao's fbgemm kernels, torchao 0.18 runs this as plain PyTorch ops on CPU (no
+    torch.compile): measured slower than float32 on the built-in tiny model (README, Serving).
 
     GPT-2 style models use transformers' `Conv1D` (a linear layer with its weight transposed),
-    which torch's quantizer does not know: those become `nn.Linear` first.
+    which torchao's quantizer does not know: those become `nn.Linear` first.
     """
-    import torch
     from torch import nn
     from transformers.pytorch_utils import Conv1D
+
+    try:
+        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+    except ImportError:
+        raise ConfigError("serve.quantize int8 needs torchao: pip install 'aigc-ray[int8]' "
+                          "(or set serve.quantize=none)") from None
 
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
@@ -141,7 +151,9 @@ def quantize_int8(model):
                 linear.weight.data = child.weight.data.t().contiguous()
                 linear.bias.data = child.bias.data
                 setattr(parent, name, linear)
-    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+    # set_inductor_config=False: nothing here is compiled, so leave torch's global settings be.
+    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
+    return model
 
 
 def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto",
