@@ -17,6 +17,7 @@ penalties and temperature), as OpenAI reports them and as vLLM does by default
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass, field
 
@@ -107,18 +108,45 @@ class _Row:
         self.processed = request.processed  # read every step: kept, not recomputed
         self.generated: list[int] = []
         self.emitted = 0  # characters of the decoded text already handed out
+        self.text = ""  # the generated tokens' text so far (see `Detokenizer`)
+        self.prefix_offset = self.read_offset = 0  # `Detokenizer`'s window into `generated`
         self.finish_reason: str | None = None
-        self.generator = None
-        if request.temperature > 0:
-            self.generator = torch.Generator(device=device)
-            if request.seed is not None:
-                self.generator.manual_seed(request.seed)
-            else:
-                self.generator.seed()
+        # Its own random stream, on the host: one uniform per sampled token, so rows sample
+        # together in one batched draw and a seed repeats whatever rows share the batch.
+        self.rng = random.Random(request.seed) if request.temperature > 0 else None
         # Text that might be the start of a stop string is held back until it cannot be.
         self.hold_back = max((len(s) for s in request.stop), default=1) - 1
         self.stop_floor = 0  # a stop string must start here or later (text of min_tokens)
         self.prompt_logprobs: list | None = None  # computed at prefill, sent with the first chunk
+
+
+class Detokenizer:
+    """A row's text, extended one token at a time in time that does not grow with the text
+    (decoding every generated token again at every step costs O(length) per token, which at
+    batch 64 and hundreds of tokens was the larger part of a step's host time). As TGI and vLLM
+    do it: decode a short window of tokens before the new ones, with and without them, and
+    append the difference, so a tokenizer that renders a token differently at the start of a
+    text (SentencePiece's leading space) still gives what decoding the whole text gives. Bytes
+    of a character not yet complete wait for the token that completes it."""
+
+    def __init__(self, tokenizer):
+        backend = getattr(tokenizer, "backend_tokenizer", None)
+        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
+            # The Rust tokenizer itself: transformers' decode checks every id in Python first.
+            self.decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
+        else:
+            self.decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+    def extend(self, row: _Row, final: bool = False) -> str:
+        """The row's whole text after its latest token; `final` flushes an incomplete
+        character as the replacement character a whole decode would show."""
+        ids = row.generated
+        before = self.decode(ids[row.prefix_offset:row.read_offset])
+        after = self.decode(ids[row.prefix_offset:])
+        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
+            row.text += after[len(before):]
+            row.prefix_offset, row.read_offset = row.read_offset, len(ids)
+        return row.text
 
 
 def process_logits(logits: torch.Tensor, request: GenerationRequest, generated: list[int],
@@ -171,24 +199,44 @@ def prompt_token_logprobs(logits: torch.Tensor, prompt: list[int], top: int
     return out
 
 
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator,
-                top_k: int = 0) -> int:
-    """One token from a row's logits: argmax at temperature 0, else top-k then nucleus
-    sampling."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
+# The largest uniform a draw uses: below 1 in float32, so it always falls inside the last bin.
+_MAX_UNIFORM = 1 - 2 ** -24
+
+
+def sample_batch(scores: torch.Tensor, temperature: list[float], top_p: list[float],
+                 top_k: list[int], uniform: list[float]) -> torch.Tensor:
+    """One token per row of `scores` (rows × vocabulary), each row with its own temperature,
+    top-k (0: off), top-p and uniform draw in [0, 1): temperature, then top-k, then nucleus,
+    then the token where the row's cumulative probability passes its uniform (inverse-CDF
+    sampling). A fixed number of batched operations whatever the batch size, and nothing read
+    back: the caller reads every row's token in one go."""
+    device, vocab = scores.device, scores.shape[-1]
+    logits = scores.float() / torch.tensor(temperature, device=device)[:, None]
+    nucleus = any(p < 1.0 for p in top_p)
+    ranked = nucleus or any(0 < k < vocab for k in top_k)
+    order = None
+    if ranked:  # likeliest first: top-k is a prefix, top-p a prefix of what is left
+        logits, order = logits.sort(dim=-1, descending=True)
+        ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=device)
+        kth = logits.gather(1, (ks - 1)[:, None])  # ties with the k-th stay in
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True)
-        # Keep the smallest set whose mass reaches top_p (the top token is always kept).
-        outside = torch.cumsum(sorted_probs, dim=-1) - sorted_probs >= top_p
-        sorted_probs[outside] = 0.0
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    if nucleus:  # the smallest prefix whose mass reaches top_p (the top token always stays)
+        outside = probs.cumsum(dim=-1) - probs >= torch.tensor(top_p, device=device)[:, None]
+        probs = probs.masked_fill(outside, 0.0)
+    cdf = probs.cumsum(dim=-1)
+    cdf = cdf / cdf[:, -1:]  # ends at exactly 1
+    draws = torch.tensor([min(u, _MAX_UNIFORM) for u in uniform], device=device)[:, None]
+    picked = torch.searchsorted(cdf, draws, right=True)  # first bin whose cdf passes the draw
+    return (order.gather(1, picked) if ranked else picked).squeeze(1)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_p: float, rng: random.Random,
+                top_k: int = 0) -> int:
+    """One token from one row's logits: argmax at temperature 0, else `sample_batch`."""
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    return int(sample_batch(logits[None], [temperature], [top_p], [top_k], [rng.random()]))
 
 
 class BatchDecoder:
@@ -209,6 +257,13 @@ class BatchDecoder:
         eos = tokenizer.eos_token_id if eos is None else eos
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self.detokenizer = Detokenizer(tokenizer)
+        # transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name
+        # warns, and goes in 5.40); remote-code models may still take the old one.
+        import inspect
+
+        self.cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
+                          else "past_key_values")
         self.rows: dict[int, _Row] = {}  # request index → state, until it has finished
         self.next_index = 0
         self.waiting: list[int] = []  # admitted, prefilled at the next step
@@ -283,7 +338,7 @@ class BatchDecoder:
         # Positions count real tokens only, so left padding does not shift them.
         positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
         out = self.model(input_ids=input_ids, attention_mask=attention_mask,
-                         position_ids=positions, past_key_values=cache, use_cache=True,
+                         position_ids=positions, use_cache=True, **{self.cache_arg: cache},
                          logits_to_keep=0 if every_position else 1)
         return out.logits if every_position else out.logits[:, -1, :]
 
@@ -355,20 +410,14 @@ class BatchDecoder:
             self.active += newcomers
             self.waiting = []
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
-        greedy = torch.argmax(logits, dim=-1).tolist()
+        chosen = self._choose(logits).tolist()  # the step's one read from the device
 
         results: dict[int, Chunk] = {}
         tokens, keep = [], []
         for batch_row, index in enumerate(self.active):
             row = self.rows[index]
             req = row.request
-            if row.processed:
-                scores = process_logits(logits[batch_row], req, row.generated, self.eos_ids)
-                token = sample_next(scores, req.temperature, req.top_p, row.generator, req.top_k)
-            else:
-                token = (greedy[batch_row] if req.temperature <= 0 else
-                         sample_next(logits[batch_row], req.temperature, req.top_p,
-                                     row.generator))
+            token = chosen[batch_row]
             logprob = (None if req.logprobs is None else
                        token_logprob(logits[batch_row], token, req.logprobs))
             results[index] = self._advance(row, token, logprob)
@@ -387,6 +436,28 @@ class BatchDecoder:
             self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
         return results
 
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Every running row's next token, on the device: penalties and masks for the rows that
+        ask (`process_logits`), then argmax for greedy rows and one batched draw
+        (`sample_batch`) for the sampled ones."""
+        rows = [self.rows[index] for index in self.active]
+        scores = logits
+        if any(row.processed for row in rows):
+            scores = logits.float().clone()  # the raw logits stay for logprobs
+            for batch_row, row in enumerate(rows):
+                if row.processed:
+                    scores[batch_row] = process_logits(logits[batch_row], row.request,
+                                                       row.generated, self.eos_ids)
+        tokens = torch.argmax(scores, dim=-1)
+        sampled = [b for b, row in enumerate(rows) if row.request.temperature > 0]
+        if sampled:
+            requests = [rows[b].request for b in sampled]
+            at = torch.tensor(sampled, device=tokens.device)
+            tokens[at] = sample_batch(scores[at], [r.temperature for r in requests],
+                                      [r.top_p for r in requests], [r.top_k for r in requests],
+                                      [rows[b].rng.random() for b in sampled])
+        return tokens
+
     def _advance(self, row: _Row, token: int, logprob: TokenLogprob | None = None) -> Chunk:
         req = row.request
         new_ids = []
@@ -397,7 +468,7 @@ class BatchDecoder:
             new_ids.append(token)
             if len(row.generated) >= req.max_tokens:
                 row.finish_reason = "length"
-        text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+        text = self.detokenizer.extend(row, final=row.finish_reason is not None)
         # As vLLM: stop strings count only from the min_tokens-th token on, and only in text
         # that came after the last token below it.
         stops_count = len(row.generated) >= req.min_tokens

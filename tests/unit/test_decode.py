@@ -1,6 +1,8 @@
 """Batched decoding without Ray: same tokens as `generate`, per-row settings, rows leave early
 and join a running batch."""
 
+import random
+
 import pytest
 from transformers import AutoModelForCausalLM
 
@@ -190,10 +192,42 @@ def test_top_k_samples_among_the_k_likeliest_only():
     from aigc_ray.decode import sample_next
 
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8])
-    generator = torch.Generator().manual_seed(0)
-    assert {sample_next(logits, 1.0, 1.0, generator, top_k=1) for _ in range(50)} == {1}
-    assert {sample_next(logits, 2.0, 1.0, generator, top_k=2) for _ in range(200)} == {1, 2}
-    assert len({sample_next(logits, 2.0, 1.0, generator) for _ in range(200)}) > 2
+    rng = random.Random(0)
+    assert {sample_next(logits, 1.0, 1.0, rng, top_k=1) for _ in range(50)} == {1}
+    assert {sample_next(logits, 2.0, 1.0, rng, top_k=2) for _ in range(200)} == {1, 2}
+    assert len({sample_next(logits, 2.0, 1.0, rng) for _ in range(200)}) > 2
+
+
+def test_batched_sampling_draws_each_row_from_its_own_distribution():
+    """Evenly spaced draws give each token its probability's share (inverse-CDF sampling):
+    temperature, top-k and top-p per row, in one batch, as their definitions say."""
+    import torch
+
+    from aigc_ray.decode import sample_batch
+
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)
+    draws = [(i + 0.5) / 1000 for i in range(1000)]
+
+    def shares(temperature, top_p, top_k):
+        rows = logits.expand(len(draws), -1)
+        picked = sample_batch(rows, [temperature] * len(draws), [top_p] * len(draws),
+                              [top_k] * len(draws), draws)
+        return torch.bincount(picked, minlength=4).float() / len(draws)
+
+    def expected(temperature, keep):
+        probs = torch.softmax(logits[0] / temperature, -1) * torch.tensor(keep)
+        return probs / probs.sum()
+
+    assert torch.allclose(shares(1.0, 1.0, 0), expected(1.0, [1, 1, 1, 1]), atol=2e-3)
+    assert torch.allclose(shares(0.5, 1.0, 0), expected(0.5, [1, 1, 1, 1]), atol=2e-3)
+    assert torch.allclose(shares(1.0, 1.0, 2), expected(1.0, [1, 1, 0, 0]), atol=2e-3)
+    # p(0) = 0.64, p(1) = 0.24: top_p 0.8 keeps both (0.64 < 0.8), 0.6 keeps the first alone.
+    assert torch.allclose(shares(1.0, 0.8, 0), expected(1.0, [1, 1, 0, 0]), atol=2e-3)
+    assert torch.allclose(shares(1.0, 0.6, 0), expected(1.0, [1, 0, 0, 0]), atol=2e-3)
+    # Rows with different settings in one batch: each as if alone; the largest draw stays in.
+    mixed = sample_batch(logits.expand(3, -1), [1.0, 1.0, 1.0], [1.0, 0.6, 1.0], [0, 0, 2],
+                         [0.999999999, 0.999999999, 0.999999999])
+    assert mixed.tolist() == [3, 0, 1]
 
 
 def test_ignore_eos_and_min_tokens_hold_a_completion_to_length(model_and_tokenizer):

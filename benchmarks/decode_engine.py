@@ -1,0 +1,152 @@
+"""The decode engine alone against Hugging Face `generate` with a static batch, same run.
+
+No Ray and no HTTP: what serving replicas and `aigc-ray generate` actors run per step. For each
+batch size, B requests of the same prompt length decode exactly `--max-tokens` tokens each
+(`ignore_eos`, greedy) through `BatchDecoder`; the baseline is one `model.generate` call on the
+same B prompts, left-padded, `min_new_tokens = max_new_tokens` (the same length). Reported:
+output tokens/s of both and their ratio, and ours' time to first token (the prefill step) and
+time per output token after it. CUDA when present (bf16), else CPU (fp32, 1 torch thread).
+
+    .venv/bin/python benchmarks/decode_engine.py [--shape tiny|gpt2] [--batch-sizes 1,16,64]
+        [--max-tokens 128] [--out results.json]
+
+`--shape gpt2` is the GPT-2-124M shape of issue 16 (12 layers × 768, vocab 8192, random
+weights: untrained weights cost the same to run); `tiny` is the built-in model (2 × 64).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).parent))
+from serve_throughput import prompts  # noqa: E402  (the same prompts as the serving benchmark)
+
+SHAPES = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512},
+          "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 8192}}
+
+
+def build(shape: str, device: str):
+    """(model in eval mode on `device`, tokenizer): random weights of `shape`, a byte-level BPE
+    trained on the sample corpus."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from aigc_ray.tokenizer import build_tokenizer
+
+    size = SHAPES[shape]
+    tokenizer = build_tokenizer(prompts(2000), size["vocab_size"])
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=max(size["vocab_size"], len(tokenizer)), n_positions=1024,
+                        n_layer=size["n_layer"], n_embd=size["n_embd"], n_head=size["n_head"],
+                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
+                        pad_token_id=tokenizer.pad_token_id)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    return GPT2LMHeadModel(config).to(device=device, dtype=dtype).eval(), tokenizer
+
+
+def same_length_prompts(tokenizer, count: int, length: int = 16) -> list[list[int]]:
+    """`count` prompts cut to `length` tokens, so both sides decode the same shapes."""
+    out = []
+    for text in prompts(4 * count):
+        ids = tokenizer(text)["input_ids"]
+        if len(ids) >= length:
+            out.append(ids[:length])
+        if len(out) == count:
+            return out
+    raise RuntimeError("not enough long prompts")
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def ours(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str) -> dict:
+    from aigc_ray.decode import BatchDecoder, GenerationRequest
+
+    requests = [GenerationRequest(prompt, max_tokens, temperature=0, ignore_eos=True)
+                for prompt in ids]
+    sync(device)
+    start = time.perf_counter()
+    decoder = BatchDecoder(model, tokenizer, requests)
+    produced = sum(len(chunk.token_ids) for chunk in decoder.step().values())
+    first = time.perf_counter() - start
+    while not decoder.done:
+        produced += sum(len(chunk.token_ids) for chunk in decoder.step().values())
+    sync(device)
+    seconds = time.perf_counter() - start
+    assert produced == len(ids) * max_tokens, produced
+    return {"tokens_per_second": produced / seconds, "ttft_ms": 1000 * first,
+            "ms_per_output_token": 1000 * (seconds - first) / max(1, max_tokens - 1)}
+
+
+def static_generate(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str) -> dict:
+    import torch
+
+    batch = torch.tensor(ids, device=device)  # same length: no padding needed
+    sync(device)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch),
+                             max_new_tokens=max_tokens, min_new_tokens=max_tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    sync(device)
+    seconds = time.perf_counter() - start
+    produced = (out.shape[1] - batch.shape[1]) * len(ids)
+    return {"tokens_per_second": produced / seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=2, help="best of N runs per side")
+    parser.add_argument("--out", help="write the figures as JSON here")
+    args = parser.parse_args()
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory():
+        model, tokenizer = build(args.shape, device)
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    ids = same_length_prompts(tokenizer, max(sizes))
+    ours(model, tokenizer, ids[:2], 4, device)  # warm-up: kernels, allocator
+    static_generate(model, tokenizer, ids[:2], 4, device)
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "shape": args.shape, "max_tokens": args.max_tokens, "rows": []}
+    for size in sizes:
+        mine = max((ours(model, tokenizer, ids[:size], args.max_tokens, device)
+                    for _ in range(args.repeats)), key=lambda r: r["tokens_per_second"])
+        base = max((static_generate(model, tokenizer, ids[:size], args.max_tokens, device)
+                    for _ in range(args.repeats)), key=lambda r: r["tokens_per_second"])
+        row = {"batch": size, "ours": mine, "generate": base,
+               "ratio": mine["tokens_per_second"] / base["tokens_per_second"]}
+        results["rows"].append(row)
+        print(json.dumps(row), flush=True)
+    print(f"\n{results['device']}, {args.shape} shape, {args.max_tokens} output tokens per "
+          "request (ignore_eos, greedy), best of", args.repeats)
+    print(f"{'batch':>6}{'ours tok/s':>13}{'generate tok/s':>16}{'ratio':>8}"
+          f"{'TTFT ms':>10}{'ms/token':>10}")
+    for row in results["rows"]:
+        print(f"{row['batch']:>6}{row['ours']['tokens_per_second']:>13,.0f}"
+              f"{row['generate']['tokens_per_second']:>16,.0f}{row['ratio']:>8.2f}"
+              f"{row['ours']['ttft_ms']:>10.1f}{row['ours']['ms_per_output_token']:>10.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
