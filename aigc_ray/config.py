@@ -270,8 +270,6 @@ class Serve(Section):
     model_name: str | None = None  # the id clients send; None: the checkpoint's run/folder name
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: cuda when a GPU is visible
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bf16 GPU, fp32 CPU
-    # int8 dynamic quantization of linear layers, CPU only; measure before turning it on.
-    quantize: Literal["none", "int8"] = "none"
     cpus_per_replica: float = Field(1.0, gt=0)  # also the replica's torch threads (at least 1)
     gpus_per_replica: float = Field(1.0, gt=0)  # used only when the device is cuda
     max_batch_size: int = Field(16, ge=1)  # rows per forward pass; CPU steps cost ~flat to 16
@@ -299,9 +297,6 @@ class Serve(Section):
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(f"serve.default_max_tokens ({self.default_max_tokens}) must be <= "
                              f"serve.max_tokens ({self.max_tokens})")
-        if self.quantize == "int8" and self.device == "cuda":
-            raise ValueError("serve.quantize int8 runs on CPU only; set serve.device=cpu "
-                             "or serve.quantize=none")
         return self
 
 

@@ -55,8 +55,8 @@ class LossSum:
         gen = Generate.model_validate(generate)
         torch.set_num_threads(max(1, int(gen.cpus_per_actor)))
         # float32 everywhere: perplexity is a comparison, and bf16 logits would blur it.
-        self.model, _ = load_for_inference(model_path, gen.device, "float32", "none",
-                                           trust_remote_code)
+        self.model, _ = load_for_inference(model_path, gen.device, "float32",
+                                           trust_remote_code=trust_remote_code)
         self.device = next(self.model.parameters()).device
 
     def __call__(self, batch: dict) -> dict:

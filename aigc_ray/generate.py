@@ -151,7 +151,7 @@ class Completer:
         # Ray gives the actor `cpus_per_actor` CPUs; more torch threads only fight the others.
         torch.set_num_threads(max(1, int(self.gen.cpus_per_actor)))
         self.model, self.tokenizer = load_for_inference(
-            checkpoint, self.gen.device, self.gen.dtype, "none", trust_remote_code)
+            checkpoint, self.gen.device, self.gen.dtype, trust_remote_code=trust_remote_code)
         self.context = context_length(self.model.config, self.tokenizer)  # None: no limit
         self.stats = stats
         self.prompt_column, self.id_column, self.keep = prompt_column, id_column, keep or {}

@@ -124,44 +124,10 @@ def resolve_dtype(dtype: str, device: str):
     return torch.float32
 
 
-def quantize_int8(model):
-    """Int8 weights (one scale per output channel) and int8 activations quantized on the fly (one
-    scale per token) in every linear layer, through torchao's `quantize_` with
-    `Int8DynamicActivationInt8WeightConfig`: the maintained successor of torch.ao's deprecated
-    `quantize_dynamic`. Needs torchao (`pip install 'aigc-ray[int8]'`); CPU only here. Unlike
-    torch.ao's fbgemm kernels, torchao 0.18 runs this as plain PyTorch ops on CPU (no
-    torch.compile): measured slower than float32 on the built-in tiny model (README, Serving).
-
-    GPT-2 style models use transformers' `Conv1D` (a linear layer with its weight transposed),
-    which torchao's quantizer does not know: those become `nn.Linear` first.
-    """
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
-
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-    except ImportError:
-        raise ConfigError("serve.quantize int8 needs torchao: pip install 'aigc-ray[int8]' "
-                          "(or set serve.quantize=none)") from None
-
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, Conv1D):
-                linear = nn.Linear(child.weight.shape[0], child.weight.shape[1])
-                linear.weight.data = child.weight.data.t().contiguous()
-                linear.bias.data = child.bias.data
-                setattr(parent, name, linear)
-    # set_inductor_config=False: nothing here is compiled, so leave torch's global settings be.
-    quantize_(model, Int8DynamicActivationInt8WeightConfig(set_inductor_config=False))
-    return model
-
-
-def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto",
-                       quantize: str = "none", trust_remote_code: bool = False):
+def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto", *,
+                       trust_remote_code: bool = False):
     """(model in eval mode on its device, tokenizer) for a HF causal-LM folder."""
     device = resolve_device(device)
     model = load_model(checkpoint, trust_remote_code, dtype=resolve_dtype(dtype, device))
     model = model.to(device).eval()
-    if quantize == "int8":
-        model = quantize_int8(model)
     return model, load_tokenizer(checkpoint, trust_remote_code)

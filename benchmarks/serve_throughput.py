@@ -2,8 +2,8 @@
 
 Same checkpoint, same machine, same run, same greedy requests (so both produce the same tokens):
 
-    .venv/bin/python benchmarks/serve_throughput.py [--checkpoint DIR] [--max-tokens 32] [--int8]
-        [--mixed] [--static] [--fixed-length]
+    .venv/bin/python benchmarks/serve_throughput.py [--checkpoint DIR] [--max-tokens 32] [--mixed]
+        [--static] [--fixed-length]
 
 The baseline is one uvicorn process whose endpoint calls `model.generate` per request (FastAPI
 runs sync endpoints on its thread pool, so concurrent requests overlap as well as the GIL lets
@@ -207,7 +207,6 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--replicas", type=int, default=1,
                         help="model replicas for our app (1: the same cores as the baseline)")
-    parser.add_argument("--int8", action="store_true", help="also measure serve.quantize=int8")
     parser.add_argument("--mixed", action="store_true",
                         help="requests of different lengths: max_tokens x 0.25, 0.5, 1, 2")
     parser.add_argument("--fixed-length", action="store_true",
@@ -239,8 +238,6 @@ def main() -> None:
             variants = {"ours": []}
             if args.static:
                 variants["ours-static"] = ["serve.continuous_batching=false"]
-            if args.int8:
-                variants["ours-int8"] = ["serve.quantize=int8"]
             ours = {label: run_ours(checkpoint, texts, lengths, args.replicas, label, overrides,
                                     args.fixed_length)
                     for label, overrides in variants.items()}

@@ -38,13 +38,7 @@ def load_serve_config(checkpoint: str, overrides: list[str] | None = None,
                       extra: dict | None = None) -> tuple[Path, Config]:
     """(model folder, Config) for serving: the folder's config.yaml serve section (if any),
     then `extra` sections, then `serve.key=value` overrides. Raises a one-line ConfigError."""
-    import importlib.util
-
-    path, cfg = checkpoint_config(checkpoint, overrides, SERVE_KEYS, "serving a checkpoint", extra)
-    if cfg.serve.quantize == "int8" and importlib.util.find_spec("torchao") is None:
-        raise ConfigError("serve.quantize int8 needs torchao: pip install 'aigc-ray[int8]' "
-                          "(or set serve.quantize=none)")
-    return path, cfg
+    return checkpoint_config(checkpoint, overrides, SERVE_KEYS, "serving a checkpoint", extra)
 
 
 def model_name_for(path: Path, cfg: Config) -> str:

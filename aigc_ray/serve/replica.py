@@ -211,7 +211,7 @@ class Generator:
         # only fight the other replicas on the same node.
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.model, self.tokenizer = load_for_inference(
-            checkpoint, cfg.device, cfg.dtype, cfg.quantize, trust_remote_code)
+            checkpoint, cfg.device, cfg.dtype, trust_remote_code=trust_remote_code)
         self.batcher = Batcher(self.model, self.tokenizer, cfg.max_batch_size,
                                cfg.batch_wait_timeout_s, _metrics(), cfg.continuous_batching)
         self._probe()  # a replica that cannot run its model must fail here, not on traffic

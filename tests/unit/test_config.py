@@ -84,6 +84,14 @@ def test_unknown_key_in_yaml_file_is_refused(tmp_path):
     assert "did you mean data.block_size?" in message
 
 
+def test_removed_serve_quantize_is_an_unknown_key_in_one_line(tmp_path):
+    # serve.quantize (int8) was dropped: torchao's int8 ran slower than float32 on CPU.
+    path = tmp_path / "cfg.yaml"
+    path.write_text("serve:\n  quantize: int8\n")
+    for message in (_error(["serve.quantize=int8"]), _error([], str(path))):
+        assert message.startswith("serve.quantize is not a known key") and "\n" not in message
+
+
 def test_bad_literal_lists_the_choices():
     message = _error(["data.format=csv"])
     assert message.startswith("data.format must be one of")

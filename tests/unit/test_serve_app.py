@@ -6,9 +6,11 @@ import shutil
 import pytest
 import yaml
 
+from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.cli import main
 from aigc_ray.errors import ConfigError
 from aigc_ray.serve import app_builder, load_serve_config, model_name_for, write_serve_config
+from aigc_ray.serve.app import SERVE_KEYS
 
 
 @pytest.fixture
@@ -35,13 +37,26 @@ def test_checkpoint_config_is_the_base_and_overrides_win(run_dir):
     (["train.lr=1"], "serve.key=value"),
     (["serve.max_batch_sise=4"], "did you mean serve.max_batch_size"),
     (["serve.autoscaling.min_replicas=3", "serve.autoscaling.max_replicas=2"], "must be <="),
-    (["serve.quantize=int8", "serve.device=cuda"], "CPU only"),
+    (["serve.quantize=int8"], "serve.quantize is not a known key"),  # int8 was dropped
     (["serve.default_max_tokens=99", "serve.max_tokens=10"], "serve.default_max_tokens"),
 ])
 def test_bad_overrides_fail_with_one_line(run_dir, overrides, words):
     with pytest.raises(ConfigError) as error:
         load_serve_config(str(run_dir), overrides)
     assert words in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_checkpoint_saved_with_serve_quantize_still_loads(run_dir):
+    # Older versions wrote serve.quantize into config.yaml; the key is gone, and a saved config's
+    # unknown keys describe that version, so they are dropped rather than refused.
+    saved = run_dir / "final" / "config.yaml"
+    saved.write_text(yaml.safe_dump({"serve": {"quantize": "int8", "device": "cpu",
+                                               "max_batch_size": 4}}))
+    path, cfg = load_serve_config(str(run_dir))
+    assert cfg.serve.device == "cpu" and cfg.serve.max_batch_size == 4
+    assert "quantize" not in cfg.serve.model_dump()
+    _, cfg = checkpoint_config(str(run_dir), ["serve.port=8100"], SERVE_KEYS, "serving", None)
+    assert cfg.serve.port == 8100 and cfg.serve.max_batch_size == 4
 
 
 def test_cli_rejects_a_missing_checkpoint_before_ray_starts(tmp_path, capsys):
