@@ -17,6 +17,7 @@ penalties and temperature), as OpenAI reports them and as vLLM does by default
 
 from __future__ import annotations
 
+import functools
 import random
 import time
 from dataclasses import dataclass, field
@@ -239,6 +240,56 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, rng: ran
     return int(sample_batch(logits[None], [temperature], [top_p], [top_k], [rng.random()]))
 
 
+@functools.cache
+def _spare_room_layer():
+    """A transformers `DynamicLayer` that writes each step's keys and values into room kept
+    free at the end of its buffers, instead of concatenating (a new allocation and a copy of
+    the whole cache at every token, for every layer). `keys` and `values` stay views of the
+    filled part, so whatever reads or replaces them (batch selection when rows leave, padding
+    trims, joins) works as on a plain layer; after a replacement the next update copies the
+    new tensors into a fresh buffer with room again."""
+    from transformers.cache_utils import DynamicLayer
+
+    class SpareRoomLayer(DynamicLayer):
+        ROOM = 64  # tokens of room added at a time
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            length = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+            new = key_states.shape[-2]
+            buffers = getattr(self, "_buffers", None)
+            if self.keys is not getattr(self, "_view", None) or length + new > buffers[0].shape[-2]:
+                room = length + new + self.ROOM
+                buffers = tuple(
+                    states.new_empty((*states.shape[:2], room, states.shape[-1]))
+                    for states in (key_states, value_states))
+                if length:
+                    buffers[0][:, :, :length] = self.keys
+                    buffers[1][:, :, :length] = self.values
+                self._buffers = buffers
+            buffers[0][:, :, length:length + new] = key_states
+            buffers[1][:, :, length:length + new] = value_states
+            self.keys, self.values = (b[:, :, :length + new] for b in buffers)
+            self._view = self.keys
+            return self.keys, self.values
+
+    return SpareRoomLayer
+
+
+def new_cache(config):
+    """An empty KV cache for `config`'s model: transformers' `DynamicCache`, with its plain
+    full-attention layers made `_spare_room_layer`s (sliding-window layers stay as they are)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=config)
+    spare_room = _spare_room_layer()
+    cache.layers = [spare_room() if type(layer) is DynamicLayer else layer
+                    for layer in cache.layers]
+    return cache
+
+
 class BatchDecoder:
     """Decodes requests together with one KV cache; rows join and leave between steps.
 
@@ -345,8 +396,6 @@ class BatchDecoder:
     def _prefill(self, indices: list[int]):
         """(logits, attention mask, cache) of the newcomers' prompts, left-padded together.
         Rows that asked for their prompt's logprobs get them here (`_Row.prompt_logprobs`)."""
-        from transformers import DynamicCache
-
         prompts = [self.rows[i].request.prompt_ids for i in indices]
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad, dtype=torch.long)
@@ -355,7 +404,7 @@ class BatchDecoder:
             ids[i, width - len(prompt):] = torch.tensor(prompt, dtype=torch.long)
             mask[i, width - len(prompt):] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        cache = DynamicCache(config=self.model.config)
+        cache = new_cache(self.model.config)
         rows = [self.rows[i] for i in indices]
         if all(row.request.prompt_logprobs is None for row in rows):
             return self._forward(ids, mask, cache), mask, cache

@@ -336,3 +336,21 @@ def test_prompt_logprobs_are_log_softmax_over_the_prompt(model_and_tokenizer):
             assert abs(entry.logprob - float(want[j, prompt[j + 1]])) < 1e-4
             assert [t for t, _ in entry.top] == torch.topk(want[j], 2).indices.tolist()
         assert [e.top for e in result["logprobs"]] == [[], []]  # logprobs=0: the token's own
+
+
+def test_the_kv_cache_writes_into_spare_room_instead_of_reallocating(model_and_tokenizer):
+    import torch
+
+    from aigc_ray.decode import new_cache
+
+    model, _ = model_and_tokenizer
+    layer = new_cache(model.config).layers[0]
+    first = layer.update(torch.ones(2, 4, 3, 8), torch.ones(2, 4, 3, 8))[0]
+    second = layer.update(torch.full((2, 4, 1, 8), 2.0), torch.zeros(2, 4, 1, 8))[0]
+    assert second.shape == (2, 4, 4, 8)
+    assert second.data_ptr() == first.data_ptr()  # the same buffer: nothing copied
+    assert torch.equal(second[:, :, 3], torch.full((2, 4, 8), 2.0))
+    layer.batch_select_indices(torch.tensor([1]))  # a row left: the view was replaced
+    third = layer.update(torch.full((1, 4, 1, 8), 3.0), torch.zeros(1, 4, 1, 8))[0]
+    assert third.shape == (1, 4, 5, 8) and torch.equal(third[0, :, :4], second[1])
+    assert torch.equal(third[0, :, 4], torch.full((4, 8), 3.0))
