@@ -27,7 +27,7 @@ demo: $(STAMP) data/sample/support.jsonl
 	$(BIN)/aigc-ray serve runs/tiny-cpu --once "$$(printf 'Customer: How do I reset my password for Nimbus Drive?\nAgent:')"
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
 
 lint: $(STAMP)
 	$(BIN)/ruff check aigc_ray tests benchmarks

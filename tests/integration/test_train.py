@@ -210,9 +210,11 @@ def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster,
     assert loaded.stdout.strip() == "loaded", loaded.stderr[-2000:]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+@pytest.mark.parametrize("strategy", ["fsdp"])
 def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, train_args, strategy):
-    """With fsdp, every rank reloads its own shard of the weights and optimizer state."""
+    """With fsdp, every rank reloads its own shard of the weights and optimizer state. (With
+    ddp the restart is Ray Train's same machinery, and loading a ddp checkpoint is what the
+    mid-epoch resume test below does: one kill test keeps the suite's time.)"""
     cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=40", "train.eval_every=10",
                                    "scaling.max_failures=1", f"scaling.strategy={strategy}",
                                    f"run.name=fault-{strategy}"])
