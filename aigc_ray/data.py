@@ -2,9 +2,11 @@
 
 Nothing here collects the corpus into the driver. Files are read as streams by Ray Data read
 tasks (through pyarrow filesystems, so local paths and s3://, gs://, file:// URIs take the same
-code); each row is validated where it is read, so a bad row is skipped and counted (or, in strict
-mode, fails with its file and line); documents go to train or validation by a hash of their text;
-tokenizer actors clean, tokenize and pack. Counts flow to a small `DataStats` actor.
+code); a Hugging Face dataset, which lives in the driver's cache, reaches them through the object
+store instead (see `hf_blocks`). Each row is validated where it is read, so a bad row is skipped
+and counted (or, in strict mode, fails with its file and line); documents go to train or
+validation by a hash of their text; tokenizer actors clean, tokenize and pack. Counts flow to a
+small `DataStats` actor.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from aigc_ray.errors import ConfigError, DataError
 from aigc_ray.tokenizer import IGNORE_INDEX, clean, encoder, load_tokenizer, tokenizer_spec
 
 ROWS_PER_BLOCK = 4096  # rows per Ray Data block out of a read task
+HF_ROWS_PER_TASK = 8 * ROWS_PER_BLOCK  # rows of an hf dataset per object-store block/read task
+HF_BYTES_PER_TASK = 64 << 20  # ... or fewer, when its rows are long
 READ_CHUNK_BYTES = 1 << 20
 SKIP_REASONS = ("invalid_json", "missing_field", "wrong_type", "empty_text", "undecodable",
                 "prompt_too_long", "unknown_format", *CHAT_SKIP_REASONS)
@@ -55,7 +59,8 @@ def _expand_uri_glob(pattern: str) -> list[str]:
 
 
 def _hf_files(path: str, split: str) -> list[str]:
-    """Arrow files of a `save_to_disk` folder, or of a hub dataset once `datasets` caches it."""
+    """Arrow files of a `save_to_disk` folder, or of a hub dataset once `datasets` caches it.
+    Only the driver reads them (see `hf_blocks`): other nodes of a cluster do not have them."""
     folder = Path(path).expanduser()
     if folder.is_dir():
         if (folder / split / "state.json").exists():  # a DatasetDict: one folder per split
@@ -143,8 +148,9 @@ def _iter_lines(f) -> Iterator[tuple[int, bytes]]:
         yield number + 1, pending
 
 
-def iter_records(f, data: Data) -> Iterator[tuple[int, object]]:
-    """(row number from 1, record) where a record is a dict, or a skip reason string."""
+def iter_records(f, data: Data, first_row: int = 1) -> Iterator[tuple[int, object]]:
+    """(row number from `first_row`, record) where a record is a dict, or a skip reason string.
+    For `hf`, `f` is a table of the dataset's rows (a block from `hf_blocks`)."""
     if data.format in ("text", "jsonl"):
         for number, raw in _iter_lines(f):
             try:
@@ -169,9 +175,9 @@ def iter_records(f, data: Data) -> Iterator[tuple[int, object]]:
         import pyarrow.parquet as pq
 
         batches = pq.ParquetFile(f).iter_batches(batch_size=ROWS_PER_BLOCK)
-    else:  # hf: datasets' arrow files are Arrow IPC streams
-        batches = pa.ipc.open_stream(f)
-    number = 0
+    else:
+        batches = f.to_batches(max_chunksize=ROWS_PER_BLOCK)
+    number = first_row - 1
     for batch in batches:
         for record in batch.to_pylist():
             number += 1
@@ -246,16 +252,94 @@ def stream_datasource(files: list[str], parquet: bool, read_stream):
     return _Stream(files)
 
 
-def read_documents(f, path: str, data: Data, split: str | None, stats) -> Iterator[pa.Table]:
-    """Yield blocks of valid documents from one file (only `split`'s when given).
+@dataclass
+class HFBlock:
+    """Rows of a Hugging Face dataset's arrow file, put in the object store by the driver."""
+
+    path: str  # the driver's arrow file: names the rows in counts and errors, never opened again
+    first_row: int  # of the file, from 1
+    rows: int
+    size_bytes: int
+    ref: object  # ObjectRef of a pyarrow Table
+
+
+def _hf_columns(table: pa.Table, data: Data) -> pa.Table:
+    """Only the columns the documents are made of (conversations keep every column: which ones
+    hold a conversation depends on its format). A missing column keeps the table whole, so
+    its rows are counted as missing_field."""
+    if data.chat:
+        return table
+    wanted = row_columns(data)
+    return table.select(wanted) if set(wanted) <= set(table.column_names) else table
+
+
+def hf_blocks(files: list[str], data: Data, rows_per_task: int = HF_ROWS_PER_TASK) -> list:
+    """The rows of a Hugging Face dataset's arrow files (from `resolve_files`), put in the object
+    store in slices of at most `rows_per_task` rows (and about HF_BYTES_PER_TASK bytes).
+
+    This is how `ray.data.from_huggingface` reads a `datasets.Dataset` on a cluster: the driver,
+    the one node whose cache holds the files, memory-maps them and puts their rows in the object
+    store, from where read tasks on any node fetch them; the files themselves, local to the
+    driver, are never opened by a task. The driver never holds the corpus in its own memory
+    (the tables are memory maps; each slice is copied to the object store in turn), but the
+    object store holds the whole dataset, spilling to disk past its size.
+    """
+    import ray
+
+    blocks = []
+    for path in files:
+        # datasets' arrow files are Arrow IPC streams; read from a memory map, zero-copy
+        table = _hf_columns(pa.ipc.open_stream(pa.memory_map(path)).read_all(), data)
+        row_bytes = table.nbytes / max(table.num_rows, 1)
+        step = max(1, min(rows_per_task, int(HF_BYTES_PER_TASK / max(row_bytes, 1))))
+        for start in range(0, table.num_rows, step):
+            piece = table.slice(start, step)
+            blocks.append(HFBlock(path, start + 1, piece.num_rows, piece.nbytes, ray.put(piece)))
+    return blocks
+
+
+def hf_datasource(blocks: list[HFBlock], read_table):
+    """A Ray Data datasource with one read task per `HFBlock`, which runs
+    `read_table(table, path, first_row)` (yielding pyarrow tables) on the block's rows."""
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    def read_task(block: HFBlock):
+        def read():
+            import ray
+
+            yield from read_table(ray.get(block.ref), block.path, block.first_row)
+        return read
+
+    class _HFBlocks(Datasource):
+        def get_name(self) -> str:
+            return "HuggingFace"
+
+        def estimate_inmemory_data_size(self) -> int:
+            return sum(block.size_bytes for block in blocks)
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            return [ReadTask(read_task(block),
+                             BlockMetadata(num_rows=None, size_bytes=block.size_bytes,
+                                           input_files=[block.path], exec_stats=None),
+                             per_task_row_limit=per_task_row_limit)
+                    for block in blocks]
+
+    return _HFBlocks()
+
+
+def read_documents(f, path: str, data: Data, split: str | None, stats,
+                   first_row: int = 1) -> Iterator[pa.Table]:
+    """Yield blocks of valid documents from one file, or from the part of one that starts at
+    row `first_row` (only `split`'s documents when given).
 
     Every block's counts go to `stats` under a key naming the file and first row, so re-reading
     a file (a second split, a second epoch, a retried task) never counts twice.
     """
     rows: list[dict] = []
     counts: Counter = Counter()
-    first = 1
-    for number, record in iter_records(f, data):
+    first = first_row
+    for number, record in iter_records(f, data, first_row):
         row = validate_record(record, data)
         if isinstance(row, str):
             if data.strict:
@@ -306,7 +390,7 @@ class TokenizeAndPack:
     """
 
     def __init__(self, tokenizer: dict, data: dict, split: str, stats=None):
-        if not isinstance(tokenizer, dict):  # sent through the object store (see `tokenize`)
+        if not isinstance(tokenizer, dict):  # a ref (see `tokenize`)
             import ray
 
             tokenizer = ray.get(tokenizer)
@@ -521,18 +605,24 @@ def create_stats():
     return _stats_actor_class().remote()
 
 
-def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
-    """The validated documents of one split ('train', 'val', or None for all) as a Dataset."""
+def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None, hf=None):
+    """The validated documents of one split ('train', 'val', or None for all) as a Dataset.
+    For `data.format: hf`, `hf` may give the `hf_blocks` already put for another split."""
     import ray
 
     files = files if files is not None else resolve_files(cfg.data)
     data = cfg.data
+    if data.format == "hf":
+        def read_table(table, path: str, first_row: int) -> Iterator[pa.Table]:
+            return read_documents(table, path, data, split, stats, first_row)
 
-    def read_stream(f, path: str) -> Iterator[pa.Table]:
-        return read_documents(f, path, data, split, stats)
+        source = hf_datasource(hf if hf is not None else hf_blocks(files, data), read_table)
+    else:
+        def read_stream(f, path: str) -> Iterator[pa.Table]:
+            return read_documents(f, path, data, split, stats)
 
-    return ray.data.read_datasource(stream_datasource(files, data.format == "parquet", read_stream),
-                                    num_cpus=data.cpus_per_task)
+        source = stream_datasource(files, data.format == "parquet", read_stream)
+    return ray.data.read_datasource(source, num_cpus=data.cpus_per_task)
 
 
 def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> dict:
@@ -545,7 +635,9 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> 
     files = files if files is not None else resolve_files(cfg.data)  # listed once per run
     splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
     tokenizer = tokenizer_spec(tokenizer_path, cfg.model.trust_remote_code)  # once for both
-    return {split: tokenize(read_corpus(cfg, split, stats, files), cfg, tokenizer, split, stats)
+    hf = hf_blocks(files, cfg.data) if cfg.data.format == "hf" else None  # put once for both
+    return {split: tokenize(read_corpus(cfg, split, stats, files, hf), cfg, tokenizer, split,
+                            stats)
             for split in splits}
 
 
@@ -558,10 +650,21 @@ def tokenize(documents, cfg: Config, tokenizer: dict, split: str, stats=None):
         raise DataError(f"data.chat_format {cfg.data.chat_format} needs a chat template, and the "
                         f"tokenizer of {tokenizer['path']} has none: use a chat (instruct) model "
                         "or builtin:tiny, or add a chat_template to its tokenizer_config.json")
+    # When this pool starts, Ray core logs "Actor with class name: 'MapWorker(...)' ... has
+    # constructor arguments in the object store and max_restarts > 0". Our arguments are not the
+    # cause (they are small; the tokenizer travels as a ref nested in them): Ray Data creates
+    # every pool actor with two ObjectRefs of its own as arguments (its DataContext and this
+    # UDF, each put once per operator) and with max_restarts=-1, and core warns whenever both
+    # hold, for any actor UDF (ray-project/ray#57733). Only max_restarts=0 silences it, and then
+    # a tokenizer actor that dies (its node lost, an OOM kill) fails the whole run with
+    # ActorDiedError instead of being restarted (test_a_killed_tokenizer_actor_is_restarted_...
+    # kills one mid-pass: it passes as is and fails with max_restarts=0). The risk it warns of (#53727: a restart that finds its arguments gone) does not
+    # arise here: the running operator holds both refs, and the process that put them owns them,
+    # so they last as long as the pipeline that could restart the actor.
     return documents.map_batches(
         TokenizeAndPack,
-        # Through the object store, as Ray Data advises for large UDF state: a real tokenizer's
-        # vocabulary is megabytes, pickled into every tokenizer actor's UDF otherwise.
+        # A real tokenizer's vocabulary is megabytes: a ref keeps it out of the UDF that Ray Data
+        # serializes, as its large-UDF warning advises.
         fn_constructor_kwargs={"tokenizer": ray.put(tokenizer), "data": cfg.data.model_dump(),
                                "split": split, "stats": stats},
         batch_size=cfg.data.tokenize_batch_size,

@@ -10,6 +10,9 @@ import contextlib
 import io
 import json
 import math
+import os
+import subprocess
+import sys
 from collections import Counter
 
 import numpy as np
@@ -26,8 +29,10 @@ from aigc_ray.data import (
     corpus_statistics,
     create_stats,
     format_statistics,
+    hf_blocks,
     pack_lengths,
     read_corpus,
+    resolve_files,
     split_of,
 )
 from aigc_ray.errors import DataError
@@ -425,6 +430,55 @@ def test_duplicate_documents_are_all_counted(tmp_path, tiny_model_dir, tokenizer
     assert corpus_statistics(cfg, tiny_model_dir)["tokens.train"] == text_tokens(tokenizer, docs)
 
 
+# ── A tokenizer actor that dies is restarted ────────────────────────────────────────────────
+
+
+def test_a_killed_tokenizer_actor_is_restarted_and_nothing_is_lost_or_counted_twice(
+        tmp_path, tiny_model_dir, tokenizer):
+    """Why `tokenize` keeps Ray Data's actor restarts (and so Ray's warning about constructor
+    arguments in the object store): the tokenizer actor's process is killed mid-pass, and the
+    pass still ends with every document's tokens, once."""
+    import signal
+    import threading
+    import time
+
+    from ray.util.state import list_actors
+
+    docs = unique_documents(1200, seed=5)
+    path = tmp_path / "docs.txt"
+    path.write_text("\n".join(docs) + "\n")
+    cfg = make_config(tiny_model_dir, str(path), format="text", tokenize_batch_size=2)
+    stats = create_stats()
+    dataset = build_datasets(cfg, tiny_model_dir, stats)["train"]
+    killed: list[tuple[int, int]] = []  # (pid, blocks counted before the kill)
+
+    def kill_the_tokenizer_once_it_has_started():
+        address = ray.get_runtime_context().gcs_address
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            blocks = ray.get(stats.totals.remote()).get("blocks.train", 0)
+            actors = [actor for actor in list_actors(address=address,
+                                                     filters=[("state", "=", "ALIVE")])
+                      if "TokenizeAndPack" in actor.class_name] if blocks else []
+            if actors:
+                os.kill(actors[0].pid, signal.SIGKILL)
+                killed.append((actors[0].pid, blocks))
+                return
+            time.sleep(0.05)
+
+    killer = threading.Thread(target=kill_the_tokenizer_once_it_has_started, daemon=True)
+    killer.start()
+    blocks = list(dataset.iter_batches(batch_size=None, batch_format="numpy"))
+    killer.join(timeout=5)
+    totals = ray.get(stats.totals.remote())
+    ray.kill(stats)
+    assert killed, "the pass ended before the tokenizer actor could be killed"
+    assert killed[0][1] < totals["blocks.train"]  # killed mid-pass
+    tokens = text_tokens(tokenizer, docs)
+    assert totals["tokens.train"] == tokens == int(rows(blocks, "attention_mask").sum())
+    assert totals["blocks.train"] == len(rows(blocks, "input_ids"))
+
+
 # ── Hugging Face datasets folders ───────────────────────────────────────────────────────────
 
 
@@ -444,6 +498,101 @@ def test_hf_save_to_disk_folder(tmp_path, tiny_model_dir, tokenizer, layout):
     tokens = text_tokens(tokenizer, docs)
     assert totals["documents.train"] == 40
     assert totals["tokens.train"] == tokens == int(rows(blocks["train"], "attention_mask").sum())
+
+
+def hf_corpus(folder, docs: list[str], bad: dict[int, str | None]) -> str:
+    """A `save_to_disk` folder of `docs` with the `bad` texts inserted at those row indices."""
+    import datasets
+
+    texts = list(docs)
+    for index in sorted(bad):
+        texts.insert(index, bad[index])
+    datasets.Dataset.from_dict({"text": texts, "id": list(range(len(texts)))}).save_to_disk(
+        str(folder))
+    return str(folder)
+
+
+def test_hf_rows_keep_their_numbers_across_object_store_blocks(tmp_path, tiny_model_dir):
+    """Slices of 15 rows, each read by its own task: every row is named by its row in the file,
+    bad rows are counted once, and strict mode names the first bad row (past the first slice)."""
+    docs = unique_documents(40)
+    path = hf_corpus(tmp_path / "hf", docs, {20: None, 25: "  ", 35: ""})
+    cfg = make_config(tiny_model_dir, path, format="hf", val_fraction=0.25)
+    blocks = hf_blocks(resolve_files(cfg.data), cfg.data, rows_per_task=15)
+    assert [(block.first_row, block.rows) for block in blocks] == [(1, 15), (16, 15), (31, 13)]
+    stats = create_stats()
+    read = list(read_corpus(cfg, None, stats, hf=blocks).iter_rows())
+    totals = ray.get(stats.totals.remote())
+    ray.kill(stats)
+    names = [int(row["_aigc_row"].rsplit(":", 1)[1]) for row in read]
+    assert sorted(names) == [n for n in range(1, 44) if n not in (21, 26, 36)]
+    assert sorted(row["text"] for row in read) == sorted(docs)
+    val = sum(split_of(doc, 0.25) == "val" for doc in docs)
+    assert totals == {"documents.train": 40 - val, "documents.val": val,
+                      "skipped.missing_field": 1, "skipped.empty_text": 2}
+
+    strict = make_config(tiny_model_dir, path, format="hf", strict=True)
+    with pytest.raises(Exception) as info:
+        list(read_corpus(strict, None, hf=blocks).iter_rows())
+    error = _data_error(info.value)
+    assert error is not None, f"no DataError in {info.value!r}"
+    assert str(error).splitlines()[0].startswith(f"{blocks[1].path} line 21: missing field ")
+
+
+# A driver on the head node of a two-node cluster: it plans the hf pipeline, deletes the
+# dataset's folder, then runs the pipeline and prints its counts as JSON.
+TWO_NODE_DRIVER = """
+import json, shutil, sys
+import ray
+from aigc_ray.config import validate
+from aigc_ray.data import build_datasets, create_stats
+
+config, tokenizer_path, folder = json.loads(sys.argv[1])
+ray.init(logging_level="ERROR")
+ray.data.DataContext.get_current().enable_progress_bars = False
+stats = create_stats()
+datasets = build_datasets(validate(config), tokenizer_path, stats)
+shutil.rmtree(folder)
+tokens = {split: sum(int(b["attention_mask"].sum()) for b in
+                     dataset.iter_batches(batch_size=None, batch_format="numpy"))
+          for split, dataset in datasets.items()}
+print(json.dumps({"tokens": tokens, "totals": ray.get(stats.totals.remote())}))
+"""
+
+
+def test_hf_dataset_is_read_on_a_node_without_its_files(tmp_path, tiny_model_dir, tokenizer):
+    """The head (the driver's node) has no CPU, so every read task and tokenizer actor runs on
+    the other node; the dataset's folder is deleted once the pipeline is planned, so the rows
+    can only have reached that node through the object store, never as a path to a file."""
+    from ray.cluster_utils import Cluster
+
+    docs = unique_documents(60, seed=3)
+    folder = hf_corpus(tmp_path / "hf", docs, {5: None, 50: " "})
+    config = {"model": {"name_or_path": tiny_model_dir},
+              "data": {"path": folder, "format": "hf", "block_size": 32, "val_fraction": 0.2,
+                       "prompt_field": None, "completion_field": None}}
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 0})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        done = subprocess.run(
+            [sys.executable, "-c", TWO_NODE_DRIVER, json.dumps([config, tiny_model_dir, folder])],
+            env={**os.environ, "RAY_ADDRESS": cluster.address, "TOKENIZERS_PARALLELISM": "false"},
+            capture_output=True, text=True, timeout=180)
+    finally:
+        cluster.shutdown()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not (tmp_path / "hf").exists()
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    by_split = {side: [doc for doc in docs if split_of(doc, 0.2) == side]
+                for side in ("train", "val")}
+    assert result["tokens"] == {side: text_tokens(tokenizer, split_docs)
+                                for side, split_docs in by_split.items()}
+    totals = result["totals"]
+    assert (totals["documents.train"], totals["documents.val"]) == (
+        len(by_split["train"]), len(by_split["val"]))
+    assert (totals["skipped.missing_field"], totals["skipped.empty_text"]) == (1, 1)
+    assert totals["tokens.train"] == result["tokens"]["train"]
 
 
 # ── The built-in model folder ───────────────────────────────────────────────────────────────

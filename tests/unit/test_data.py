@@ -143,3 +143,22 @@ def test_read_documents_counts_and_strict_line_numbers(tmp_path):
     strict = _data(val_fraction=0.0, strict=True)
     with pytest.raises(DataError, match=r"^corpus.jsonl line 2: invalid json \(data.strict"):
         list(read_documents(io.BytesIO(raw), "corpus.jsonl", strict, None, None))
+
+
+def test_read_documents_numbers_hf_rows_from_the_first_row_of_the_block():
+    """An hf block (a table of the dataset's rows from `hf_blocks`) that starts at row 4097."""
+    table = pa.table({"text": ["one", None, "three", " "], "id": [1, 2, 3, 4]})
+    data = _data(format="hf", val_fraction=0.0)
+    rows = pa.concat_tables(read_documents(table, "d.arrow", data, None, None, first_row=4097))
+    assert rows.column("text").to_pylist() == ["one", "three"]
+    assert rows.column(data_module.ROW_COLUMN).to_pylist() == ["d.arrow:4097", "d.arrow:4099"]
+
+    strict = _data(format="hf", val_fraction=0.0, strict=True)
+    with pytest.raises(DataError, match=r"^d.arrow line 4098: missing field \(data.strict"):
+        list(read_documents(table, "d.arrow", strict, None, None, first_row=4097))
+
+
+def test_hf_blocks_carry_only_the_document_columns():
+    table = pa.table({"text": ["a"], "id": [1], "meta": ["m"]})
+    assert data_module._hf_columns(table, _data(format="hf")).column_names == ["text"]
+    assert data_module._hf_columns(table, _data(format="hf", text_field="body")) is table
