@@ -291,7 +291,7 @@ def strategy_main(args) -> None:
     from aigc_ray.sample_data import write_sample_corpus
 
     gpus = torch.cuda.device_count() if args.gpu else 0
-    workers = args.workers or max(2, gpus)
+    workers = args.workers or gpus or 2  # on GPUs one worker per GPU
     log_every = max(1, args.steps // 5)
     size = [f"model.builtin.{key}={value}" for key, value in SIZES[args.size].items()]
     results: dict = {"device": torch.cuda.get_device_name() if gpus else "cpu",
