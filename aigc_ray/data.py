@@ -605,18 +605,28 @@ def create_stats():
     return _stats_actor_class().remote()
 
 
-def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None, hf=None):
-    """The validated documents of one split ('train', 'val', or None for all) as a Dataset.
-    For `data.format: hf`, `hf` may give the `hf_blocks` already put for another split."""
+def corpus_source(cfg: Config, files: list) -> list:
+    """What read tasks read: the corpus files, or for `data.format: hf` their rows put in the
+    object store (`hf_blocks`). A run that reads the corpus more than once (both splits, a model
+    and its baseline) makes this once and hands it to every `read_corpus`, so an hf dataset is
+    put once; given its own result, it returns it as is."""
+    if cfg.data.format != "hf" or (files and isinstance(files[0], HFBlock)):
+        return files
+    return hf_blocks(files, cfg.data)
+
+
+def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
+    """The validated documents of one split ('train', 'val', or None for all) as a Dataset,
+    read from `files` (from `resolve_files`, or `corpus_source`; None: the config's)."""
     import ray
 
-    files = files if files is not None else resolve_files(cfg.data)
     data = cfg.data
+    files = corpus_source(cfg, files if files is not None else resolve_files(data))
     if data.format == "hf":
         def read_table(table, path: str, first_row: int) -> Iterator[pa.Table]:
             return read_documents(table, path, data, split, stats, first_row)
 
-        source = hf_datasource(hf if hf is not None else hf_blocks(files, data), read_table)
+        source = hf_datasource(files, read_table)
     else:
         def read_stream(f, path: str) -> Iterator[pa.Table]:
             return read_documents(f, path, data, split, stats)
@@ -635,9 +645,8 @@ def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> 
     files = files if files is not None else resolve_files(cfg.data)  # listed once per run
     splits = ["train", "val"] if cfg.data.val_fraction > 0 else ["train"]
     tokenizer = tokenizer_spec(tokenizer_path, cfg.model.trust_remote_code)  # once for both
-    hf = hf_blocks(files, cfg.data) if cfg.data.format == "hf" else None  # put once for both
-    return {split: tokenize(read_corpus(cfg, split, stats, files, hf), cfg, tokenizer, split,
-                            stats)
+    files = corpus_source(cfg, files)  # an hf dataset: put once for both splits
+    return {split: tokenize(read_corpus(cfg, split, stats, files), cfg, tokenizer, split, stats)
             for split in splits}
 
 

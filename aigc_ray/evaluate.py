@@ -25,6 +25,7 @@ from aigc_ray.data import (
     MESSAGES_COLUMN,
     ROW_COLUMN,
     check_config,
+    corpus_source,
     format_of,
     read_corpus,
     tokenize,
@@ -181,6 +182,9 @@ def run_eval(checkpoint: str, cfg: Config, data_path: str | None = None,
     cfg, split = eval_data(cfg, data_path)
     files = check_config(cfg)  # the data exists: before Ray starts
     start_ray(ray_logs=cfg.run.ray_logs)
+    # Read up to three times (generation rows, the model's and the baseline's perplexity): an hf
+    # dataset is put in the object store once for all of them.
+    files = corpus_source(cfg, files)
     report = {
         "data": {"path": cfg.data.paths, "format": cfg.data.format,
                  "split": split or "all", "prompt_completion": cfg.data.supervised,

@@ -521,7 +521,7 @@ def test_hf_rows_keep_their_numbers_across_object_store_blocks(tmp_path, tiny_mo
     blocks = hf_blocks(resolve_files(cfg.data), cfg.data, rows_per_task=15)
     assert [(block.first_row, block.rows) for block in blocks] == [(1, 15), (16, 15), (31, 13)]
     stats = create_stats()
-    read = list(read_corpus(cfg, None, stats, hf=blocks).iter_rows())
+    read = list(read_corpus(cfg, None, stats, blocks).iter_rows())
     totals = ray.get(stats.totals.remote())
     ray.kill(stats)
     names = [int(row["_aigc_row"].rsplit(":", 1)[1]) for row in read]
@@ -533,7 +533,7 @@ def test_hf_rows_keep_their_numbers_across_object_store_blocks(tmp_path, tiny_mo
 
     strict = make_config(tiny_model_dir, path, format="hf", strict=True)
     with pytest.raises(Exception) as info:
-        list(read_corpus(strict, None, hf=blocks).iter_rows())
+        list(read_corpus(strict, None, files=blocks).iter_rows())
     error = _data_error(info.value)
     assert error is not None, f"no DataError in {info.value!r}"
     assert str(error).splitlines()[0].startswith(f"{blocks[1].path} line 21: missing field ")
