@@ -104,7 +104,7 @@ def merge_chunks(chunks: list[Chunk]) -> Chunk:
 class _Row:
     """Decoding state of one request."""
 
-    def __init__(self, request: GenerationRequest, device):
+    def __init__(self, request: GenerationRequest):
         self.request = request
         self.processed = request.processed  # read every step: kept, not recomputed
         self.generated: list[int] = []
@@ -154,7 +154,7 @@ def process_logits(logits: torch.Tensor, request: GenerationRequest, generated: 
                    eos_ids=()) -> torch.Tensor:
     """The scores a row samples from: a float copy of its raw logits with EOS masked below
     `min_tokens` and the penalties applied (vLLM's order; temperature and top-k/top-p follow
-    in `sample_next`)."""
+    in `sample_batch`)."""
     scores = logits.float().clone()
     if len(generated) < request.min_tokens and not request.ignore_eos and eos_ids:
         scores[list(eos_ids)] = float("-inf")
@@ -230,14 +230,6 @@ def sample_batch(scores: torch.Tensor, temperature: list[float], top_p: list[flo
     draws = torch.tensor([min(u, _MAX_UNIFORM) for u in uniform], device=device)[:, None]
     picked = torch.searchsorted(cdf, draws, right=True)  # first bin whose cdf passes the draw
     return (order.gather(1, picked) if ranked else picked).squeeze(1)
-
-
-def sample_next(logits: torch.Tensor, temperature: float, top_p: float, rng: random.Random,
-                top_k: int = 0) -> int:
-    """One token from one row's logits: argmax at temperature 0, else `sample_batch`."""
-    if temperature <= 0:
-        return int(torch.argmax(logits))
-    return int(sample_batch(logits[None], [temperature], [top_p], [top_k], [rng.random()]))
 
 
 @functools.cache
@@ -333,7 +325,7 @@ class BatchDecoder:
         """Admit requests; returns their indices (the keys of their chunks from `step`)."""
         indices = list(range(self.next_index, self.next_index + len(requests)))
         for index, request in zip(indices, requests):
-            self.rows[index] = _Row(request, self.device)
+            self.rows[index] = _Row(request)
         self.next_index += len(requests)
         self.waiting += indices
         return indices

@@ -189,7 +189,10 @@ def test_penalties_follow_their_definitions_on_hand_made_logits():
 def test_top_k_samples_among_the_k_likeliest_only():
     import torch
 
-    from aigc_ray.decode import sample_next
+    from aigc_ray.decode import sample_batch
+
+    def sample_next(logits, temperature, top_p, rng, top_k=0):  # one row, one draw
+        return int(sample_batch(logits[None], [temperature], [top_p], [top_k], [rng.random()]))
 
     logits = torch.tensor([0.0, 3.0, 2.9, -1.0, 2.8])
     rng = random.Random(0)
