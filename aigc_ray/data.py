@@ -667,9 +667,10 @@ def tokenize(documents, cfg: Config, tokenizer: dict, split: str, stats=None):
     # hold, for any actor UDF (ray-project/ray#57733). Only max_restarts=0 silences it, and then
     # a tokenizer actor that dies (its node lost, an OOM kill) fails the whole run with
     # ActorDiedError instead of being restarted (test_a_killed_tokenizer_actor_is_restarted_...
-    # kills one mid-pass: it passes as is and fails with max_restarts=0). The risk it warns of (#53727: a restart that finds its arguments gone) does not
-    # arise here: the running operator holds both refs, and the process that put them owns them,
-    # so they last as long as the pipeline that could restart the actor.
+    # kills one mid-pass: it passes as is and fails with max_restarts=0). The risk it warns of
+    # (#53727: a restart that finds its arguments gone) does not arise here: the running
+    # operator holds both refs, and the process that put them owns them, so they last as long
+    # as the pipeline that could restart the actor.
     return documents.map_batches(
         TokenizeAndPack,
         # A real tokenizer's vocabulary is megabytes: a ref keeps it out of the UDF that Ray Data

@@ -85,8 +85,8 @@ def start_line(row: dict) -> str:
                 "best checkpoint again (raise train.max_steps to go on, or change run.name)")
     what = f"resuming at step {row['start_step']}" if row["start_step"] else "starting"
     return (f"[aigc-ray] {what}: {row['world_size']} worker(s) on {row['num_nodes']} node(s), "
-            f"{row['device']}, {row.get('strategy', 'ddp')}, {row['total_steps']} steps, global batch "
-            f"{row['global_batch']} sequences")
+            f"{row['device']}, {row.get('strategy', 'ddp')}, {row['total_steps']} steps, "
+            f"global batch {row['global_batch']} sequences")
 
 
 class Follower:

@@ -114,11 +114,11 @@ def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: st
     trial_id = tune.get_context().get_trial_id()
     # Trackers: each trial is its own run, grouped under the search's name, and MLflow's default
     # store stays the one beside the search's folder rather than one in its trials folder.
-    search = raw["run"]
-    root = Path(search["output_dir"]).expanduser().resolve()
-    raw["run"].update(output_dir=trials_dir, name=trial_id,
-                      experiment=search.get("experiment") or search["name"],
-                      mlflow_uri=search.get("mlflow_uri") or f"sqlite:///{root}/mlflow.db")
+    run = raw["run"]  # the search's, made the trial's
+    root = Path(run["output_dir"]).expanduser().resolve()
+    run.update(output_dir=trials_dir, name=trial_id,
+               experiment=run.get("experiment") or run["name"],
+               mlflow_uri=run.get("mlflow_uri") or f"sqlite:///{root}/mlflow.db")
     raw["eval"]["after_training"] = False  # trials compare by val_loss; generation would slow them
     cfg = trial_config(raw, params)
     if not pbt_every:
@@ -413,7 +413,7 @@ def unfinished_trials(results) -> int:
     return sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
 
 
-def remove_tune_checkpoints(run_dir: Path, results) -> None:
+def remove_tune_checkpoints(results) -> None:
     """Tune's copies of PBT checkpoints, once the search is over: nothing restarts from them,
     and `best/` comes from the trials' own checkpoints (Train's, in `trials/`)."""
     for result in results:
@@ -547,7 +547,7 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
                            unfinished=unfinished)
 
     if cfg.tune.scheduler == "pbt":
-        remove_tune_checkpoints(run_dir, results)
+        remove_tune_checkpoints(results)
     rows = summarize(cfg, results, run)
     summary = TuneSummary(run_dir=run_dir, metric=cfg.tune.metric, rows=rows,
                           best=best_of(cfg, [r for r in rows if r.best is not None],

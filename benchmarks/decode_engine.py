@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -119,8 +118,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(1)
-    with tempfile.TemporaryDirectory():
-        model, tokenizer = build(args.shape, device)
+    model, tokenizer = build(args.shape, device)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     ids = same_length_prompts(tokenizer, max(sizes))
     ours(model, tokenizer, ids[:2], 4, device)  # warm-up: kernels, allocator
