@@ -4,9 +4,9 @@ Ours: the datasets exactly as `run_train` builds them (`build_datasets` → `tra
 tokenized once and cached in the object store, or streamed and tokenized again each epoch),
 a real `TorchTrainer` whose workers run the training loop's data side epoch after epoch:
 `EpochFeed(get_dataset_shard("train"), ...)` (Ray Data batches read by a background thread
-epoch after epoch, the collate class that trims the
-padding, counts tokens and targets), the grad-accum grouping, the per-step target-count sum and
-the logging interval's bookkeeping, with the model step replaced by a no-op. Each worker records
+epoch after epoch, or for a cached split the first epoch's batches replayed; the collate class
+that trims the padding, counts tokens and targets), the grad-accum grouping, the per-step
+target-count sum and the logging interval's bookkeeping, with the model step replaced by a no-op. Each worker records
 per epoch: tokens delivered, seconds, the wait for every batch, and the gap at the epoch
 boundary (last batch of epoch k → first batch of epoch k+1). A third run per corpus paces the
 loop like a GPU (a sleep of tokens / --gpu-pace per micro-batch) to show the stall a GPU sees:
@@ -64,7 +64,7 @@ def feed_loop(loop_config: dict) -> None:
 
     # 2. Epochs: the real loop's grouping and bookkeeping, timing every batch's arrival.
     source = EpochFeed(shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
-                       cfg.train.epochs)
+                       cfg.train.epochs, replay=loop_config["cached"])
     for _ in range(cfg.train.epochs):
         batches = source.epoch()
         start = time.perf_counter()
@@ -154,7 +154,8 @@ def run_feed(cfg, model_path: str, files: list[str], workers: int, pace: float,
     out.mkdir(parents=True)
     trainer = TorchTrainer(
         feed_loop,
-        train_loop_config={"config": cfg.model_dump(), "out": str(out), "pace": pace},
+        train_loop_config={"config": cfg.model_dump(), "out": str(out), "pace": pace,
+                           "cached": split.cached_bytes is not None},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage)),

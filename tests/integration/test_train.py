@@ -429,12 +429,18 @@ def test_compiled_training_on_cpu_reaches_the_same_loss(epoch_runs, sample_corpu
         assert curve[step] == pytest.approx(eager[step], abs=0.03), (step, curve, eager)
 
 
-def test_the_trainer_reads_its_batches_in_the_same_order_every_epoch(ray_cluster):
+@pytest.mark.parametrize("replay, cap", [(False, None), (True, None), (True, 1)],
+                         ids=["read-each-epoch", "replayed", "over-the-replay-cap"])
+def test_the_trainer_reads_its_batches_in_the_same_order_every_epoch(ray_cluster, replay, cap,
+                                                                     monkeypatch):
     """What a worker reads: the training split as `run_train` prepares it (cached), split by the
     DataConfig run_train gives Ray Train, read epoch after epoch by the loop's EpochFeed with
     the default prefetch. Full blocks sit next to short ones, so collating one takes longer: Ray
     collates prefetched batches in several threads, and unless the split keeps its order they
-    come out as they finish (then a mid-epoch resume would skip other batches than it used)."""
+    come out as they finish (then a mid-epoch resume would skip other batches than it used).
+    Replayed (what run_train asks for a cached split), the shard is read through Ray Data once
+    and later epochs are the first one's batches again, unless they are more bytes than a worker
+    keeps to replay."""
     import numpy as np
     import ray.data
 
@@ -458,7 +464,10 @@ def test_the_trainer_reads_its_batches_in_the_same_order_every_epoch(ray_cluster
     (shards,) = exact_validation_config().configure({"train": split.dataset}, world_size=1,
                                                     worker_handles=None, worker_node_ids=None)
     shard = shards["train"]
-    feed = EpochFeed(shard, rows_per_batch, torch.device("cpu"), Train().prefetch_batches, epochs)
+    if cap is not None:
+        monkeypatch.setattr("aigc_ray.train.REPLAY_MAX_BYTES", cap)
+    feed = EpochFeed(shard, rows_per_batch, torch.device("cpu"), Train().prefetch_batches, epochs,
+                     replay=replay)
     try:
         orders = [[int(batch["input_ids"][0, 0]) for batch in feed.epoch()]
                   for _ in range(epochs)]
@@ -466,6 +475,7 @@ def test_the_trainer_reads_its_batches_in_the_same_order_every_epoch(ray_cluster
         feed.close()
     assert sorted(orders[0]) == list(range(0, rows_per_batch * num_batches, rows_per_batch))
     assert orders == [orders[0]] * epochs
+    assert feed.reads == (1 if replay and cap is None else epochs)
 
 
 # ── on a GPU (CI has none: skipped there) ───────────────────────────────────────────────────
