@@ -438,18 +438,16 @@ class BatchDecoder:
         for index in [i for i in self.waiting if self.rows[i].finish_reason is not None]:
             self.waiting.remove(index)  # cancelled before it started
             del self.rows[index]
-        newcomers = self.waiting if self.joinable else []
+        newcomers = self._newcomers()
         if not self.active and not newcomers:
             return {}
         logits = []
         if self.active:
-            logits.append(self._forward(self.next_input, self.attention_mask, self.cache))
+            logits.append(self._decode_active())
         if newcomers:
-            new_logits, mask, cache = self._prefill(newcomers)
-            logits.append(new_logits)
-            self._join(mask, cache)
+            logits.append(self._prefill_join(newcomers))
             self.active += newcomers
-            self.waiting = []
+            self.waiting = self.waiting[len(newcomers):]
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         chosen = self._choose(logits).tolist()  # the step's one read from the device
 
@@ -471,11 +469,32 @@ class BatchDecoder:
             # A finished row stops costing compute: drop it from the batch and the KV cache.
             self._keep(keep)
         if self.active:
-            self.next_input = torch.tensor(tokens, device=self.device).unsqueeze(-1)
-            ones = torch.ones((len(self.active), 1), dtype=self.attention_mask.dtype,
-                              device=self.device)
-            self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
+            self._feed(tokens)
         return results
+
+    # How the rows' KV cache is kept: here one left-padded batch that grows a column a step;
+    # `decode_graphs.SlotDecoder` keeps fixed slots instead, behind the same four methods.
+
+    def _newcomers(self) -> list[int]:
+        """The waiting requests that join at this step (a prefix of `waiting`)."""
+        return self.waiting if self.joinable else []
+
+    def _decode_active(self) -> torch.Tensor:
+        """The running rows' next-token logits, in `active` order."""
+        return self._forward(self.next_input, self.attention_mask, self.cache)
+
+    def _prefill_join(self, newcomers: list[int]) -> torch.Tensor:
+        """Prefill the newcomers and join them to the running rows; their last logits."""
+        logits, mask, cache = self._prefill(newcomers)
+        self._join(mask, cache)
+        return logits
+
+    def _feed(self, tokens: list[int]) -> None:
+        """The sampled tokens (one per running row) are the next step's input."""
+        self.next_input = torch.tensor(tokens, device=self.device).unsqueeze(-1)
+        ones = torch.ones((len(self.active), 1), dtype=self.attention_mask.dtype,
+                          device=self.device)
+        self.attention_mask = torch.cat([self.attention_mask, ones], dim=-1)
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
         """Every running row's next token, on the device: penalties and masks for the rows that
@@ -536,14 +555,17 @@ class BatchDecoder:
         return chunk
 
 
-def decode_all(model, tokenizer, requests: list[GenerationRequest]) -> list[dict]:
-    """Run a batch to the end; per request: text, token_ids, finish_reason, logprobs and
-    prompt_logprobs (None unless asked) (for tests, tools, batch generation)."""
-    decoder = BatchDecoder(model, tokenizer, requests)
+def decode_all(model, tokenizer, requests: list[GenerationRequest],
+               decoder: BatchDecoder | None = None) -> list[dict]:
+    """Run a batch to the end (on `decoder`, an empty one, else a new `BatchDecoder`); per
+    request: text, token_ids, finish_reason, logprobs and prompt_logprobs (None unless asked)
+    (for tests, tools, batch generation)."""
+    decoder = decoder if decoder is not None else BatchDecoder(model, tokenizer)
+    first = decoder.add(requests)[0] if requests else 0
     chunks: list[list[Chunk]] = [[] for _ in requests]
     while not decoder.done:
         for index, chunk in decoder.step().items():
-            chunks[index].append(chunk)
+            chunks[index - first].append(chunk)
     merged = [merge_chunks(c) for c in chunks]
     return [{"text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
              "logprobs": c.logprobs, "prompt_logprobs": c.prompt_logprobs} for c in merged]

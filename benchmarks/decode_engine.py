@@ -2,13 +2,16 @@
 
 No Ray and no HTTP: what serving replicas and `aigc-ray generate` actors run per step. For each
 batch size, B requests of the same prompt length decode exactly `--max-tokens` tokens each
-(`ignore_eos`, greedy) through `BatchDecoder`; the baseline is one `model.generate` call on the
-same B prompts, left-padded, `min_new_tokens = max_new_tokens` (the same length). Reported:
-output tokens/s of both and their ratio, and ours' time to first token (the prefill step) and
-time per output token after it. CUDA when present (bf16), else CPU (fp32, 1 torch thread).
+(`ignore_eos`, greedy) through each engine: `padded` (`BatchDecoder`, a left-padded cache that
+grows a column a step) and `slots` (`decode_graphs.SlotDecoder`: fixed slots of a preallocated
+cache, the step replayed as a CUDA graph on a GPU, eager on CPU). The baseline is one
+`model.generate` call on the same B prompts, `min_new_tokens = max_new_tokens` (the same length).
+Reported: output tokens/s of each and its ratio to the baseline, time to first token (the
+prefill step) and time per output token after it, and the slots' capture time. CUDA when
+present (bf16), else CPU (fp32, 1 torch thread).
 
     .venv/bin/python benchmarks/decode_engine.py [--shape tiny|gpt2] [--batch-sizes 1,16,64]
-        [--max-tokens 128] [--out results.json]
+        [--engines padded,slots] [--max-tokens 128] [--out results.json]
 
 `--shape gpt2` is the GPT-2-124M shape of issue 16 (12 layers × 768, vocab 8192, random
 weights: untrained weights cost the same to run); `tiny` is the built-in model (2 × 64).
@@ -69,14 +72,17 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def ours(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str) -> dict:
-    from aigc_ray.decode import BatchDecoder, GenerationRequest
+def ours(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str,
+         step=None) -> dict:
+    """One engine's run: the padded `BatchDecoder`, or a `SlotDecoder` over `step`."""
+    from aigc_ray.decode import GenerationRequest
+    from aigc_ray.decode_graphs import new_decoder
 
     requests = [GenerationRequest(prompt, max_tokens, temperature=0, ignore_eos=True)
                 for prompt in ids]
     sync(device)
     start = time.perf_counter()
-    decoder = BatchDecoder(model, tokenizer, requests)
+    decoder = new_decoder(model, tokenizer, step, requests)
     produced = sum(len(chunk.token_ids) for chunk in decoder.step().values())
     first = time.perf_counter() - start
     while not decoder.done:
@@ -108,6 +114,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--batch-sizes", default="1,16,64")
+    parser.add_argument("--engines", default="padded,slots",
+                        help="comma-separated: padded (BatchDecoder), slots (SlotDecoder)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per side")
     parser.add_argument("--out", help="write the figures as JSON here")
@@ -118,30 +126,49 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(1)
+    from aigc_ray.decode_graphs import StaticStep
+
     model, tokenizer = build(args.shape, device)
     sizes = [int(b) for b in args.batch_sizes.split(",")]
+    engines = args.engines.split(",")
     ids = same_length_prompts(tokenizer, max(sizes))
-    ours(model, tokenizer, ids[:2], 4, device)  # warm-up: kernels, allocator
-    static_generate(model, tokenizer, ids[:2], 4, device)
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "shape": args.shape, "max_tokens": args.max_tokens, "rows": []}
+    steps = {"padded": None}
+    if "slots" in engines:  # one cache and one set of graphs for every batch size, as a replica
+        start = time.perf_counter()
+        steps["slots"] = StaticStep(model, tokenizer, slots=max(sizes))
+        results["slots"] = {"capture_s": time.perf_counter() - start,
+                            "graphs": len(steps["slots"].graphs),
+                            "graph_error": steps["slots"].graph_error,
+                            "cache_bytes": steps["slots"].cache_bytes}
+        print(json.dumps(results["slots"]), flush=True)
+    for engine in engines:  # warm-up: kernels, allocator
+        ours(model, tokenizer, ids[:2], 4, device, steps[engine])
+    static_generate(model, tokenizer, ids[:2], 4, device)
     for size in sizes:
-        mine = max((ours(model, tokenizer, ids[:size], args.max_tokens, device)
-                    for _ in range(args.repeats)), key=lambda r: r["tokens_per_second"])
-        base = max((static_generate(model, tokenizer, ids[:size], args.max_tokens, device)
-                    for _ in range(args.repeats)), key=lambda r: r["tokens_per_second"])
-        row = {"batch": size, "ours": mine, "generate": base,
-               "ratio": mine["tokens_per_second"] / base["tokens_per_second"]}
+        row = {"batch": size}
+        row["generate"] = max((static_generate(model, tokenizer, ids[:size], args.max_tokens,
+                                               device) for _ in range(args.repeats)),
+                              key=lambda r: r["tokens_per_second"])
+        for engine in engines:
+            row[engine] = max((ours(model, tokenizer, ids[:size], args.max_tokens, device,
+                                    steps[engine]) for _ in range(args.repeats)),
+                              key=lambda r: r["tokens_per_second"])
+            row[engine]["ratio"] = (row[engine]["tokens_per_second"]
+                                    / row["generate"]["tokens_per_second"])
         results["rows"].append(row)
         print(json.dumps(row), flush=True)
     print(f"\n{results['device']}, {args.shape} shape, {args.max_tokens} output tokens per "
           "request (ignore_eos, greedy), best of", args.repeats)
-    print(f"{'batch':>6}{'ours tok/s':>13}{'generate tok/s':>16}{'ratio':>8}"
+    print(f"{'batch':>6}{'engine':>8}{'tok/s':>12}{'generate tok/s':>16}{'ratio':>8}"
           f"{'TTFT ms':>10}{'ms/token':>10}")
     for row in results["rows"]:
-        print(f"{row['batch']:>6}{row['ours']['tokens_per_second']:>13,.0f}"
-              f"{row['generate']['tokens_per_second']:>16,.0f}{row['ratio']:>8.2f}"
-              f"{row['ours']['ttft_ms']:>10.1f}{row['ours']['ms_per_output_token']:>10.2f}")
+        for engine in engines:
+            mine = row[engine]
+            print(f"{row['batch']:>6}{engine:>8}{mine['tokens_per_second']:>12,.0f}"
+                  f"{row['generate']['tokens_per_second']:>16,.0f}{mine['ratio']:>8.2f}"
+                  f"{mine['ttft_ms']:>10.1f}{mine['ms_per_output_token']:>10.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

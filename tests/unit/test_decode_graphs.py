@@ -1,0 +1,164 @@
+"""The static-slot decode engine without Ray: the same tokens, logprobs and chunks as the padded
+`BatchDecoder` (eager on CPU; captured as CUDA graphs on a GPU, where one test compares the two),
+rows joining while slots are free and waiting while none are, rows moving down to a smaller
+bucket, and the models it refuses."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from aigc_ray.decode import BatchDecoder, GenerationRequest, decode_all
+from aigc_ray.decode_graphs import SlotDecoder, StaticStep, new_decoder, unsupported
+from aigc_ray.tokenizer import load_tokenizer
+
+PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",
+           "Customer: How do I reset my password for Nimbus Drive? It keeps failing.\nAgent:",
+           "Agent: Hello, how can I help?", "Customer: my order"]
+
+
+@pytest.fixture(scope="module")
+def model_and_tokenizer(tiny_model_dir):
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+
+
+def requests(tokenizer, **settings) -> list[GenerationRequest]:
+    """Greedy and seeded sampled rows of different lengths, with logprobs."""
+    lengths, temperatures = [20, 6, 30, 12, 9], [0, 0.9, 0, 1.0, 0.7]
+    return [GenerationRequest(tokenizer(p)["input_ids"], n, temperature=t, top_p=0.95, seed=i,
+                              logprobs=2, ignore_eos=True, **settings)
+            for i, (p, n, t) in enumerate(zip(PROMPTS, lengths, temperatures))]
+
+
+def run_with_joins(decoder: BatchDecoder, reqs: list[GenerationRequest]) -> dict:
+    """Two requests start, three join at the third step; per request: tokens, logprobs, the
+    text and finish reason of its chunks."""
+    out: dict[int, dict] = {}
+    decoder.add(reqs[:2])
+    steps = 0
+    while not decoder.done or steps < 3:
+        if steps == 2:
+            decoder.add(reqs[2:])
+        for index, chunk in decoder.step().items():
+            row = out.setdefault(index, {"tokens": [], "logprobs": [], "text": ""})
+            row["tokens"] += chunk.token_ids
+            row["logprobs"] += [e.logprob for e in chunk.logprobs or []]
+            row["text"] += chunk.text
+            row["finish_reason"] = chunk.finish_reason
+        steps += 1
+    return out
+
+
+def assert_same_rows(got: dict, want: dict) -> None:
+    assert sorted(got) == sorted(want)
+    for index in want:
+        assert got[index]["tokens"] == want[index]["tokens"], index
+        assert got[index]["text"] == want[index]["text"]
+        assert got[index]["finish_reason"] == want[index]["finish_reason"]
+        assert got[index]["logprobs"] == pytest.approx(want[index]["logprobs"], abs=1e-4)
+
+
+def test_slots_decode_what_the_padded_batch_decodes_with_joins_and_waits(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    want = run_with_joins(BatchDecoder(model, tokenizer), requests(tokenizer))
+    step = StaticStep(model, tokenizer, slots=4, graphs=False)
+    assert step.slots == 4 and step.buckets == [1, 2, 4] and not step.graphs
+    decoder = SlotDecoder(model, tokenizer, step)
+    got = run_with_joins(decoder, requests(tokenizer))
+    assert_same_rows(got, want)  # five requests through four slots: one waited for a slot
+    assert not decoder.rows and sorted(decoder.free) == [0, 1, 2, 3]
+    # The same step serves the next batch (a replica keeps one for its life).
+    assert_same_rows(run_with_joins(SlotDecoder(model, tokenizer, step), requests(tokenizer)),
+                     want)
+
+
+def test_a_sixth_request_waits_until_a_slot_frees(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    step = StaticStep(model, tokenizer, slots=2, graphs=False)
+    reqs = requests(tokenizer)[:3]
+    decoder = SlotDecoder(model, tokenizer, step, reqs)
+    started = []
+    while not decoder.done:
+        started.append(len(decoder.active))
+        decoder.step()
+        assert len(decoder.active) <= 2
+    # The third request started only when the 6-token one had finished.
+    assert started[:3] == [0, 2, 2] and len(decoder.waiting) == 0
+    results = decode_all(model, tokenizer, reqs, decoder=SlotDecoder(model, tokenizer, step))
+    assert [r["token_ids"] for r in results] == [
+        r["token_ids"] for r in decode_all(model, tokenizer, requests(tokenizer)[:3])]
+
+
+def test_rows_move_down_when_a_smaller_bucket_would_cover_them(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    step = StaticStep(model, tokenizer, slots=8, graphs=False)
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+    short = [GenerationRequest(ids[i % 5], 2, temperature=0, ignore_eos=True) for i in range(4)]
+    long = GenerationRequest(ids[2], 12, temperature=0, ignore_eos=True)
+    decoder = SlotDecoder(model, tokenizer, step, [*short, long])
+    chunks = decoder.step()  # the prefill: slots 0-4
+    assert decoder.slot_of == {0: 0, 1: 1, 2: 2, 3: 3, 4: 4}
+    tokens, alone_in = list(chunks[4].token_ids), []
+    while not decoder.done:
+        tokens += decoder.step()[4].token_ids
+        if set(decoder.rows) == {4}:
+            alone_in.append(decoder.slot_of[4])
+    # Once alone, it moved from slot 4 to slot 0 at its next step: bucket 1 runs, not 8.
+    assert alone_in[0] == 4 and set(alone_in[1:]) == {0}
+    assert tokens == decode_all(model, tokenizer, [long])[0]["token_ids"]
+
+
+def test_stops_penalties_and_cancels_behave_as_in_the_padded_batch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    full = decode_all(model, tokenizer, [GenerationRequest(ids, 16, temperature=0,
+                                                           ignore_eos=True)])[0]
+    reqs = [GenerationRequest(ids, 16, temperature=0, stop=[full["text"][4:6]]),
+            GenerationRequest(ids, 10, temperature=0, repetition_penalty=1.4,
+                              presence_penalty=0.5, top_k=3),
+            GenerationRequest(ids, 8, temperature=0, min_tokens=8)]
+    step = StaticStep(model, tokenizer, slots=4, graphs=False)
+    assert decode_all(model, tokenizer, reqs, decoder=SlotDecoder(model, tokenizer, step)) == \
+        decode_all(model, tokenizer, reqs)
+    decoder = SlotDecoder(model, tokenizer, step, [GenerationRequest(ids, 10, temperature=0)
+                                                   for _ in range(3)])
+    decoder.step()
+    decoder.cancel(1)
+    chunks = decoder.step()
+    assert set(chunks) == {0, 2} and 1 not in decoder.slot_of
+    assert decoder.slot_of == {0: 0, 2: 1}  # its slot was freed and row 2 moved into it
+
+
+def test_a_request_longer_than_the_context_is_refused(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    step = StaticStep(model, tokenizer, slots=1, graphs=False)
+    with pytest.raises(ValueError, match="context"):
+        SlotDecoder(model, tokenizer, step, [GenerationRequest([1] * 100, step.width,
+                                                               temperature=0)])
+
+
+def test_models_the_slots_cannot_hold_say_why(model_and_tokenizer):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    model, tokenizer = model_and_tokenizer
+    assert unsupported(model, tokenizer) is None
+    assert isinstance(new_decoder(model, tokenizer, None), BatchDecoder)
+    sliding = MistralForCausalLM(MistralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, sliding_window=32))
+    assert "sliding window" in unsupported(sliding, tokenizer)
+    model.config._attn_implementation = "flash_attention_2"
+    try:
+        assert "flash_attention_2" in unsupported(model, tokenizer)
+    finally:
+        model.config._attn_implementation = "sdpa"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_captured_cuda_graphs_decode_what_the_padded_batch_decodes(tiny_model_dir):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to("cuda").eval()  # float32
+    tokenizer = load_tokenizer(tiny_model_dir)
+    want = run_with_joins(BatchDecoder(model, tokenizer), requests(tokenizer))
+    step = StaticStep(model, tokenizer, slots=4)
+    assert step.graph_error is None and len(step.graphs) == len(step.buckets) * len(step.spans)
+    assert_same_rows(run_with_joins(SlotDecoder(model, tokenizer, step), requests(tokenizer)),
+                     want)
