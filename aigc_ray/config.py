@@ -276,6 +276,7 @@ class Serve(Section):
     batch_wait_timeout_s: float = Field(0.005, ge=0)  # what a lone request waits for company
     # Requests join a running batch at its next step; false: they wait for it to finish.
     continuous_batching: bool = True
+    cuda_graphs: bool = True  # on a GPU: fixed decode slots, each step a CUDA graph replay
     autoscaling: Autoscaling = Autoscaling()
     # In flight per replica: a running batch plus a full one waiting, so no step idles.
     max_ongoing_requests: int = Field(32, ge=1)
@@ -320,6 +321,7 @@ class Generate(Section):
     min_tokens: int = Field(0, ge=0)  # EOS and stop strings cannot end a completion earlier
     ignore_eos: bool = False  # only max_tokens or a stop string ends a completion
     batch_size: int = Field(16, ge=1)  # prompts decoded together; CPU steps cost ~flat to 16
+    cuda_graphs: bool = True  # on a GPU: fixed decode slots, each step a CUDA graph replay
     concurrency: int = Field(1, ge=1)  # model actors (replicas of the model) in the pool
     cpus_per_actor: float = Field(1.0, gt=0)  # also the actor's torch threads (at least 1)
     gpus_per_actor: float = Field(1.0, gt=0)  # used only when the device is cuda

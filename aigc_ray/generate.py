@@ -145,6 +145,7 @@ class Completer:
         import torch
 
         from aigc_ray.decode import context_length
+        from aigc_ray.decode_graphs import static_step_for
         from aigc_ray.model import load_for_inference
 
         self.gen = Generate.model_validate(generate)
@@ -153,11 +154,16 @@ class Completer:
         self.model, self.tokenizer = load_for_inference(
             checkpoint, self.gen.device, self.gen.dtype, trust_remote_code=trust_remote_code)
         self.context = context_length(self.model.config, self.tokenizer)  # None: no limit
+        self.step, note = static_step_for(self.model, self.tokenizer, self.gen.batch_size,
+                                          self.gen.cuda_graphs)
+        if note:
+            print(f"[aigc-ray] generate: {note}", flush=True)
         self.stats = stats
         self.prompt_column, self.id_column, self.keep = prompt_column, id_column, keep or {}
 
     def __call__(self, batch: dict) -> dict:
         from aigc_ray.decode import GenerationRequest, decode_all
+        from aigc_ray.decode_graphs import new_decoder
 
         gen = self.gen
         prompts = [str(p) for p in batch[self.prompt_column]]
@@ -182,7 +188,8 @@ class Completer:
                 frequency_penalty=gen.frequency_penalty,
                 repetition_penalty=gen.repetition_penalty,
                 min_tokens=min(gen.min_tokens, room), ignore_eos=gen.ignore_eos))
-        results = decode_all(self.model, self.tokenizer, requests) if requests else []
+        decoder = new_decoder(self.model, self.tokenizer, self.step)
+        results = decode_all(self.model, self.tokenizer, requests, decoder) if requests else []
         if self.stats is not None:
             counts = Counter(f"skipped.{s['reason']}" for s in skipped)
             counts["generated"] = len(rows)

@@ -1,6 +1,7 @@
 """The model deployment: one replica holds the model and decodes concurrent requests in batches.
 
-`Batcher` runs one `BatchDecoder` at a time in a decode thread of its own, so the replica keeps
+`Batcher` runs one `BatchDecoder` at a time (on a GPU a `SlotDecoder` over the replica's
+captured CUDA graphs, `serve.cuda_graphs`) in a decode thread of its own, so the replica keeps
 accepting requests while the model runs. Batching is continuous: a request that arrives while
 the batch decodes joins it at the next step (up to `serve.max_batch_size` rows) instead of
 waiting for the whole batch to finish, and a finished row leaves at once. When the decoder is
@@ -25,6 +26,7 @@ from collections.abc import AsyncIterator
 from ray import serve
 
 from aigc_ray.decode import BatchDecoder, Chunk, GenerationRequest, merge_chunks
+from aigc_ray.decode_graphs import StaticStep, new_decoder, static_step_for
 from aigc_ray.model import load_for_inference
 
 _DONE = object()  # ends a request's chunk queue
@@ -42,8 +44,8 @@ class Batcher:
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int, wait_s: float, metrics: dict,
-                 continuous: bool = True):
-        self.model, self.tokenizer = model, tokenizer
+                 continuous: bool = True, step: StaticStep | None = None):
+        self.model, self.tokenizer, self.step = model, tokenizer, step  # step: see new_decoder
         self.max_batch_size, self.wait_s, self.metrics = max_batch_size, wait_s, metrics
         self.continuous = continuous
         self.pending: queue.Queue = queue.Queue()
@@ -101,7 +103,7 @@ class Batcher:
             if idle:
                 if not newcomers:
                     continue
-                decoder = BatchDecoder(self.model, self.tokenizer)
+                decoder = new_decoder(self.model, self.tokenizer, self.step)
             if newcomers:
                 self._admit(decoder, entries, newcomers)
             try:
@@ -212,8 +214,13 @@ class Generator:
         torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.model, self.tokenizer = load_for_inference(
             checkpoint, cfg.device, cfg.dtype, trust_remote_code=trust_remote_code)
+        step, note = static_step_for(self.model, self.tokenizer, cfg.max_batch_size,
+                                     cfg.cuda_graphs)
+        if note:
+            print(f"[aigc-ray] serve: {note}", flush=True)
         self.batcher = Batcher(self.model, self.tokenizer, cfg.max_batch_size,
-                               cfg.batch_wait_timeout_s, _metrics(), cfg.continuous_batching)
+                               cfg.batch_wait_timeout_s, _metrics(), cfg.continuous_batching,
+                               step)
         self._probe()  # a replica that cannot run its model must fail here, not on traffic
 
     async def complete(self, request: GenerationRequest) -> dict:
