@@ -10,8 +10,8 @@ column every step and is re-padded when rows join, so it cannot be captured. Her
 - the KV cache is `slots` rows × the model's context, per layer, allocated once (`StaticStep`);
 - a request takes a free slot: its prompt is prefilled as `BatchDecoder` prefills (eager, any
   length) and its keys and values are copied to the start of its slot;
-- a decode step writes each row's new key and value at that row's own position (an index_put
-  with a positions tensor) and attends over the slot's whole width, with a mask built from the
+- a decode step writes each row's new key and value at that row's own position (a scatter by
+  a positions tensor) and attends over the slot's whole width, with a mask built from the
   positions inside the step (a 4D mask, which transformers passes to attention as it is);
 - a graph is captured once per bucket of rows (1, 2, 4, ..., slots) and of columns (64, 128,
   ..., the context) before any row is loaded; a step replays the smallest bucket that covers the
@@ -64,15 +64,18 @@ def _slot_layer():
     class SlotLayer(DynamicLayer):
         """`keys`, `values`: views of the first rows and columns of the slot buffers."""
 
-        def __init__(self, keys, values, rows, positions):
+        def __init__(self, keys, values, positions):
             super().__init__()
-            self.keys, self.values, self.rows, self.positions = keys, values, rows, positions
+            self.keys, self.values, self.positions = keys, values, positions
             self.dtype, self.device = keys.dtype, keys.device
             self.is_initialized = True
 
         def update(self, key_states, value_states, *args, **kwargs):
-            self.keys[self.rows, :, self.positions] = key_states[:, :, -1]
-            self.values[self.rows, :, self.positions] = value_states[:, :, -1]
+            # scatter_, not an indexed assignment: a plain kernel, safe to capture on a GPU.
+            at = self.positions.view(-1, 1, 1, 1)
+            for buffer, states in ((self.keys, key_states), (self.values, value_states)):
+                buffer.scatter_(2, at.expand(*states.shape[:2], 1, states.shape[-1]),
+                                states[:, :, -1:])
             return self.keys, self.values
 
     return SlotLayer
@@ -109,11 +112,10 @@ class StaticStep:
         layer = _slot_layer()
         self.caches = {}
         for bucket in self.buckets:
-            rows = torch.arange(bucket, device=self.device)
             for span in self.spans:
                 self.caches[bucket, span] = Cache(layers=[
-                    layer(k[:bucket, :, :span], v[:bucket, :, :span], rows,
-                          self.positions[:bucket]) for k, v in zip(self.keys, self.values)])
+                    layer(k[:bucket, :, :span], v[:bucket, :, :span], self.positions[:bucket])
+                    for k, v in zip(self.keys, self.values)])
         self.graphs: dict[tuple[int, int], tuple] = {}
         self.graph_error: str | None = None
         if graphs and self.device.type == "cuda":
