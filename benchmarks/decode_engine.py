@@ -53,6 +53,15 @@ def build(shape: str, device: str):
     return GPT2LMHeadModel(config).to(device=device, dtype=dtype).eval(), tokenizer
 
 
+def save_checkpoint(shape: str, folder: Path) -> str:
+    """`build`'s model and tokenizer as an HF folder (float32; serving picks bf16 on a GPU) for
+    the benchmarks that load a checkpoint (serving, batch generation)."""
+    model, tokenizer = build(shape, "cpu")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def same_length_prompts(tokenizer, count: int, length: int = 16) -> list[list[int]]:
     """`count` prompts cut to `length` tokens, so both sides decode the same shapes."""
     out = []

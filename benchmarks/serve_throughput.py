@@ -16,6 +16,19 @@ waits for the running batch to finish), so continuous batching is measured again
 same run. `--fixed-length` holds every completion to its max_tokens (`min_tokens` = `max_tokens`
 for ours, `min_new_tokens` for the baseline: both mask EOS the same way, so the greedy tokens
 still agree), so an early end of text cannot flatter either side.
+
+GPU mode (`--gpu`, the default when CUDA is present; it also runs on CPU, to check it):
+
+    python3 benchmarks/serve_throughput.py --gpu [--shape gpt2] [--max-tokens 128]
+        [--graphs both|on|off]
+
+The GPT-2-124M shape (random weights, `decode_engine.build`), one replica on one GPU
+(`serve.max_batch_size=64`), requests of exactly `--max-tokens` tokens (`ignore_eos`, greedy)
+from 1, 16 and 64 clients, streamed and whole; per level: output tokens/s, and streamed, time to
+first token and time per output token (p50), against Hugging Face `generate` with a static
+batch of the same size and length on the same GPU in the same run. `--graphs both` serves
+twice, with `serve.cuda_graphs` on and off. Issue 16's targets: ≥ 8x `generate` at 64, ≤ 5 ms
+per output token at 1.
 """
 
 import argparse
@@ -213,11 +226,28 @@ def main() -> None:
                         help="every completion exactly max_tokens long (min_tokens)")
     parser.add_argument("--static", action="store_true",
                         help="also measure ours with serve.continuous_batching=false")
+    parser.add_argument("--gpu", action="store_true", default=None,
+                        help="the GPU protocol (default when CUDA is present; see above)")
+    parser.add_argument("--shape", choices=["tiny", "gpt2"], default="gpt2",
+                        help="--gpu: the model shape (decode_engine.SHAPES)")
+    parser.add_argument("--graphs", choices=["both", "on", "off"], default="both",
+                        help="--gpu: serve.cuda_graphs settings to measure")
+    parser.add_argument("--out", help="--gpu: write the figures as JSON here")
     parser.add_argument("--baseline-server", nargs=2, metavar=("PORT", "CHECKPOINT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.baseline_server:
         baseline_server(int(args.baseline_server[0]), args.baseline_server[1])
+        return
+    if args.gpu is None:
+        import torch
+
+        args.gpu = torch.cuda.is_available()
+    if args.gpu:
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        if "--max-tokens" not in sys.argv:
+            args.max_tokens = 128
+        gpu_mode(args)
         return
 
     import ray
@@ -250,6 +280,159 @@ def main() -> None:
     if "ours-static" in ours:
         print("\ncontinuous / static batching (both ours)")
         print_ratios("ours", ours["ours"], ours["ours-static"])
+
+
+# --- GPU mode: fixed-length streams against static-batch generate ------------------------------
+
+GPU_LEVELS = {1: 8, 16: 64, 64: 256}  # concurrency → requests measured
+
+
+async def measure_streams(url: str, texts: list[str], concurrency: int, total: int,
+                          max_tokens: int, stream: bool = True) -> dict:
+    """`total` completions of exactly `max_tokens` tokens from `concurrency` clients: output
+    tokens/s and, streamed, per request the time to its first token and per token after it
+    (`stream` false: whole responses, tokens/s only)."""
+    import httpx
+
+    ttfts, tpots, tokens, failures = [], [], 0, 0
+    queue = list(range(total))
+
+    async def one(http, i: int) -> None:
+        nonlocal tokens, failures
+        start = time.perf_counter()
+        first = usage = None
+        body = {"prompt": texts[i % len(texts)], "max_tokens": max_tokens, "temperature": 0,
+                "ignore_eos": True}
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        async with http.stream("POST", url + "/v1/completions", json=body) as response:
+            if response.status_code != 200:
+                failures += 1
+                return
+            if not stream:
+                usage = json.loads(await response.aread())["usage"]
+            async for line in response.aiter_lines() if stream else _nothing():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                elif first is None and chunk["choices"] and chunk["choices"][0]["text"]:
+                    first = time.perf_counter()
+        end = time.perf_counter()
+        count = usage["completion_tokens"] if usage else 0
+        if count != max_tokens or (stream and first is None):
+            failures += 1
+            return
+        tokens += count
+        if stream:
+            ttfts.append(first - start)
+            tpots.append((end - first) / max(1, count - 1))
+
+    async def client(http):
+        while queue:
+            await one(http, queue.pop())
+
+    limits = httpx.Limits(max_connections=concurrency + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as http:
+        await asyncio.gather(*(one(http, i) for i in range(min(4, total))))  # warm up
+        tokens, ttfts, tpots, failures = 0, [], [], 0
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        wall = time.perf_counter() - start
+    return {"tokens_per_second": tokens / wall, "failures": failures,
+            "ttft_p50_ms": 1000 * statistics.median(ttfts) if ttfts else None,
+            "tpot_p50_ms": 1000 * statistics.median(tpots) if tpots else None}
+
+
+async def _nothing():
+    return
+    yield
+
+
+def gpu_mode(args) -> None:
+    import ray
+    import torch
+    from decode_engine import build, save_checkpoint, same_length_prompts, static_generate
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+               "shape": args.shape, "max_tokens": args.max_tokens, "levels": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = save_checkpoint(args.shape, Path(tmp) / "model")
+        model, tokenizer = build(args.shape, device)  # the same weights: same seed
+        ids = same_length_prompts(tokenizer, max(GPU_LEVELS))
+        texts = [tokenizer.decode(prompt) for prompt in ids]
+        static_generate(model, tokenizer, ids[:2], 4, device)  # warm-up
+        for level in GPU_LEVELS:
+            base = max((static_generate(model, tokenizer, ids[:level], args.max_tokens, device)
+                        for _ in range(2)), key=lambda r: r["tokens_per_second"])
+            results["levels"][level] = {"generate": base}
+            print(f"  generate  batch {level:<3} {base['tokens_per_second']:10,.0f} tok/s",
+                  flush=True)
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        graphs = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.graphs]
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 logging_level=logging.ERROR, log_to_driver=False)
+        try:
+            for setting in graphs:
+                label = f"graphs-{setting}"
+                run_gpu_server(checkpoint, texts, args.max_tokens, label, device,
+                               setting == "on", results)
+        finally:
+            ray.shutdown()
+    print(f"\n{results['device']}, {args.shape} shape, streams of exactly {args.max_tokens} "
+          "tokens (ignore_eos, greedy), one replica; ratio: ours / static-batch generate")
+    print(f"{'clients':>8}{'serving':>20}{'tok/s':>10}{'ratio':>8}{'TTFT ms':>10}"
+          f"{'ms/token':>10}{'failures':>10}")
+    for level, row in results["levels"].items():
+        for label in (f"graphs-{g} {m}" for g in graphs for m in ("stream", "whole")):
+            r = row[label]
+            ttft, tpot = ((f"{r['ttft_p50_ms']:.1f}", f"{r['tpot_p50_ms']:.2f}")
+                          if r["ttft_p50_ms"] is not None else ("-", "-"))
+            print(f"{level:>8}{label:>20}{r['tokens_per_second']:>10,.0f}{r['ratio']:>8.2f}"
+                  f"{ttft:>10}{tpot:>10}{r['failures']:>10}")
+    print("targets: ratio >= 8 at 64 clients; <= 5 ms per output token at 1 client")
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+def run_gpu_server(checkpoint: str, texts: list[str], max_tokens: int, label: str,
+                   device: str, graphs: bool, results: dict) -> None:
+    """Serve `checkpoint` on one replica and measure every level into `results`."""
+    from ray import serve
+
+    from aigc_ray.serve import deploy, load_serve_config
+
+    port = free_port()
+    path, cfg = load_serve_config(checkpoint, [
+        f"serve.port={port}", f"serve.app_name={label}", f"serve.device={device}",
+        f"serve.cuda_graphs={str(graphs).lower()}", "serve.max_batch_size=64",
+        "serve.max_ongoing_requests=128", "serve.max_queued_requests=-1",
+        "serve.autoscaling.min_replicas=1",
+        "serve.autoscaling.max_replicas=1"])
+    start = time.perf_counter()
+    deploy(path, cfg)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url)
+        print(f"  {label}: replica up in {time.perf_counter() - start:.1f} s", flush=True)
+        for level, total in GPU_LEVELS.items():
+            for mode in ("stream", "whole"):
+                r = asyncio.run(measure_streams(url, texts, level, total, max_tokens,
+                                                stream=mode == "stream"))
+                row = results["levels"][level]
+                r["ratio"] = r["tokens_per_second"] / row["generate"]["tokens_per_second"]
+                row[f"{label} {mode}"] = r
+                print(f"  {label} {mode} c={level:<3} {r['tokens_per_second']:10,.0f} tok/s  "
+                      f"x{r['ratio']:.2f}  TTFT {r['ttft_p50_ms'] or 0:.1f} ms  "
+                      f"{r['tpot_p50_ms'] or 0:.2f} ms/token  failures {r['failures']}",
+                      flush=True)
+    finally:
+        serve.delete(label)
+        serve.shutdown()
 
 
 def print_ratios(name: str, results: dict, reference: dict) -> None:

@@ -65,14 +65,26 @@ class Batcher:
         entry = {"request": request, "chunks": asyncio.Queue(), "cancel": None,
                  "cancelled": False, "stream": stream, "held": [], "first_token_at": None}
         self.pending.put(entry)
+        chunks, after = entry["chunks"], None
         try:
             while True:
-                item = await entry["chunks"].get()
+                item = after if after is not None else await chunks.get()
+                after = None
                 if item is _DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
-                yield item
+                # A caller that fell behind the decode loop (a busy event loop, a slow client)
+                # gets what queued meanwhile as one chunk: one message downstream, not one per
+                # step, so streams cost less exactly when the replica is loaded.
+                held = [item]
+                while not chunks.empty():
+                    item = chunks.get_nowait()
+                    if item is _DONE or isinstance(item, BaseException):
+                        after = item
+                        break
+                    held.append(item)
+                yield held[0] if len(held) == 1 else merge_chunks(held)
         finally:
             entry["cancelled"] = True  # the caller is done or gone: stop paying for its row
             if entry["cancel"] is not None:
