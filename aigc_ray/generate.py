@@ -189,11 +189,14 @@ class Completer:
                 repetition_penalty=gen.repetition_penalty,
                 min_tokens=min(gen.min_tokens, room), ignore_eos=gen.ignore_eos))
         decoder = new_decoder(self.model, self.tokenizer, self.step)
+        started = time.perf_counter()
         results = decode_all(self.model, self.tokenizer, requests, decoder) if requests else []
+        decode_seconds = time.perf_counter() - started
         if self.stats is not None:
             counts = Counter(f"skipped.{s['reason']}" for s in skipped)
             counts["generated"] = len(rows)
             counts["completion_tokens"] = sum(len(r["token_ids"]) for r in results)
+            counts["decode_seconds"] = decode_seconds
             ray_get(self.stats.record.remote(f"generate:{ids[0]}:{len(ids)}", dict(counts),
                                              skipped))
         out = {
@@ -266,6 +269,7 @@ class GenerateSummary:
     completion_tokens: int
     seconds: float
     files: int
+    decode_seconds: float = 0.0  # summed over model actors: time inside the decode engine
 
     def line(self) -> str:
         rate = self.written_rows / self.seconds if self.seconds else 0.0
@@ -276,7 +280,11 @@ class GenerateSummary:
                 f"{self.output}{files}; {self.input_rows:,} input rows, {skipped:,} skipped")
         if skipped:
             line += f" ({detail}; listed in {SKIPPED_FILE})"
-        return line + f"; {rate:.1f} completions/s over {self.seconds:.1f} s"
+        line += f"; {rate:.1f} completions/s over {self.seconds:.1f} s"
+        if self.decode_seconds:
+            line += (f" ({self.completion_tokens / self.decode_seconds:,.0f} tokens/s per actor "
+                     "while decoding)")
+        return line
 
 
 def check_generate(input_path: str, output: str, cfg: Config) -> list[str]:
@@ -422,11 +430,12 @@ def run_generate(checkpoint: str, input_path: str, output: str, cfg: Config,
         output=out, input_rows=int(totals.get("rows", 0)),
         written_rows=int(totals.get("generated", 0)), skipped=skipped,
         completion_tokens=int(totals.get("completion_tokens", 0)), seconds=seconds,
-        files=_count_files(out))
+        files=_count_files(out), decode_seconds=float(totals.get("decode_seconds", 0.0)))
     _write_text(f"{out.rstrip('/')}/{SUMMARY_FILE}", json.dumps({
         "checkpoint": str(checkpoint), "input": input_path, "input_rows": summary.input_rows,
         "written_rows": summary.written_rows, "skipped": skipped,
         "completion_tokens": summary.completion_tokens, "seconds": round(seconds, 3),
+        "decode_seconds": round(summary.decode_seconds, 3),
         "generate": cfg.generate.model_dump()}, indent=2) + "\n")
     if skipped_rows:
         _write_text(f"{out.rstrip('/')}/{SKIPPED_FILE}",

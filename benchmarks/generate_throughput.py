@@ -11,6 +11,18 @@ Ray Data reads the prompts file, `--concurrency` model actors (0.75 CPU and 1 to
 decode `--batch-size` prompts together, Ray Data writes parquet. Our time includes starting the
 actors and loading the model in each, and writing the files; Ray's own start-up is shown apart.
 The ratio is ours / baseline in completions per second (higher is better).
+
+GPU mode (`--gpu`, the default when CUDA is present; it also runs on CPU, to check it):
+
+    python3 benchmarks/generate_throughput.py --gpu [--shape gpt2] [--max-tokens 128]
+
+The GPT-2-124M shape (random weights, `decode_engine.build`), one model actor on one GPU,
+`generate.batch_size` 1, 16 and 64 over `--batches` batches each, every completion exactly
+`--max-tokens` tokens (`ignore_eos`, greedy). Per batch size: tokens/s while decoding (the
+run's completion tokens over the time its actor spent in the decode engine, `decode_seconds`
+in the run's summary), and over the whole run (actor start, model load, CUDA-graph capture,
+reading and writing included), against Hugging Face `generate` with a static batch of the same
+size and length on the same device in the same run.
 """
 
 import argparse
@@ -70,6 +82,69 @@ def ours(checkpoint: str, texts: list[str], args, folder: Path) -> tuple[float, 
     return seconds, [by_id[i] for i in range(len(texts))]
 
 
+def gpu_run(checkpoint: str, texts: list[str], batch: int, max_tokens: int, device: str,
+            folder: Path):
+    """`run_generate`'s summary over `texts`: one actor, `batch` rows, fixed length."""
+    from aigc_ray.checkpoint import checkpoint_config
+    from aigc_ray.generate import GENERATE_KEYS, run_generate
+
+    source = folder / f"prompts-{batch}.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "prompt": t}) + "\n"
+                              for i, t in enumerate(texts)))
+    path, cfg = checkpoint_config(checkpoint, [
+        f"generate.max_tokens={max_tokens}", "generate.ignore_eos=true", "generate.concurrency=1",
+        f"generate.batch_size={batch}", f"generate.device={device}"], GENERATE_KEYS, "generate")
+    summary = run_generate(str(path), str(source), str(folder / source.stem), cfg)
+    assert summary.written_rows == len(texts), summary.line()
+    assert summary.completion_tokens == len(texts) * max_tokens, summary.line()
+    return summary
+
+
+def gpu_mode(args) -> None:
+    import torch
+    from decode_engine import build, save_checkpoint, same_length_prompts, static_generate
+
+    from aigc_ray.cluster import start_ray
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # as the model actor or replica has: one CPU, one thread
+    sizes = (1, 16, 64)
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        checkpoint = save_checkpoint(args.shape, folder / "model")
+        model, tokenizer = build(args.shape, device)
+        ids = same_length_prompts(tokenizer, max(sizes) * args.batches)
+        texts = [tokenizer.decode(prompt) for prompt in ids]
+        static_generate(model, tokenizer, ids[:2], 4, device)  # warm-up
+        for batch in sizes:
+            rows[batch] = {"generate": max(
+                static_generate(model, tokenizer, ids[:batch], args.max_tokens, device)
+                ["tokens_per_second"] for _ in range(2))}
+        del model
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        start_ray()
+        logging.getLogger("ray").setLevel(logging.ERROR)
+        for batch in sizes:
+            summary = gpu_run(checkpoint, texts[:batch * args.batches], batch, args.max_tokens,
+                              device, folder)
+            decoding = summary.completion_tokens / summary.decode_seconds
+            rows[batch].update(decoding=decoding, wall=summary.completion_tokens / summary.seconds,
+                               ratio=decoding / rows[batch]["generate"])
+            print(json.dumps({"batch": batch, **rows[batch]}), flush=True)
+    name = torch.cuda.get_device_name() if device == "cuda" else "cpu"
+    print(f"\n{name}, {args.shape} shape, {args.batches} batches of completions of exactly "
+          f"{args.max_tokens} tokens (ignore_eos, greedy), one actor; ratio: decoding / generate")
+    print(f"{'batch':>6}{'decoding tok/s':>16}{'run tok/s':>11}{'generate tok/s':>16}{'ratio':>8}")
+    for batch, row in rows.items():
+        print(f"{batch:>6}{row['decoding']:>16,.0f}{row['wall']:>11,.0f}"
+              f"{row['generate']:>16,.0f}{row['ratio']:>8.2f}")
+    if args.out:
+        Path(args.out).write_text(json.dumps({"device": name, "rows": rows}, indent=2) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", help="an HF model folder (default: the built-in tiny "
@@ -79,7 +154,22 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=2, help="our model actors")
     parser.add_argument("--batch-size", type=int, default=16, help="our prompts per batch")
     parser.add_argument("--cpus-per-actor", type=float, default=0.75)
+    parser.add_argument("--gpu", action="store_true", default=None,
+                        help="the GPU protocol (default when CUDA is present; see above)")
+    parser.add_argument("--shape", choices=["tiny", "gpt2"], default="gpt2",
+                        help="--gpu: the model shape (decode_engine.SHAPES)")
+    parser.add_argument("--batches", type=int, default=4, help="--gpu: batches per batch size")
+    parser.add_argument("--out", help="--gpu: write the figures as JSON here")
     args = parser.parse_args()
+    if args.gpu is None:
+        import torch
+
+        args.gpu = torch.cuda.is_available()
+    if args.gpu:
+        if "--max-tokens" not in sys.argv:
+            args.max_tokens = 128
+        gpu_mode(args)
+        return
 
     import ray
 

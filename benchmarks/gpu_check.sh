@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# The GPU figures issues 13, 15 and 16 still need, in two device calls (a call may run 600 s).
+# The GPU figures issues 13, 15 and 16 still need, in three device calls (each may run 600 s).
 # Run ON the device machine from the project root after `source .gpu/setup.sh` (see
 # ../shared/gpu/README.md); results land in $OUT (or /tmp/gpu_check).
-#   bash benchmarks/gpu_check.sh decode   (~4 minutes)
+#   bash benchmarks/gpu_check.sh decode   (~8 minutes)
 #     1. decode_engine.py --shape gpt2: the padded and the CUDA-graph (slots) engines against
 #        static-batch `generate`, batch 1/16/64, 128 tokens (issue 16: >= 8x at 64, <= 5 ms per
 #        token at 1), and the capture time
 #     2. the GPU test of the captured graphs (same tokens and logprobs as the padded engine)
+#     3. serve_throughput.py --gpu: one replica, 1/16/64 clients, streamed and whole, against
+#        static-batch generate (issue 16's serving targets)
+#   bash benchmarks/gpu_check.sh generate (~4 minutes)
+#     4. generate_throughput.py --gpu: one actor at batch 1/16/64 against static generate
 #   bash benchmarks/gpu_check.sh train    (~9 minutes)
-#     3. the GPU tests: bf16 training with ddp and fsdp (MixedPrecisionPolicy) on one worker
-#     4. train_throughput.py --gpu --compile on (issue 13: ours/plain and MFU, small and large
+#     5. the GPU tests: bf16 training with ddp and fsdp (MixedPrecisionPolicy) on one worker
+#     6. train_throughput.py --gpu --compile on (issue 13: ours/plain and MFU, small and large
 #        corpus; the small one replays its cached shard now)
-#     5. train_throughput.py --strategy fsdp on the visible GPUs (with one GPU fsdp shards
+#     7. train_throughput.py --strategy fsdp on the visible GPUs (with one GPU fsdp shards
 #        nothing: it measures FSDP2's overhead against DDP there, not the memory saving)
 # Each step has its own time limit, so one that hangs does not lose the others.
 set -u
@@ -25,7 +29,14 @@ if [ "$part" = decode ]; then
   timeout 240 python3 benchmarks/decode_engine.py --shape gpt2 --batch-sizes 1,16,64 \
     --max-tokens 128 --out "$OUT/decode_gpu.json" 2>&1 | tail -10
   el captured graphs test
-  timeout 120 python3 -m pytest -q -x tests/unit/test_decode_graphs.py -k cuda 2>&1 | tail -3
+  timeout 90 python3 -m pytest -q -x tests/unit/test_decode_graphs.py -k cuda 2>&1 | tail -3
+  el serving, 1/16/64 clients, graphs on
+  timeout 230 python3 benchmarks/serve_throughput.py --gpu --graphs on \
+    --out "$OUT/serve_gpu.json" 2>&1 | tail -10
+elif [ "$part" = generate ]; then
+  el batch generation, batch 1/16/64
+  timeout 300 python3 benchmarks/generate_throughput.py --gpu --out "$OUT/generate_gpu.json" \
+    2>&1 | tail -6
 elif [ "$part" = train ]; then
   el gpu tests
   timeout 150 python3 -m pytest -q -x tests/integration/test_train.py -k gpu 2>&1 | tail -3
@@ -36,7 +47,7 @@ elif [ "$part" = train ]; then
   timeout 120 python3 benchmarks/train_throughput.py --strategy fsdp --steps 60 \
     --out-json "$OUT/fsdp_gpu.json" 2>&1 | tail -9
 else
-  echo "usage: bash benchmarks/gpu_check.sh decode|train" >&2
+  echo "usage: bash benchmarks/gpu_check.sh decode|generate|train" >&2
   exit 2
 fi
 el done

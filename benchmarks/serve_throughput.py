@@ -356,6 +356,8 @@ def gpu_mode(args) -> None:
     from decode_engine import build, save_checkpoint, same_length_prompts, static_generate
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)  # as the model actor or replica has: one CPU, one thread
     results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
                "shape": args.shape, "max_tokens": args.max_tokens, "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:

@@ -59,7 +59,12 @@ def test_every_input_row_is_written_or_skipped_and_greedy_equals_generate(
     skipped = [json.loads(line) for line in (out / SKIPPED_FILE).read_text().splitlines()]
     assert [(s["line"], s["reason"]) for s in skipped] == [
         (26, "invalid_json"), (27, "missing_field"), (28, "empty_text")]
-    assert json.loads((out / SUMMARY_FILE).read_text())["written_rows"] == 25
+    record = json.loads((out / SUMMARY_FILE).read_text())
+    assert record["written_rows"] == 25
+    # Time inside the decode engine: part of the run, and the line reports its token rate.
+    assert 0 < summary.decode_seconds < summary.seconds
+    assert record["decode_seconds"] == round(summary.decode_seconds, 3)
+    assert "tokens/s per actor while decoding" in summary.line()
 
     by_id = {row["id"]: row for row in rows}
     for row_id in ("sku-0", "sku-7", "prompts.jsonl:25"):  # different batches, different lengths
