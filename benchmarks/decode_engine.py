@@ -4,14 +4,16 @@ No Ray and no HTTP: what serving replicas and `aigc-ray generate` actors run per
 batch size, B requests of the same prompt length decode exactly `--max-tokens` tokens each
 (`ignore_eos`, greedy) through each engine: `padded` (`BatchDecoder`, a left-padded cache that
 grows a column a step) and `slots` (`decode_graphs.SlotDecoder`: fixed slots of a preallocated
-cache, the step replayed as a CUDA graph on a GPU, eager on CPU). The baseline is one
+cache, the step replayed as a CUDA graph on a GPU, eager on CPU), and optionally `hf-cb`
+(transformers' own continuous batching, `model.generate_batch` with a persistent manager, warmed
+up first: paged cache, its own CUDA graphs; tokens/s only). The baseline is one
 `model.generate` call on the same B prompts, `min_new_tokens = max_new_tokens` (the same length).
 Reported: output tokens/s of each and its ratio to the baseline, time to first token (the
 prefill step) and time per output token after it, and the slots' capture time. CUDA when
 present (bf16), else CPU (fp32, 1 torch thread).
 
     .venv/bin/python benchmarks/decode_engine.py [--shape tiny|gpt2] [--batch-sizes 1,16,64]
-        [--engines padded,slots] [--max-tokens 128] [--out results.json]
+        [--engines padded,slots,hf-cb] [--max-tokens 128] [--out results.json]
 
 `--shape gpt2` is the GPT-2-124M shape of issue 16 (12 layers × 768, vocab 8192, random
 weights: untrained weights cost the same to run); `tiny` is the built-in model (2 × 64).
@@ -103,6 +105,27 @@ def ours(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str,
             "ms_per_output_token": 1000 * (seconds - first) / max(1, max_tokens - 1)}
 
 
+def hf_continuous_batching(model, tokenizer, ids: list[list[int]], max_tokens: int,
+                           device: str) -> dict:
+    """transformers' continuous batching on the same requests (EOS off: the same length)."""
+    import logging
+
+    from transformers import GenerationConfig
+
+    logging.getLogger("ContinuousBatchingLogger").setLevel(logging.ERROR)
+    config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, eos_token_id=-1,
+                              pad_token_id=tokenizer.pad_token_id)
+    sync(device)
+    start = time.perf_counter()
+    out = model.generate_batch(ids, generation_config=config, persistent_manager=True)
+    sync(device)
+    seconds = time.perf_counter() - start
+    produced = sum(len(o.generated_tokens) for o in out.values())
+    assert produced == len(ids) * max_tokens, produced
+    return {"tokens_per_second": produced / seconds, "ttft_ms": None,
+            "ms_per_output_token": None}
+
+
 def static_generate(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str) -> dict:
     import torch
 
@@ -124,7 +147,8 @@ def main() -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
     parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--engines", default="padded,slots",
-                        help="comma-separated: padded (BatchDecoder), slots (SlotDecoder)")
+                        help="comma-separated: padded (BatchDecoder), slots (SlotDecoder), "
+                        "hf-cb (transformers' generate_batch)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per side")
     parser.add_argument("--out", help="write the figures as JSON here")
@@ -152,8 +176,17 @@ def main() -> None:
                             "graph_error": steps["slots"].graph_error,
                             "cache_bytes": steps["slots"].cache_bytes}
         print(json.dumps(results["slots"]), flush=True)
-    for engine in engines:  # warm-up: kernels, allocator
-        ours(model, tokenizer, ids[:2], 4, device, steps[engine])
+    def run(engine: str, batch: list[list[int]], max_tokens: int) -> dict:
+        if engine == "hf-cb":
+            return hf_continuous_batching(model, tokenizer, batch, max_tokens, device)
+        return ours(model, tokenizer, batch, max_tokens, device, steps[engine])
+
+    for engine in engines:  # warm-up: kernels, allocator (hf-cb: its manager, sized for 64)
+        if engine == "hf-cb":
+            start = time.perf_counter()
+            run(engine, ids[:max(sizes)], args.max_tokens)
+            results["hf-cb"] = {"start_s": time.perf_counter() - start}
+        run(engine, ids[:2], 4)
     static_generate(model, tokenizer, ids[:2], 4, device)
     for size in sizes:
         row = {"batch": size}
@@ -161,9 +194,8 @@ def main() -> None:
                                                device) for _ in range(args.repeats)),
                               key=lambda r: r["tokens_per_second"])
         for engine in engines:
-            row[engine] = max((ours(model, tokenizer, ids[:size], args.max_tokens, device,
-                                    steps[engine]) for _ in range(args.repeats)),
-                              key=lambda r: r["tokens_per_second"])
+            row[engine] = max((run(engine, ids[:size], args.max_tokens)
+                               for _ in range(args.repeats)), key=lambda r: r["tokens_per_second"])
             row[engine]["ratio"] = (row[engine]["tokens_per_second"]
                                     / row["generate"]["tokens_per_second"])
         results["rows"].append(row)
@@ -175,9 +207,11 @@ def main() -> None:
     for row in results["rows"]:
         for engine in engines:
             mine = row[engine]
+            ttft, tpot = ((f"{mine['ttft_ms']:.1f}", f"{mine['ms_per_output_token']:.2f}")
+                          if mine["ttft_ms"] is not None else ("-", "-"))
             print(f"{row['batch']:>6}{engine:>8}{mine['tokens_per_second']:>12,.0f}"
                   f"{row['generate']['tokens_per_second']:>16,.0f}{mine['ratio']:>8.2f}"
-                  f"{mine['ttft_ms']:>10.1f}{mine['ms_per_output_token']:>10.2f}")
+                  f"{ttft:>10}{tpot:>10}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

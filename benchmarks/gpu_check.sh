@@ -3,9 +3,9 @@
 # Run ON the device machine from the project root after `source .gpu/setup.sh` (see
 # ../shared/gpu/README.md); results land in $OUT (or /tmp/gpu_check).
 #   bash benchmarks/gpu_check.sh decode   (~8 minutes)
-#     1. decode_engine.py --shape gpt2: the padded and the CUDA-graph (slots) engines against
-#        static-batch `generate`, batch 1/16/64, 128 tokens (issue 16: >= 8x at 64, <= 5 ms per
-#        token at 1), and the capture time
+#     1. decode_engine.py --shape gpt2: the padded, CUDA-graph (slots) and transformers'
+#        continuous-batching engines against static-batch `generate`, batch 1/16/64, 128 tokens
+#        (issue 16: >= 8x at 64, <= 5 ms per token at 1), and the capture time
 #     2. the GPU test of the captured graphs (same tokens and logprobs as the padded engine)
 #     3. serve_throughput.py --gpu: one replica, 1/16/64 clients, streamed and whole, against
 #        static-batch generate (issue 16's serving targets)
@@ -27,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$part" = decode ]; then
   el decode engines
   timeout 240 python3 benchmarks/decode_engine.py --shape gpt2 --batch-sizes 1,16,64 \
-    --max-tokens 128 --out "$OUT/decode_gpu.json" 2>&1 | tail -10
+    --engines padded,slots,hf-cb --max-tokens 128 --out "$OUT/decode_gpu.json" 2>&1 | tail -13
   el captured graphs test
   timeout 90 python3 -m pytest -q -x tests/unit/test_decode_graphs.py -k cuda 2>&1 | tail -3
   el serving, 1/16/64 clients, graphs on
