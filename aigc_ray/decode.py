@@ -292,8 +292,10 @@ class BatchDecoder:
     are trimmed, so a long-lived batch costs what its live rows cost.
     """
 
-    def __init__(self, model, tokenizer, requests: list[GenerationRequest] = ()):
+    def __init__(self, model, tokenizer, requests: list[GenerationRequest] = (),
+                 max_rows: int | None = None):
         self.model = model
+        self.max_rows = max_rows  # rows decoding at once; more wait and join as rows finish
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None)
@@ -477,7 +479,11 @@ class BatchDecoder:
 
     def _newcomers(self) -> list[int]:
         """The waiting requests that join at this step (a prefix of `waiting`)."""
-        return self.waiting if self.joinable else []
+        if not self.joinable:
+            return []
+        if self.max_rows is None:
+            return self.waiting
+        return self.waiting[:max(0, self.max_rows - len(self.active))]
 
     def _decode_active(self) -> torch.Tensor:
         """The running rows' next-token logits, in `active` order."""

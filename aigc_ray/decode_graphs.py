@@ -222,13 +222,13 @@ class SlotDecoder(BatchDecoder):
     rest wait in `waiting` until rows finish."""
 
     def __init__(self, model, tokenizer, step: StaticStep,
-                 requests: list[GenerationRequest] = ()):
+                 requests: list[GenerationRequest] = (), max_rows: int | None = None):
         self.static = step
         self.slot_of: dict[int, int] = {}  # request index → slot
         self.free = list(range(step.slots))  # sorted: the lowest free slot first
         self.lengths = [0] * step.slots  # tokens in each slot's cache
         self.next_tokens: list[int] | None = None  # per running row, in `active` order
-        super().__init__(model, tokenizer, requests)
+        super().__init__(model, tokenizer, requests, max_rows)
 
     def add(self, requests: list[GenerationRequest]) -> list[int]:
         for request in requests:
@@ -243,7 +243,10 @@ class SlotDecoder(BatchDecoder):
         return bool(self.free)
 
     def _newcomers(self) -> list[int]:
-        return self.waiting[:len(self.free)]
+        room = len(self.free)
+        if self.max_rows is not None:
+            room = min(room, self.max_rows - len(self.active))
+        return self.waiting[:max(0, room)]
 
     def _keep(self, batch_rows: list[int]) -> None:
         kept = set(batch_rows)
@@ -296,11 +299,12 @@ class SlotDecoder(BatchDecoder):
 
 
 def new_decoder(model, tokenizer, step: StaticStep | None,
-                requests: list[GenerationRequest] = ()) -> BatchDecoder:
+                requests: list[GenerationRequest] = (), max_rows: int | None = None
+                ) -> BatchDecoder:
     """A `SlotDecoder` over `step` when there is one, else a padded `BatchDecoder`."""
     if step is None:
-        return BatchDecoder(model, tokenizer, requests)
-    return SlotDecoder(model, tokenizer, step, requests)
+        return BatchDecoder(model, tokenizer, requests, max_rows)
+    return SlotDecoder(model, tokenizer, step, requests, max_rows)
 
 
 def static_step_for(model, tokenizer, slots: int, cuda_graphs: bool

@@ -13,7 +13,7 @@ prefill step) and time per output token after it, and the slots' capture time. C
 present (bf16), else CPU (fp32, 1 torch thread).
 
     .venv/bin/python benchmarks/decode_engine.py [--shape tiny|gpt2] [--batch-sizes 1,16,64]
-        [--engines padded,slots,hf-cb] [--max-tokens 128] [--out results.json]
+        [--engines padded,slots,hf-cb] [--max-tokens 128] [--refill 256] [--out results.json]
 
 `--shape gpt2` is the GPT-2-124M shape of issue 16 (12 layers × 768, vocab 8192, random
 weights: untrained weights cost the same to run); `tiny` is the built-in model (2 × 64).
@@ -126,6 +126,37 @@ def hf_continuous_batching(model, tokenizer, ids: list[list[int]], max_tokens: i
             "ms_per_output_token": None}
 
 
+def refill(model, tokenizer, ids: list[list[int]], batch: int, max_tokens: int, device: str,
+           step=None) -> dict:
+    """Batch generation's two ways through requests of different lengths (each asks for a
+    seeded random 1/8..1 of `max_tokens`): `batch` at a time, each run to its end, or all handed
+    to one decoder that keeps `batch` rows decoding and starts a waiting one as a row finishes."""
+    import random
+
+    from aigc_ray.decode import GenerationRequest, decode_all
+    from aigc_ray.decode_graphs import new_decoder
+
+    draw = random.Random(0)
+    lengths = [draw.randint(max(1, max_tokens // 8), max_tokens) for _ in ids]
+    out = {}
+    for mode in ("batches", "refill"):
+        requests = [GenerationRequest(prompt, n, temperature=0, ignore_eos=True)
+                    for prompt, n in zip(ids, lengths)]
+        sync(device)
+        start = time.perf_counter()
+        if mode == "batches":
+            for at in range(0, len(requests), batch):
+                decode_all(model, tokenizer, requests[at:at + batch],
+                           new_decoder(model, tokenizer, step))
+        else:
+            decode_all(model, tokenizer, requests, new_decoder(model, tokenizer, step,
+                                                               max_rows=batch))
+        sync(device)
+        out[mode] = sum(lengths) / (time.perf_counter() - start)
+    out["ratio"] = out["refill"] / out["batches"]
+    return out
+
+
 def static_generate(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str) -> dict:
     import torch
 
@@ -151,6 +182,9 @@ def main() -> None:
                         "hf-cb (transformers' generate_batch)")
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=2, help="best of N runs per side")
+    parser.add_argument("--refill", type=int, default=0, metavar="N",
+                        help="also: N requests of different lengths, batches of the largest "
+                        "batch size run to their end vs refilled as rows finish")
     parser.add_argument("--out", help="write the figures as JSON here")
     args = parser.parse_args()
 
@@ -212,6 +246,16 @@ def main() -> None:
             print(f"{row['batch']:>6}{engine:>8}{mine['tokens_per_second']:>12,.0f}"
                   f"{row['generate']['tokens_per_second']:>16,.0f}{mine['ratio']:>8.2f}"
                   f"{ttft:>10}{tpot:>10}")
+    if args.refill:
+        refill_ids = same_length_prompts(tokenizer, args.refill)
+        results["refill"] = {engine: refill(model, tokenizer, refill_ids, max(sizes),
+                                            args.max_tokens, device, steps[engine])
+                             for engine in engines if engine != "hf-cb"}
+        print(f"\n{args.refill} requests of {args.max_tokens // 8}..{args.max_tokens} tokens, "
+              f"{max(sizes)} rows at a time: tokens/s")
+        for engine, row in results["refill"].items():
+            print(f"{engine:>8}  batches run to their end {row['batches']:>10,.0f}   refilled "
+                  f"{row['refill']:>10,.0f}   ratio {row['ratio']:.2f}")
     if args.out:
         Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
 

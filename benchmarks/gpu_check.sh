@@ -5,7 +5,8 @@
 #   bash benchmarks/gpu_check.sh decode   (~8 minutes)
 #     1. decode_engine.py --shape gpt2: the padded, CUDA-graph (slots) and transformers'
 #        continuous-batching engines against static-batch `generate`, batch 1/16/64, 128 tokens
-#        (issue 16: >= 8x at 64, <= 5 ms per token at 1), and the capture time
+#        (issue 16: >= 8x at 64, <= 5 ms per token at 1), the capture time, and 256 requests
+#        of different lengths refilled as rows finish against batches run to their end
 #     2. the GPU test of the captured graphs (same tokens and logprobs as the padded engine)
 #     3. serve_throughput.py --gpu: one replica, 1/16/64 clients, streamed and whole, against
 #        static-batch generate (issue 16's serving targets)
@@ -27,7 +28,8 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if [ "$part" = decode ]; then
   el decode engines
   timeout 240 python3 benchmarks/decode_engine.py --shape gpt2 --batch-sizes 1,16,64 \
-    --engines padded,slots,hf-cb --max-tokens 128 --out "$OUT/decode_gpu.json" 2>&1 | tail -13
+    --engines padded,slots,hf-cb --max-tokens 128 --refill 256 --out "$OUT/decode_gpu.json" \
+    2>&1 | tail -17
   el captured graphs test
   timeout 90 python3 -m pytest -q -x tests/unit/test_decode_graphs.py -k cuda 2>&1 | tail -3
   el serving, 1/16/64 clients, graphs on

@@ -357,3 +357,20 @@ def test_the_kv_cache_writes_into_spare_room_instead_of_reallocating(model_and_t
     third = layer.update(torch.full((1, 4, 1, 8), 3.0), torch.zeros(1, 4, 1, 8))[0]
     assert third.shape == (1, 4, 5, 8) and torch.equal(third[0, :, :4], second[1])
     assert torch.equal(third[0, :, 4], torch.full((4, 8), 3.0))
+
+
+def test_max_rows_keeps_that_many_decoding_and_starts_waiting_rows_as_others_finish(
+        model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    requests = [GenerationRequest(tokenizer(p)["input_ids"], n, temperature=0, ignore_eos=True)
+                for p, n in zip(PROMPTS * 2, [3, 9, 5, 2, 7, 4])]
+    decoder = BatchDecoder(model, tokenizer, requests, max_rows=2)
+    steps = []  # (requests waiting before the step, rows it decoded)
+    while not decoder.done:
+        waiting = len(decoder.waiting)
+        steps.append((waiting, len(decoder.step())))
+    # Two rows every step while any request waits; only the tail runs fewer.
+    assert all(rows == 2 for waiting, rows in steps if waiting)
+    assert max(rows for _, rows in steps) == 2 and steps[-1][1] == 1
+    assert decode_all(model, tokenizer, requests, BatchDecoder(model, tokenizer, max_rows=2)) \
+        == decode_all(model, tokenizer, requests)

@@ -128,6 +128,19 @@ def test_stops_penalties_and_cancels_behave_as_in_the_padded_batch(model_and_tok
     assert decoder.slot_of == {0: 0, 2: 1}  # its slot was freed and row 2 moved into it
 
 
+def test_max_rows_refills_slots_as_rows_finish(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    step = StaticStep(model, tokenizer, slots=4, graphs=False)
+    reqs = requests(tokenizer)
+    decoder = SlotDecoder(model, tokenizer, step, max_rows=2)
+    results = decode_all(model, tokenizer, reqs, decoder)
+    for got, want in zip(results, decode_all(model, tokenizer, requests(tokenizer))):
+        assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"])
+        assert [e.logprob for e in got["logprobs"]] == pytest.approx(
+            [e.logprob for e in want["logprobs"]], abs=1e-4)
+    assert set(decoder.free) == {0, 1, 2, 3}
+
+
 def test_a_request_longer_than_the_context_is_refused(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     step = StaticStep(model, tokenizer, slots=1, graphs=False)

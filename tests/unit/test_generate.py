@@ -73,3 +73,13 @@ def test_progress_line_counts_rows_against_the_input_total(tmp_path):
     assert line == ("[aigc-ray] generated 30/100 rows (40%, about 20 s left) | 10 skipped | "
                     "3.0 completions/s")
     assert "generated 5 rows | 0 skipped" in progress_line({"generated": 5}, None, 1.0)
+
+
+def test_actors_get_several_decode_batches_per_call_only_with_cuda_graphs_on_a_gpu():
+    from aigc_ray.config import Generate
+    from aigc_ray.generate import REFILL_BATCHES, prompts_per_call
+
+    gen = Generate(batch_size=16)
+    assert prompts_per_call(gen, gpu=False) == 16  # CPU: batches run to their end
+    assert prompts_per_call(gen, gpu=True) == 16 * REFILL_BATCHES
+    assert prompts_per_call(Generate(batch_size=16, cuda_graphs=False), gpu=True) == 16
