@@ -71,7 +71,25 @@ def test_slots_decode_what_the_padded_batch_decodes_with_joins_and_waits(model_a
                      want)
 
 
-def test_a_sixth_request_waits_until_a_slot_frees(model_and_tokenizer):
+def test_a_rotary_gqa_model_decodes_in_slots_as_in_the_padded_batch(model_and_tokenizer):
+    """Llama's shape (rotary positions, grouped key/value heads), random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _, tokenizer = model_and_tokenizer
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    assert unsupported(model, tokenizer) is None
+    want = run_with_joins(BatchDecoder(model, tokenizer), requests(tokenizer))
+    step = StaticStep(model, tokenizer, slots=4, graphs=False)
+    assert step.keys[0].shape == (4, 2, 256, 16)  # the key/value heads, not the query heads
+    assert_same_rows(run_with_joins(SlotDecoder(model, tokenizer, step), requests(tokenizer)),
+                     want)
+
+
+def test_a_request_waits_until_a_slot_frees(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     step = StaticStep(model, tokenizer, slots=2, graphs=False)
     reqs = requests(tokenizer)[:3]
