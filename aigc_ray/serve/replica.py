@@ -33,6 +33,8 @@ _DONE = object()  # ends a request's chunk queue
 
 # A decode step that has not finished in this long means the replica is wedged, not busy.
 STALL_S = 120.0
+# The longest the replica's metrics wait for a delivery of chunks to ride along with.
+METRICS_WAIT_S = 1.0
 
 
 class Batcher:
@@ -53,6 +55,7 @@ class Batcher:
         self.thread: threading.Thread | None = None
         self.step_started: float | None = None  # monotonic start of the step now running
         self.observations: list[tuple[str, float]] = []  # metrics waiting for the next delivery
+        self.observed_at = time.monotonic()  # when metrics last went to the event loop
 
     async def submit(self, request: GenerationRequest, stream: bool = True
                      ) -> AsyncIterator[Chunk]:
@@ -177,10 +180,15 @@ class Batcher:
             del entries[index]  # cancelled: its caller is gone
         if generated:
             observations.append(("tokens", generated))
-        if out or observations:
-            # Metrics are recorded on the event loop, beside the rest of Ray's bookkeeping,
-            # riding along with chunks so that no step wakes the loop for metrics alone.
+        # Metrics are recorded on the event loop, beside the rest of Ray's bookkeeping, riding
+        # along with chunks so that a step with nothing to hand out (whole completions still
+        # decoding) does not wake the loop for metrics alone: they wait, at most METRICS_WAIT_S.
+        now = time.monotonic()
+        if out or (observations and now - self.observed_at > METRICS_WAIT_S):
+            self.observed_at = now
             self._deliver(out, after=lambda seen=observations: self._observe(seen))
+        else:
+            self.observations = observations
 
     def _observe(self, observations: list[tuple[str, float]]) -> None:
         for name, value in observations:
