@@ -310,19 +310,24 @@ def new_decoder(model, tokenizer, step: StaticStep | None,
 def static_step_for(model, tokenizer, slots: int, cuda_graphs: bool
                     ) -> tuple[StaticStep | None, str | None]:
     """(the step a replica or generation actor decodes with, a note for its log): slots with
-    captured graphs on a GPU when `cuda_graphs` is on and the model allows it; otherwise None
-    (the padded `BatchDecoder`), with a note saying why when graphs were asked for but cannot
-    run (the eager slots are no faster than the padded cache)."""
+    captured graphs on a GPU when `cuda_graphs` is on and the model allows it (the note gives
+    their size and capture time); otherwise None (the padded `BatchDecoder`), with a note saying
+    why when graphs were asked for but cannot run (the eager slots are no faster than the
+    padded cache)."""
     if not cuda_graphs or next(model.parameters()).device.type != "cuda":
         return None, None
     reason = unsupported(model, tokenizer)
     if reason:
         return None, f"decoding without CUDA graphs: the model has {reason}"
+    import time
+
+    started = time.perf_counter()
     step = StaticStep(model, tokenizer, slots)
     if step.graph_error:
         return None, f"decoding without CUDA graphs: capturing the step failed ({step.graph_error})"
-    note = None
+    note = (f"decoding with CUDA graphs: {step.slots} rows × {step.width} tokens of KV cache "
+            f"({step.cache_bytes / 2**30:.2f} GiB), {len(step.graphs)} graphs captured in "
+            f"{time.perf_counter() - started:.1f} s")
     if step.slots < slots:
-        note = (f"CUDA-graph decoding holds {step.slots} rows, not {slots}: their KV cache "
-                f"({step.cache_bytes / 2**30:.1f} GiB) is what half the free GPU memory allows")
+        note += f"; {step.slots} rows, not {slots}: what half the free GPU memory holds"
     return step, note
