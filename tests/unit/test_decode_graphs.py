@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aigc_ray.decode import BatchDecoder, GenerationRequest, decode_all
-from aigc_ray.decode_graphs import SlotDecoder, StaticStep, new_decoder, unsupported
+from aigc_ray.decode_graphs import (SlotDecoder, StaticStep, new_decoder, static_step_for,
+                                    unsupported)
 from aigc_ray.tokenizer import load_tokenizer
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",
@@ -173,6 +174,7 @@ def test_models_the_slots_cannot_hold_say_why(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     assert unsupported(model, tokenizer) is None
     assert isinstance(new_decoder(model, tokenizer, None), BatchDecoder)
+    assert static_step_for(model, tokenizer, 4, True) == (None, None)  # CPU: the padded engine
     sliding = MistralForCausalLM(MistralConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, sliding_window=32))
@@ -189,7 +191,8 @@ def test_captured_cuda_graphs_decode_what_the_padded_batch_decodes(tiny_model_di
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to("cuda").eval()  # float32
     tokenizer = load_tokenizer(tiny_model_dir)
     want = run_with_joins(BatchDecoder(model, tokenizer), requests(tokenizer))
-    step = StaticStep(model, tokenizer, slots=4)
+    step, note = static_step_for(model, tokenizer, 4, True)
+    assert step is not None and "decoding with CUDA graphs: 4 rows" in note, note
     assert step.graph_error is None and len(step.graphs) == len(step.buckets) * len(step.spans)
     assert_same_rows(run_with_joins(SlotDecoder(model, tokenizer, step), requests(tokenizer)),
                      want)
