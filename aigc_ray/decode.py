@@ -282,6 +282,23 @@ def new_cache(config):
     return cache
 
 
+def cache_argument(model) -> str:
+    """The forward's name for the KV cache: transformers 5.2x renamed `past_key_values` to
+    `cache` (the old name warns, and goes in 5.40); remote-code models may still take the old."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def plain_kv_cache(config) -> bool:
+    """Whether every layer of `config`'s model keeps a plain per-token KV cache (no sliding
+    window, no linear attention): rows can then join a batch and padding be trimmed."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
+
+
 class BatchDecoder:
     """Decodes requests together with one KV cache; rows join and leave between steps.
 
@@ -303,12 +320,7 @@ class BatchDecoder:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         self.detokenizer = Detokenizer(tokenizer)
-        # transformers 5.2x renamed the forward's `past_key_values` to `cache` (the old name
-        # warns, and goes in 5.40); remote-code models may still take the old one.
-        import inspect
-
-        self.cache_arg = ("cache" if "cache" in inspect.signature(model.forward).parameters
-                          else "past_key_values")
+        self.cache_arg = cache_argument(model)
         self.rows: dict[int, _Row] = {}  # request index → state, until it has finished
         self.next_index = 0
         self.waiting: list[int] = []  # admitted, prefilled at the next step
@@ -316,11 +328,7 @@ class BatchDecoder:
         self.next_input = self.attention_mask = self.cache = None
         # Rows can join and padding can be trimmed only in a plain per-token KV cache (not in
         # sliding-window layers, say); that is fixed by the model, so it is read once here.
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        self.plain_cache = all(type(layer) is DynamicLayer
-                               for layer in DynamicCache(config=model.config).layers)
+        self.plain_cache = plain_kv_cache(model.config)
         self.add(requests)
 
     def add(self, requests: list[GenerationRequest]) -> list[int]:
@@ -478,12 +486,16 @@ class BatchDecoder:
     # `decode_graphs.SlotDecoder` keeps fixed slots instead, behind the same four methods.
 
     def _newcomers(self) -> list[int]:
-        """The waiting requests that join at this step (a prefix of `waiting`)."""
-        if not self.joinable:
-            return []
-        if self.max_rows is None:
-            return self.waiting
-        return self.waiting[:max(0, self.max_rows - len(self.active))]
+        """The waiting requests that join at this step (a prefix of `waiting`): as many as the
+        cache takes (`_room`) and `max_rows` leaves."""
+        room = self._room()
+        if self.max_rows is not None:
+            room = min(room, self.max_rows - len(self.active))
+        return self.waiting[:max(0, room)]
+
+    def _room(self) -> int:
+        """Newcomers the cache can take now."""
+        return len(self.waiting) if self.joinable else 0
 
     def _decode_active(self) -> torch.Tensor:
         """The running rows' next-token logits, in `active` order."""

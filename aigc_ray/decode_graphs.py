@@ -28,7 +28,14 @@ import functools
 
 import torch
 
-from aigc_ray.decode import BatchDecoder, GenerationRequest, context_length, new_cache
+from aigc_ray.decode import (
+    BatchDecoder,
+    GenerationRequest,
+    cache_argument,
+    context_length,
+    new_cache,
+    plain_kv_cache,
+)
 
 # Attention implementations that take an additive 4D mask as it is (flash-attention kernels take
 # none): the step's mask is how a row sees only its own slot's filled columns.
@@ -39,16 +46,13 @@ CACHE_MEMORY_SHARE = 0.5
 
 def unsupported(model, tokenizer) -> str | None:
     """Why `model` cannot decode in static slots (None: it can)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
     config = model.config
     if getattr(config, "is_encoder_decoder", False):
         return "an encoder-decoder model"
     attention = getattr(config, "_attn_implementation", None)
     if attention not in MASKED_ATTENTION:
         return f"attention implementation {attention!r} (needs one of {', '.join(MASKED_ATTENTION)})"
-    if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers):
+    if not plain_kv_cache(config):
         return "layers that are not plain full attention (sliding window, linear attention)"
     if context_length(config, tokenizer) is None:
         return "no stated context length to size the cache by"
@@ -91,7 +95,7 @@ class StaticStep:
 
         self.model, self.device = model, next(model.parameters()).device
         self.width = context_length(model.config, tokenizer)
-        self.cache_arg = ("cache" if "cache" in _forward_parameters(model) else "past_key_values")
+        self.cache_arg = cache_argument(model)
         shapes = self._layer_shapes()
         per_slot = sum(2 * heads * self.width * dim for heads, dim, _ in shapes) * shapes[0][2].itemsize
         if self.device.type == "cuda":
@@ -210,12 +214,6 @@ def _doubling(first: int, last: int) -> list[int]:
     return out
 
 
-def _forward_parameters(model) -> set[str]:
-    import inspect
-
-    return set(inspect.signature(model.forward).parameters)
-
-
 class SlotDecoder(BatchDecoder):
     """`BatchDecoder` over a `StaticStep`: the same rows, sampling, stops and chunks; each
     running row lives in a slot of the step's cache. Newcomers join while slots are free; the
@@ -238,15 +236,8 @@ class SlotDecoder(BatchDecoder):
                                  f"of {self.static.width} tokens")
         return super().add(requests)
 
-    @property
-    def joinable(self) -> bool:
-        return bool(self.free)
-
-    def _newcomers(self) -> list[int]:
-        room = len(self.free)
-        if self.max_rows is not None:
-            room = min(room, self.max_rows - len(self.active))
-        return self.waiting[:max(0, room)]
+    def _room(self) -> int:
+        return len(self.free)
 
     def _keep(self, batch_rows: list[int]) -> None:
         kept = set(batch_rows)
