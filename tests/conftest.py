@@ -84,3 +84,22 @@ def tiny_chat_model_dir(tmp_path_factory, sample_corpus) -> str:
         texts = [document_text(validate_record(json.loads(line), cfg.data), cfg.data)
                  for line in f]
     return str(materialize_builtin(cfg, texts))
+
+
+@pytest.fixture(scope="session")
+def random_lm():
+    """A factory of small randomly initialized causal LMs of a transformers family ("llama",
+    "mistral", ...) sized to a tokenizer: 2 layers of width 32, 4 query over 2 key/value heads;
+    keyword arguments override the config."""
+    def build(family: str, tokenizer, **overrides):
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        settings = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(family, **{**settings, **overrides})
+        return AutoModelForCausalLM.from_config(config).eval()
+
+    return build

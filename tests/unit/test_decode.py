@@ -106,18 +106,11 @@ def test_requests_joining_a_running_batch_decode_as_if_alone(model_and_tokenizer
 
 
 def test_a_sliding_window_cache_makes_newcomers_wait_and_still_decodes_right(
-        model_and_tokenizer):
+        model_and_tokenizer, random_lm):
     # Sliding-window KV layers cannot be left-padded and joined: a request added mid-batch
     # waits until the running rows finish, then decodes as it would alone.
-    import torch
-    from transformers import MistralConfig, MistralForCausalLM
-
     _, tokenizer = model_and_tokenizer
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=32,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    model = random_lm("mistral", tokenizer, sliding_window=32)
     first = GenerationRequest(tokenizer(PROMPTS[1])["input_ids"], 5, temperature=0)
     late = GenerationRequest(tokenizer(PROMPTS[0])["input_ids"], 4, temperature=0)
     decoder = BatchDecoder(model, tokenizer, [first])

@@ -72,16 +72,12 @@ def test_slots_decode_what_the_padded_batch_decodes_with_joins_and_waits(model_a
                      want)
 
 
-def test_a_rotary_gqa_model_decodes_in_slots_as_in_the_padded_batch(model_and_tokenizer):
+def test_a_rotary_gqa_model_decodes_in_slots_as_in_the_padded_batch(model_and_tokenizer,
+                                                                      random_lm):
     """Llama's shape (rotary positions, grouped key/value heads), random weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     _, tokenizer = model_and_tokenizer
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)).eval()
+    model = random_lm("llama", tokenizer, hidden_size=64, intermediate_size=128,
+                      max_position_embeddings=256)
     assert unsupported(model, tokenizer) is None
     want = run_with_joins(BatchDecoder(model, tokenizer), requests(tokenizer))
     step = StaticStep(model, tokenizer, slots=4, graphs=False)
@@ -168,16 +164,12 @@ def test_a_request_longer_than_the_context_is_refused(model_and_tokenizer):
                                                                temperature=0)])
 
 
-def test_models_the_slots_cannot_hold_say_why(model_and_tokenizer):
-    from transformers import MistralConfig, MistralForCausalLM
-
+def test_models_the_slots_cannot_hold_say_why(model_and_tokenizer, random_lm):
     model, tokenizer = model_and_tokenizer
     assert unsupported(model, tokenizer) is None
     assert isinstance(new_decoder(model, tokenizer, None), BatchDecoder)
     assert static_step_for(model, tokenizer, 4, True) == (None, None)  # CPU: the padded engine
-    sliding = MistralForCausalLM(MistralConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, sliding_window=32))
+    sliding = random_lm("mistral", tokenizer, sliding_window=32)
     assert "sliding window" in unsupported(sliding, tokenizer)
     model.config._attn_implementation = "flash_attention_2"
     try:
