@@ -64,6 +64,30 @@ def save_checkpoint(shape: str, folder: Path) -> str:
     return str(folder)
 
 
+def checkpoint_and_baselines(shape: str, folder: Path, prompts_needed: int, sizes,
+                             max_tokens: int) -> tuple[str, str, list[str], dict]:
+    """What the serving and generation benchmarks' GPU modes share: (device, checkpoint folder
+    of `shape`'s model, `prompts_needed` prompts as text, static-batch `generate` tokens/s per
+    batch size, best of 2). On CPU, one torch thread, as a model replica or actor has. The
+    model is freed before returning: the benchmark's own replica or actor loads its copy."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        torch.set_num_threads(1)
+    checkpoint = save_checkpoint(shape, folder)
+    model, tokenizer = build(shape, device)  # the same weights: the same seed
+    ids = same_length_prompts(tokenizer, max(prompts_needed, max(sizes)))
+    static_generate(model, tokenizer, ids[:2], 4, device)  # warm-up
+    baselines = {size: max(static_generate(model, tokenizer, ids[:size], max_tokens, device)
+                           ["tokens_per_second"] for _ in range(2)) for size in sizes}
+    texts = [tokenizer.decode(prompt) for prompt in ids[:prompts_needed]]
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return device, checkpoint, texts, baselines
+
+
 def same_length_prompts(tokenizer, count: int, length: int = 16) -> list[list[int]]:
     """`count` prompts cut to `length` tokens, so both sides decode the same shapes."""
     out = []

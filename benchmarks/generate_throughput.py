@@ -102,29 +102,16 @@ def gpu_run(checkpoint: str, texts: list[str], batch: int, max_tokens: int, devi
 
 def gpu_mode(args) -> None:
     import torch
-    from decode_engine import build, save_checkpoint, same_length_prompts, static_generate
+    from decode_engine import checkpoint_and_baselines
 
     from aigc_ray.cluster import start_ray
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(1)  # as the model actor or replica has: one CPU, one thread
     sizes = (1, 16, 64)
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        checkpoint = save_checkpoint(args.shape, folder / "model")
-        model, tokenizer = build(args.shape, device)
-        ids = same_length_prompts(tokenizer, max(sizes) * args.batches)
-        texts = [tokenizer.decode(prompt) for prompt in ids]
-        static_generate(model, tokenizer, ids[:2], 4, device)  # warm-up
-        for batch in sizes:
-            rows[batch] = {"generate": max(
-                static_generate(model, tokenizer, ids[:batch], args.max_tokens, device)
-                ["tokens_per_second"] for _ in range(2))}
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        device, checkpoint, texts, baselines = checkpoint_and_baselines(
+            args.shape, folder / "model", max(sizes) * args.batches, sizes, args.max_tokens)
+        rows = {batch: {"generate": rate} for batch, rate in baselines.items()}
         start_ray()
         logging.getLogger("ray").setLevel(logging.ERROR)
         for batch in sizes:

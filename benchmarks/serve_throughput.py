@@ -353,28 +353,16 @@ async def _nothing():
 def gpu_mode(args) -> None:
     import ray
     import torch
-    from decode_engine import build, save_checkpoint, same_length_prompts, static_generate
+    from decode_engine import checkpoint_and_baselines
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(1)  # as the model actor or replica has: one CPU, one thread
-    results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-               "shape": args.shape, "max_tokens": args.max_tokens, "levels": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = save_checkpoint(args.shape, Path(tmp) / "model")
-        model, tokenizer = build(args.shape, device)  # the same weights: same seed
-        ids = same_length_prompts(tokenizer, max(GPU_LEVELS))
-        texts = [tokenizer.decode(prompt) for prompt in ids]
-        static_generate(model, tokenizer, ids[:2], 4, device)  # warm-up
-        for level in GPU_LEVELS:
-            base = max((static_generate(model, tokenizer, ids[:level], args.max_tokens, device)
-                        for _ in range(2)), key=lambda r: r["tokens_per_second"])
-            results["levels"][level] = {"generate": base}
-            print(f"  generate  batch {level:<3} {base['tokens_per_second']:10,.0f} tok/s",
-                  flush=True)
-        del model
-        if device == "cuda":
-            torch.cuda.empty_cache()
+        device, checkpoint, texts, baselines = checkpoint_and_baselines(
+            args.shape, Path(tmp) / "model", max(GPU_LEVELS), GPU_LEVELS, args.max_tokens)
+        results = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+                   "shape": args.shape, "max_tokens": args.max_tokens, "levels": {}}
+        for level, rate in baselines.items():
+            results["levels"][level] = {"generate": {"tokens_per_second": rate}}
+            print(f"  generate  batch {level:<3} {rate:10,.0f} tok/s", flush=True)
         graphs = {"both": ["on", "off"], "on": ["on"], "off": ["off"]}[args.graphs]
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
                  logging_level=logging.ERROR, log_to_driver=False)
