@@ -148,7 +148,16 @@ def test_max_rows_refills_slots_as_rows_finish(model_and_tokenizer):
     step = StaticStep(model, tokenizer, slots=4, graphs=False)
     reqs = requests(tokenizer)
     decoder = SlotDecoder(model, tokenizer, step, max_rows=2)
+    rows_per_step, step_once = [], decoder.step
+
+    def counted_step():
+        chunks = step_once()
+        rows_per_step.append(len(chunks))
+        return chunks
+
+    decoder.step = counted_step
     results = decode_all(model, tokenizer, reqs, decoder)
+    assert max(rows_per_step) == 2  # never more than max_rows, though 4 slots were free
     for got, want in zip(results, decode_all(model, tokenizer, requests(tokenizer))):
         assert (got["token_ids"], got["text"]) == (want["token_ids"], want["text"])
         assert [e.logprob for e in got["logprobs"]] == pytest.approx(
