@@ -114,6 +114,9 @@ class Batcher:
                 room = self.max_batch_size
             else:
                 room = self.max_batch_size - decoder.batch_size if self.continuous else 0
+            if idle and self.observations:  # nothing steps until the next request: record now
+                self._deliver([], after=lambda seen=self.observations: self._observe(seen))
+                self.observations = []
             newcomers = self._take(room, wait=idle) if room > 0 else []
             if idle:
                 if not newcomers:

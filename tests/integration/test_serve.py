@@ -205,11 +205,14 @@ def test_concurrent_requests_are_batched_per_metrics(app):
         tokens = sum(s.value for s in metric_samples("ray_aigc_ray_tokens_generated", "main"))
         ttft = metric_samples("ray_aigc_ray_time_to_first_token_seconds_count", "main")
         tpot = metric_samples("ray_aigc_ray_time_per_output_token_seconds_count", "main")
-        if count - singles > 0 and tokens > 0 and ttft and tpot or time.time() > deadline:
+        # Poll for what is asserted: an export can hold some of the replica's counts and not
+        # yet the rest (the replica records them as its chunks go out).
+        if count - singles > 0 and tokens >= 16 * 8 and ttft and tpot or time.time() > deadline:
             break
         time.sleep(2)
     assert count - singles > 0, f"no batch of more than one request among {count} batches"
-    assert tokens >= 16 * 8 and ttft and tpot
+    assert tokens >= 16 * 8, f"the replica's token counter shows {tokens} tokens, want >= 128"
+    assert ttft and tpot
 
 
 def test_a_short_request_joins_a_running_long_one_and_finishes_first(serve_port,

@@ -51,3 +51,28 @@ def test_a_stream_that_falls_behind_gets_the_queued_steps_as_one_chunk(model_and
         assert chunks[-1].finish_reason == "length" and chunks[-1].completion_tokens == 24
         if lag:
             assert len(chunks) <= 6  # 24 steps of ~1 ms behind a 50 ms reader: merged
+
+
+def test_a_cancelled_whole_completion_still_counts_its_tokens_once_idle(model_and_tokenizer):
+    """Metrics ride with chunk deliveries; a whole (non-streamed) completion whose caller left
+    delivers none, so the loop records what it holds before it waits for the next request."""
+    model, tokenizer = model_and_tokenizer
+    metrics = {name: Sink() for name in ("ttft", "tpot", "tokens", "batch_size")}
+    batcher = Batcher(model, tokenizer, max_batch_size=4, wait_s=0, metrics=metrics)
+    ids = tokenizer("Customer: where is my parcel?\nAgent:")["input_ids"]
+
+    async def leave_early():
+        async def whole():
+            return [c async for c in batcher.submit(
+                GenerationRequest(ids, 100_000, temperature=0, ignore_eos=True), stream=False)]
+        task = asyncio.create_task(whole())
+        await asyncio.sleep(0.3)  # well under METRICS_WAIT_S: nothing recorded yet
+        task.cancel()
+        for _ in range(50):  # the decode thread goes idle and hands over what it holds
+            await asyncio.sleep(0.05)
+            if metrics["tokens"].seen:
+                break
+
+    asyncio.run(leave_early())
+    assert metrics["batch_size"].seen == [1]
+    assert sum(metrics["tokens"].seen) > 0, "tokens decoded for a cancelled caller went unrecorded"
