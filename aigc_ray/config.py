@@ -160,6 +160,18 @@ class Train(Section):
     compile: bool = False
     # Batches collated and pinned ahead of the step, so the GPU never waits for the next one.
     prefetch_batches: int = Field(4, ge=1)
+    # torch.profiler over this many optimizer steps (0: off) from step profile_from, on every
+    # rank: profile/rank-N.trace.json.gz and rank-N.txt (ms a step, gpu_busy, the top ops).
+    profile_steps: int = Field(0, ge=0)
+    profile_from: int = Field(10, ge=1)  # the first steps pay for start-up and compilation
+
+    @model_validator(mode="after")
+    def _profile_window_inside_the_run(self) -> Train:
+        if self.profile_steps and self.max_steps and self.profile_from > self.max_steps:
+            raise ValueError(f"train.profile_from={self.profile_from} is past train.max_steps="
+                             f"{self.max_steps}: nothing would be profiled; lower "
+                             "train.profile_from")
+        return self
 
 
 class Scaling(Section):

@@ -56,6 +56,12 @@ def worker_starts(run_dir: Path) -> list[dict]:
     return [row for row in worker_rows(run_dir) if "start_step" in row]
 
 
+def worker_notes(run_dir: Path) -> list[dict]:
+    """Lines rank 0 left for the console (a compile fallback, where a profile went), oldest
+    first: workers' own output stays in Ray's logs unless run.ray_logs is on."""
+    return [row for row in worker_rows(run_dir) if "note" in row and row["rank"] == 0]
+
+
 def worker_memory(run_dir: Path) -> list[dict]:
     """What each rank held after its first step of each start, oldest first (parameter_bytes,
     gradient_bytes, optimizer_bytes, peak_process_bytes, ...)."""
@@ -103,6 +109,7 @@ class Follower:
         self.seen = {self._key("metric", row) for row in read_jsonl(self.run.metrics)}
         self.seen |= {self._key("sample", row) for row in read_jsonl(self.run.samples)}
         self.seen |= {self._key("start", row) for row in worker_starts(self.run.path)}
+        self.seen |= {self._key("note", row) for row in worker_notes(self.run.path)}
         self._thread.start()
         return self
 
@@ -124,6 +131,7 @@ class Follower:
                   if row["rank"] == 0]
         events += [(row["step"], 1, "metric", row) for row in read_jsonl(self.run.metrics)]
         events += [(row["step"], 2, "sample", row) for row in read_jsonl(self.run.samples)]
+        events += [(row["at_step"], 3, "note", row) for row in worker_notes(self.run.path)]
         for _, _, kind, row in sorted(events, key=lambda e: e[:2]):
             key = self._key(kind, row)
             if key in self.seen:
@@ -133,6 +141,8 @@ class Follower:
                 self.out(start_line(row))
             elif kind == "metric":
                 self.out(progress_line(row, self.total_steps))
+            elif kind == "note":
+                self.out(row["note"])
             else:
                 self.out(f"[aigc-ray] sample at step {row['step']} | {row['prompt']!r} → "
                          f"{row['reply']!r}")

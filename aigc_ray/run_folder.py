@@ -63,6 +63,10 @@ class RunFolder:
         return sorted(self.workers.glob("rank-*.jsonl"))
 
     @property
+    def profile(self) -> Path:  # train.profile_steps: rank-N.trace.json.gz and rank-N.txt
+        return self.path / "profile"
+
+    @property
     def data_record(self) -> Path:
         return self.path / "data.json"
 

@@ -41,6 +41,7 @@ from aigc_ray.sharding import (
     shard_model,
     state_bytes,
 )
+from aigc_ray.step_profile import StepProfiler
 from aigc_ray.trackers import check_trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -488,11 +489,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         model.to(device)
     if cfg.data.packing:
         check_packed_attention(model, device)
-    step_model = model
+    step_model, warning = model, None
     if cfg.train.compile:
         step_model, warning = compiled(model, device)
-        if warning and rank == 0:
-            print(warning, flush=True)
     if not sharded:
         step_model = ray.train.torch.prepare_model(step_model)  # DDP when world_size > 1
     optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
@@ -526,6 +525,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     note_start(run_dir, rank, world_size, device, state.step, total_steps,
                global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size,
                strategy=cfg.scaling.strategy)
+    if warning and rank == 0:
+        note_console(run_dir, state.step, warning)
 
     trackers = open_trackers(cfg, run_dir, state.step) if rank == 0 else None
     train_shard = ray.train.get_dataset_shard("train")
@@ -607,12 +608,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
     epochs = EpochFeed(train_shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
                        cfg.train.epochs - state.epoch if loop_config["epochs_bound"] else None,
                        replay=loop_config["cached"])
+    profiler = StepProfiler(run.profile, rank, device, cfg.train.profile_from,
+                            cfg.train.profile_steps) if cfg.train.profile_steps else None
     try:
         while not finished:
             batches = epochs.epoch()
             for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was consumed
                 next(batches, None)
             while not finished:
+                if profiler:
+                    profiler.before(state.step)
                 micro = []
                 for _ in range(cfg.train.grad_accum_steps):
                     batch = clock.next(batches)
@@ -642,6 +647,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 clock.mark_step()
                 state.step += 1
                 state.batches_in_epoch += len(micro)
+                if profiler:
+                    profiler.after(state.step)
+                    note_profile(run_dir, profiler, rank, state.step)
 
                 evaluating = state.step % cfg.train.eval_every == 0 or state.step == total_steps
                 if evaluating or state.step % cfg.train.log_every == 0:
@@ -689,6 +697,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
     finally:
         epochs.close()  # a run that ends mid-epoch stops the reader thread
+        if profiler:
+            profiler.close(state.step)
+            note_profile(run_dir, profiler, rank, state.step, ended=True)
         if trackers:
             trackers.close()
 
@@ -713,6 +724,29 @@ def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: in
         "start_step": start_step, "world_size": world_size, "num_nodes": len(set(nodes)),
         "total_steps": total_steps, "global_batch": global_batch, "strategy": strategy,
         "time": time.time()})
+
+
+def note_console(run_dir: Path, step: int, line: str) -> None:
+    """A line for the driver's console (see `metrics.worker_notes`), from rank 0."""
+    append_jsonl(RunFolder(run_dir).worker_log(0),
+                 {"rank": 0, "note": line, "at_step": step, "time": time.time()})
+
+
+def note_profile(run_dir: Path, profiler: StepProfiler, rank: int, step: int,
+                 ended: bool = False) -> None:
+    """Rank 0 says once where the profile went, or, at the end, that the run never reached it."""
+    if rank != 0 or profiler.noted:
+        return
+    if profiler.summary:
+        line = (f"[aigc-ray] profile: {profiler.summary}; trace and op table in "
+                f"{profiler.folder}")
+    elif ended:
+        line = (f"[aigc-ray] profile: the run ended before train.profile_from="
+                f"{profiler.first}; nothing was profiled")
+    else:
+        return
+    note_console(run_dir, step, line)
+    profiler.noted = True
 
 
 def note_memory(run_dir: Path, rank: int, step: int, held: dict) -> None:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures issues 13, 15 and 16 still need, in three device calls (each may run 600 s).
+# The GPU figures issues 13, 15 and 16 still need, in four device calls (each may run 600 s).
 # Run ON the device machine from the project root after `source .gpu/setup.sh` (see
 # ../shared/gpu/README.md); results land in $OUT (or /tmp/gpu_check).
 #   bash benchmarks/gpu_check.sh decode   (~8 minutes)
@@ -18,6 +18,10 @@
 #        corpus; the small one replays its cached shard now)
 #     7. train_throughput.py --strategy fsdp on the visible GPUs (with one GPU fsdp shards
 #        nothing: it measures FSDP2's overhead against DDP there, not the memory saving)
+#   bash benchmarks/gpu_check.sh profile  (~5 minutes)
+#     8. train_throughput.py --gpu --profile, eager and compiled: the same 5 steps of ours and
+#        of the plain loop under torch.profiler; gpu_busy says whether ours keeps the GPU as
+#        busy as plain does, and the traces in $OUT say what it waited for where it does not
 # Each step has its own time limit, so one that hangs does not lose the others.
 set -u
 part=${1:-decode}
@@ -48,8 +52,12 @@ elif [ "$part" = train ]; then
   el fsdp against ddp
   timeout 120 python3 benchmarks/train_throughput.py --strategy fsdp --steps 60 \
     --out-json "$OUT/fsdp_gpu.json" 2>&1 | tail -9
+elif [ "$part" = profile ]; then
+  el profiled steps, ours and plain, eager then compiled
+  timeout 400 python3 benchmarks/train_throughput.py --gpu --steps 60 --compile both --profile \
+    --out "$OUT" 2>&1 | tail -12
 else
-  echo "usage: bash benchmarks/gpu_check.sh decode|generate|train" >&2
+  echo "usage: bash benchmarks/gpu_check.sh decode|generate|train|profile" >&2
   exit 2
 fi
 el done

@@ -18,6 +18,11 @@ epoch), each against the best plain loop we could write: every block already on 
 same model, loss, fused AdamW, schedule and clipping, with the same torch.compile setting.
 
     python3 benchmarks/train_throughput.py --gpu [--steps 150] [--compile both|on|off] [--out DIR]
+                                               [--profile]
+
+`--profile` adds `train.profile_steps` to ours and the same profiler to the plain loop, over the
+same 5 steps, and prints each run's `gpu_busy`: where ours falls short of plain, the traces
+(ours: the run folder's `profile/`, plain: `DIR/profile-plain-*`) show what the GPU waited for.
 
 Strategy mode (`--strategy fsdp`): `scaling.strategy=fsdp` against ddp, same config, same
 workers (`--workers`, default 2; on GPUs one per visible GPU), in the same run: tokens/s and what
@@ -33,6 +38,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -137,17 +143,23 @@ def text_blocks(cfg, model_dir: str) -> list[dict]:
 
 
 def plain_gpu_loop(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: int,
-                   compile_model: bool, device: str = "cuda") -> dict:
+                   compile_model: bool, device: str = "cuda", profile_dir: Path | None = None
+                   ) -> dict:
     """The best plain loop: blocks preloaded on the GPU, bf16 autocast, fused AdamW, the same
-    loss/schedule/clipping as ours; timed between CUDA syncs after `warmup` steps."""
+    loss/schedule/clipping as ours; timed between CUDA syncs after `warmup` steps. With
+    `profile_dir`, the same `StepProfiler` as `train.profile_steps` over the steps `ours`
+    profiles (see `profile_settings`)."""
     import numpy as np
     import torch
 
     from aigc_ray.loss import token_loss_sum
     from aigc_ray.model import load_model
+    from aigc_ray.step_profile import StepProfiler
     from aigc_ray.train import decay_groups, flops_per_token, lr_factor, peak_tflops
 
     device = torch.device(device)
+    profiler = StepProfiler(profile_dir, 0, device, cfg.train.profile_from,
+                            cfg.train.profile_steps) if profile_dir else None
     on_gpu = device.type == "cuda"
     sync = torch.cuda.synchronize if on_gpu else (lambda: None)
     torch.manual_seed(cfg.train.seed)
@@ -170,6 +182,8 @@ def plain_gpu_loop(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: 
         if step == warmup:
             sync()
             start, tokens = time.perf_counter(), 0
+        if profiler:
+            profiler.before(step)
         tokens += int(real[np.arange(step * batch_size, (step + 1) * batch_size) % len(ids)].sum())
         rows = torch.arange(step * batch_size, (step + 1) * batch_size, device=device) % len(ids)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=on_gpu):
@@ -180,6 +194,8 @@ def plain_gpu_loop(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: 
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if profiler:
+            profiler.after(step + 1)
     sync()
     rate = tokens / (time.perf_counter() - start)
     peak = peak_tflops(torch.cuda.get_device_name()) if on_gpu else None
@@ -188,12 +204,13 @@ def plain_gpu_loop(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: 
     if on_gpu:
         torch.cuda.empty_cache()
     return {"tokens_per_second": rate, "mfu": flops * rate / (peak * 1e12) if peak else None,
-            "data_wait": 0.0}
+            "data_wait": 0.0, **({"profile": profiler.summary} if profiler else {})}
 
 
-def ours_gpu(cfg) -> dict:
+def ours_gpu(cfg, keep: Path | None = None) -> dict:
     """`run_train` on one GPU worker: steady rates from metrics.jsonl (first interval left out:
-    start-up and compilation), the harmonic mean over intervals, and the run's wall time."""
+    start-up and compilation), the harmonic mean over intervals, and the run's wall time. A
+    profile (`--profile`) is copied to `keep`: the run folder is temporary."""
     from aigc_ray.metrics import read_jsonl
     from aigc_ray.train import run_train
 
@@ -207,7 +224,23 @@ def ours_gpu(cfg) -> dict:
             "mfu": statistics.mean([r["mfu"] for r in rows]) if rows[0]["mfu"] else None,
             "data_wait": statistics.mean([r["data_wait"] for r in rows]),
             "intervals": [round(r["tokens_per_second"]) for r in rows], "wall_s": wall,
-            "training_split": data["training_split"], "epochs": rows[-1]["epoch"] + 1}
+            "training_split": data["training_split"], "epochs": rows[-1]["epoch"] + 1,
+            **profile_of(summary.run_dir, keep)}
+
+
+def profile_of(run_dir: Path, keep: Path | None) -> dict:
+    """Rank 0's profile line, where the run was profiled (`--profile`), its folder kept."""
+    table = run_dir / "profile" / "rank-0.txt"
+    if not table.exists():
+        return {}
+    if keep:
+        shutil.copytree(run_dir / "profile", keep, dirs_exist_ok=True)
+    return {"profile": table.read_text().splitlines()[0]}
+
+
+def profile_settings(steps: int, log_every: int) -> list[str]:
+    """`--profile`: 5 steps in the last logging interval, past start-up and compilation."""
+    return ["train.profile_steps=5", f"train.profile_from={max(1, steps - log_every + 1)}"]
 
 
 def gpu_main(args) -> None:
@@ -237,7 +270,8 @@ def gpu_main(args) -> None:
                 f"train.log_every={log_every}", "train.lr=6e-4", "train.warmup_steps=10",
                 f"train.compile={str(compile_model).lower()}", "train.sample_prompts=[]",
                 "eval.after_training=false", "scaling.num_workers=1", "scaling.use_gpu=true",
-                f"scaling.cpus_per_worker={cpus}", f"run.output_dir={tmp}/runs", f"run.name={name}"])
+                f"scaling.cpus_per_worker={cpus}", f"run.output_dir={tmp}/runs", f"run.name={name}",
+                *(profile_settings(args.steps, log_every) if args.profile else [])])
 
         def record(key: str, measure, *measure_args) -> None:
             # One failed run (a compiler missing on this machine, say) must not lose the rest.
@@ -259,9 +293,10 @@ def gpu_main(args) -> None:
                     continue
                 key = f"ours {tag} {corpus_name}"
                 record(key, ours_gpu, config(corpus, key.replace(" ", "-"), compile_model,
-                                             model_dir))
+                                             model_dir), out / f"profile-{key.replace(' ', '-')}")
             record(f"plain {tag}", plain_gpu_loop, config(small, "plain", compile_model, model_dir),
-                   model_dir, blocks, args.steps - log_every, log_every, compile_model)
+                   model_dir, blocks, args.steps - log_every, log_every, compile_model, "cuda",
+                   out / f"profile-plain-{tag}" if args.profile else None)
 
     runs = results["runs"]
     print(f"\n{results['device']}: GPT-2-124M shape (92M parameters), bf16, block 1024, batch 32, "
@@ -274,6 +309,9 @@ def gpu_main(args) -> None:
         mfu = f"{100 * run['mfu']:.1f}%" if run.get("mfu") else "n/a"
         print(f"{key:<22}{run['tokens_per_second']:>12,.0f}{mfu:>8}"
               f"{100 * run['data_wait']:>10.1f}%  {ratio if not key.startswith('plain') else ''}")
+    for key, run in runs.items():
+        if run.get("profile"):
+            print(f"profile {key}: {run['profile']}")
     (out / "train_gpu.json").write_text(json.dumps(results, indent=2))
 
 
@@ -341,6 +379,10 @@ def main() -> None:
     parser.add_argument("--large-compile", action="store_true",
                         help="GPU mode: also measure the large corpus with compile")
     parser.add_argument("--out", default="runs/bench", help="GPU mode: where train_gpu.json goes")
+    parser.add_argument("--profile", action="store_true",
+                        help="GPU mode: profile 5 steps of the last interval of every run, ours "
+                             "(train.profile_steps) and plain alike, and print their gpu_busy "
+                             "(the profiled interval runs slower: compare gpu_busy, not rates)")
     parser.add_argument("--strategy", choices=("fsdp",), default=None,
                         help="strategy mode: this scaling.strategy against ddp, same workers")
     parser.add_argument("--workers", type=int, default=None,

@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.config import load_config
 from aigc_ray.evaluate import evaluate_after_training
-from aigc_ray.metrics import METRIC_KEYS, read_jsonl, worker_memory, worker_starts
+from aigc_ray.metrics import METRIC_KEYS, read_jsonl, worker_memory, worker_notes, worker_starts
 from aigc_ray.train import compiled, flops_per_token, run_train
 
 pytestmark = pytest.mark.slow
@@ -80,7 +80,8 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
     cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=30", "train.eval_every=15",
                                    "train.warmup_steps=5", "train.lr=5e-3",
                                    "run.name=t2", "eval.after_training=true",
-                                   "eval.generate_rows=24"])
+                                   "eval.generate_rows=24", "train.profile_steps=2",
+                                   "train.profile_from=12"])
     summary = run_train(cfg)
     evaluation = evaluate_after_training(cfg, summary)  # what `aigc-ray train` runs next
 
@@ -96,6 +97,12 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
     starts = worker_starts(summary.run_dir)
     assert sorted(s["rank"] for s in starts) == [0, 1]
     assert all(s["start_step"] == 0 and s["global_batch"] == 16 for s in starts)
+    for rank in (0, 1):  # train.profile_steps: each rank profiled the same window of DDP steps
+        table = (summary.run_dir / "profile" / f"rank-{rank}.txt").read_text()
+        assert table.startswith("steps 12-13 on cpu: ") and "aten::" in table, table[:300]
+        assert (summary.run_dir / "profile" / f"rank-{rank}.trace.json.gz").stat().st_size > 0
+    assert [note["note"].split(":")[:2] for note in worker_notes(summary.run_dir)] == [
+        ["[aigc-ray] profile", " steps 12-13 on cpu"]]  # rank 0's line for the console
 
     final = summary.final_dir
     assert not (final / "training_state.pt").exists()

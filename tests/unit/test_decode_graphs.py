@@ -8,8 +8,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from aigc_ray.decode import BatchDecoder, GenerationRequest, decode_all
-from aigc_ray.decode_graphs import (SlotDecoder, StaticStep, new_decoder, static_step_for,
-                                    unsupported)
+from aigc_ray.decode_graphs import (
+    SlotDecoder,
+    StaticStep,
+    new_decoder,
+    static_step_for,
+    unsupported,
+)
 from aigc_ray.tokenizer import load_tokenizer
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",

@@ -10,7 +10,7 @@ def test_a_run_folder_names_its_files_as_the_readme_does():
     run = RunFolder(Path("runs/tiny-cpu"))
     names = {
         run.config: "config.yaml", run.metrics: "metrics.jsonl", run.samples: "samples.jsonl",
-        run.workers: "workers", run.worker_log(3): "workers/rank-3.jsonl",
+        run.workers: "workers", run.worker_log(3): "workers/rank-3.jsonl", run.profile: "profile",
         run.data_record: "data.json", run.final: "final", run.loss_curve: "loss_curve.png",
         run.eval_report: "eval.json", run.trials: "trials", run.results: "results.csv",
         run.tune_curves: "tune_curves.png", run.best: "best", run.best_config: "best_config.yaml",

@@ -60,6 +60,10 @@ def test_follower_prints_each_new_line_once_in_step_order(tmp_path):
         append_jsonl(tmp_path / "metrics.jsonl", {"step": 10, "epoch": 0, "loss": 5.0,
                                                   "lr": 1e-3, "tokens_per_second": 1234.5,
                                                   "val_loss": 4.5, "val_perplexity": 90.0})
+        for rank in (1, 0):  # a worker's note for the console: rank 0's only, after its step
+            append_jsonl(tmp_path / "workers" / f"rank-{rank}.jsonl", {
+                "rank": rank, "note": f"[aigc-ray] profile: rank {rank}", "at_step": 10,
+                "time": 2.0})
     assert printed == [
         "[aigc-ray] starting: 2 worker(s) on 1 node(s), cpu, fsdp, 20 steps, global batch 16 "
         "sequences",
@@ -67,6 +71,7 @@ def test_follower_prints_each_new_line_once_in_step_order(tmp_path):
         "[aigc-ray] step 10/20 | epoch 0 | loss 5.0000 | lr 1.00e-03 | 1,234 tokens/s | "
         "val_loss 4.5000 | val_perplexity 90.00",
         "[aigc-ray] sample at step 10 | 'Hi' → 'Hello'",
+        "[aigc-ray] profile: rank 0",
     ]
 
 
