@@ -196,6 +196,8 @@ def plain_gpu_loop(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: 
         optimizer.zero_grad(set_to_none=True)
         if profiler:
             profiler.after(step + 1)
+    if profiler:
+        profiler.close(total)  # a window the run cut short
     sync()
     rate = tokens / (time.perf_counter() - start)
     peak = peak_tflops(torch.cuda.get_device_name()) if on_gpu else None
