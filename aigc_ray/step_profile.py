@@ -72,15 +72,18 @@ class StepProfiler:
         on_gpu = self.device.type == "cuda"
         line = (f"steps {self.window_first}-{done} on {self.device}: "
                 f"{1000 * wall / max(steps, 1):.1f} ms a step")
-        if on_gpu:
-            kernels = [(e.time_range.start, e.time_range.end) for e in profiler.events()
-                       if e.device_type == torch.autograd.DeviceType.CUDA]
-            busy = busy_seconds(kernels) / 1e6  # the profiler's clock is in microseconds
-            line += f", gpu_busy {100 * busy / wall:.1f}% (a kernel or copy running)"
+        try:  # a profile that cannot be read or written must not end the training
+            if on_gpu:
+                kernels = [(e.time_range.start, e.time_range.end) for e in profiler.events()
+                           if e.device_type == torch.autograd.DeviceType.CUDA]
+                busy = busy_seconds(kernels) / 1e6  # the profiler's clock is in microseconds
+                line += f", gpu_busy {100 * busy / wall:.1f}% (a kernel or copy running)"
+            self.folder.mkdir(parents=True, exist_ok=True)
+            profiler.export_chrome_trace(str(self.folder / f"rank-{self.rank}.trace.json.gz"))
+            table = profiler.key_averages().table(
+                sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
+                row_limit=TOP_OPS)
+            (self.folder / f"rank-{self.rank}.txt").write_text(f"{line}\n\n{table}\n")
+        except Exception as exc:
+            line += f" (not written: {type(exc).__name__}: {exc})"
         self.summary = line
-        self.folder.mkdir(parents=True, exist_ok=True)
-        profiler.export_chrome_trace(str(self.folder / f"rank-{self.rank}.trace.json.gz"))
-        table = profiler.key_averages().table(
-            sort_by="self_device_time_total" if on_gpu else "self_cpu_time_total",
-            row_limit=TOP_OPS)
-        (self.folder / f"rank-{self.rank}.txt").write_text(f"{line}\n\n{table}\n")
