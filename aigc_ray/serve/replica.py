@@ -160,7 +160,7 @@ class Batcher:
         finally:
             self.step_started = None
         now, generated, out = time.time(), 0, []
-        observations, self.observations = self.observations, []
+        observations = self.observations  # held until a delivery takes them
         for index, chunk in chunks.items():
             entry = entries[index]
             generated += len(chunk.token_ids)
@@ -188,10 +188,8 @@ class Batcher:
         # decoding) does not wake the loop for metrics alone: they wait, at most METRICS_WAIT_S.
         now = time.monotonic()
         if out or (observations and now - self.observed_at > METRICS_WAIT_S):
-            self.observed_at = now
+            self.observed_at, self.observations = now, []
             self._deliver(out, after=lambda seen=observations: self._observe(seen))
-        else:
-            self.observations = observations
 
     def _observe(self, observations: list[tuple[str, float]]) -> None:
         for name, value in observations:

@@ -2,6 +2,7 @@
 what queued meanwhile as one chunk, and loses nothing."""
 
 import asyncio
+import functools
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -53,26 +54,36 @@ def test_a_stream_that_falls_behind_gets_the_queued_steps_as_one_chunk(model_and
             assert len(chunks) <= 6  # 24 steps of ~1 ms behind a 50 ms reader: merged
 
 
-def test_a_cancelled_whole_completion_still_counts_its_tokens_once_idle(model_and_tokenizer):
-    """Metrics ride with chunk deliveries; a whole (non-streamed) completion whose caller left
-    delivers none, so the loop records what it holds before it waits for the next request."""
+def test_tokens_decoded_before_a_failed_step_are_still_recorded(model_and_tokenizer,
+                                                                 monkeypatch):
+    """Metrics ride with chunk deliveries. A whole (non-streamed) completion hands out nothing
+    until its end, and a step that raises delivers only the error: the loop records the
+    metrics it holds once it goes idle, before it waits for the next request."""
     model, tokenizer = model_and_tokenizer
+    forward, calls = model.forward, []
+
+    @functools.wraps(forward)  # the decoder reads the forward's signature
+    def failing_sixth_forward(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 6:
+            raise RuntimeError("a stand-in for CUDA running out of memory")
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(model, "forward", failing_sixth_forward)
     metrics = {name: Sink() for name in ("ttft", "tpot", "tokens", "batch_size")}
     batcher = Batcher(model, tokenizer, max_batch_size=4, wait_s=0, metrics=metrics)
     ids = tokenizer("Customer: where is my parcel?\nAgent:")["input_ids"]
 
-    async def leave_early():
-        async def whole():
-            return [c async for c in batcher.submit(
-                GenerationRequest(ids, 100_000, temperature=0, ignore_eos=True), stream=False)]
-        task = asyncio.create_task(whole())
-        await asyncio.sleep(0.3)  # well under METRICS_WAIT_S: nothing recorded yet
-        task.cancel()
-        for _ in range(50):  # the decode thread goes idle and hands over what it holds
-            await asyncio.sleep(0.05)
+    async def fail_then_wait():
+        with pytest.raises(RuntimeError, match="stand-in"):
+            [c async for c in batcher.submit(GenerationRequest(ids, 20, temperature=0,
+                                                               ignore_eos=True), stream=False)]
+        for _ in range(100):  # the decode thread goes idle and hands over what it holds
             if metrics["tokens"].seen:
                 break
+            await asyncio.sleep(0.05)
 
-    asyncio.run(leave_early())
-    assert metrics["batch_size"].seen == [1]
-    assert sum(metrics["tokens"].seen) > 0, "tokens decoded for a cancelled caller went unrecorded"
+    asyncio.run(fail_then_wait())
+    assert sum(metrics["tokens"].seen) == 5  # the prefill's token and four steps' after it
+    assert metrics["batch_size"].seen == [1] and len(metrics["ttft"].seen) == 1
+    assert metrics["tpot"].seen == []  # no completion ended
