@@ -31,13 +31,13 @@ def busy_seconds(intervals: list[tuple[float, float]]) -> float:
 class StepProfiler:
     """Profiles optimizer steps `first` .. `first + count - 1` (1-based, as `metrics.jsonl`
     numbers them). Call `before(done)` and `after(done)` around each step with the number of
-    steps done; `close()` at the end writes a window the run cut short."""
+    steps done; `close()` at the end writes a window the run cut short. `after` and `close`
+    say whether they just wrote the window."""
 
     def __init__(self, folder: Path, rank: int, device, first: int, count: int):
         self.folder, self.rank, self.device = Path(folder), rank, device
         self.first, self.last = first, first + count - 1
         self.profiler, self.summary = None, None  # summary: the window's line, once written
-        self.noted = False  # the training loop has said where the profile went
         self.started, self.window_first = 0.0, first
 
     def before(self, done: int) -> None:
@@ -52,13 +52,24 @@ class StepProfiler:
             self.profiler.__enter__()
             self.started, self.window_first = time.perf_counter(), done + 1
 
-    def after(self, done: int) -> None:
+    def after(self, done: int) -> bool:
         if self.profiler is not None and done >= self.last:
             self._finish(done)
+            return True
+        return False
 
-    def close(self, done: int) -> None:
+    def close(self, done: int) -> bool:
         if self.profiler is not None:
             self._finish(done)
+            return True
+        return False
+
+    def console_line(self) -> str:
+        """Where the profile went, or that the run never reached its window."""
+        if self.summary:
+            return f"[aigc-ray] profile: {self.summary}; trace and op table in {self.folder}"
+        return (f"[aigc-ray] profile: the run ended before train.profile_from={self.first}; "
+                "nothing was profiled")
 
     def _finish(self, done: int) -> None:
         import torch

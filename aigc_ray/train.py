@@ -647,9 +647,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
                 clock.mark_step()
                 state.step += 1
                 state.batches_in_epoch += len(micro)
-                if profiler:
-                    profiler.after(state.step)
-                    note_profile(run_dir, profiler, rank, state.step)
+                if profiler and profiler.after(state.step) and rank == 0:
+                    note_console(run_dir, state.step, profiler.console_line())
 
                 evaluating = state.step % cfg.train.eval_every == 0 or state.step == total_steps
                 if evaluating or state.step % cfg.train.log_every == 0:
@@ -697,9 +696,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
             trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
     finally:
         epochs.close()  # a run that ends mid-epoch stops the reader thread
-        if profiler:
-            profiler.close(state.step)
-            note_profile(run_dir, profiler, rank, state.step, ended=True)
+        # A window the run cut short is written now; one it never reached is said so.
+        if profiler and (profiler.close(state.step) or not profiler.summary) and rank == 0:
+            note_console(run_dir, state.step, profiler.console_line())
         if trackers:
             trackers.close()
 
@@ -730,23 +729,6 @@ def note_console(run_dir: Path, step: int, line: str) -> None:
     """A line for the driver's console (see `metrics.worker_notes`), from rank 0."""
     append_jsonl(RunFolder(run_dir).worker_log(0),
                  {"rank": 0, "note": line, "at_step": step, "time": time.time()})
-
-
-def note_profile(run_dir: Path, profiler: StepProfiler, rank: int, step: int,
-                 ended: bool = False) -> None:
-    """Rank 0 says once where the profile went, or, at the end, that the run never reached it."""
-    if rank != 0 or profiler.noted:
-        return
-    if profiler.summary:
-        line = (f"[aigc-ray] profile: {profiler.summary}; trace and op table in "
-                f"{profiler.folder}")
-    elif ended:
-        line = (f"[aigc-ray] profile: the run ended before train.profile_from="
-                f"{profiler.first}; nothing was profiled")
-    else:
-        return
-    note_console(run_dir, step, line)
-    profiler.noted = True
 
 
 def note_memory(run_dir: Path, rank: int, step: int, held: dict) -> None:

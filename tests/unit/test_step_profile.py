@@ -17,7 +17,7 @@ def test_busy_time_is_the_union_of_overlapping_intervals():
     assert busy_seconds([]) == 0.0
 
 
-def run_steps(profiler: StepProfiler, steps: int) -> None:
+def run_steps(profiler: StepProfiler, steps: int) -> int:
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     done = 0
@@ -31,6 +31,7 @@ def run_steps(profiler: StepProfiler, steps: int) -> None:
             profiler.after(done)
     finally:
         profiler.close(done)
+    return done
 
 
 def test_the_window_is_profiled_and_written_as_a_trace_and_a_table(tmp_path):
@@ -53,6 +54,7 @@ def test_a_window_the_run_cuts_short_is_still_written_and_one_past_it_is_not(tmp
     never = StepProfiler(tmp_path / "never", 0, torch.device("cpu"), first=9, count=2)
     run_steps(never, 6)
     assert never.summary is None and not (tmp_path / "never").exists()
+    assert never.console_line().endswith("train.profile_from=9; nothing was profiled")
 
 
 def test_a_window_past_max_steps_fails_before_ray_starts():
