@@ -66,6 +66,6 @@ def test_a_window_past_max_steps_fails_before_ray_starts():
 def test_a_profile_that_cannot_be_written_says_so_and_the_steps_go_on(tmp_path):
     (tmp_path / "taken").write_text("a file where the profile folder would go")
     profiler = StepProfiler(tmp_path / "taken", 0, torch.device("cpu"), first=1, count=2)
-    run_steps(profiler, 4)  # all four steps ran
+    assert run_steps(profiler, 4) == 4  # all four steps ran
     assert profiler.summary.startswith("steps 1-2 on cpu: ")
     assert "(not written: FileExistsError" in profiler.summary
