@@ -84,6 +84,12 @@ class Data(Section):
     # Bytes of tokenized training blocks kept in the object store so later epochs re-read them
     # instead of tokenizing again. None: a quarter of the object store; 0: always stream.
     cache_max_bytes: int | None = Field(None, ge=0)
+    # Training never follows file order (a corpus sorted by topic would train on the last topic
+    # and forget the first): true reshuffles every epoch from train.seed and the epoch number
+    # (the cached split permutes its blocks; a streamed one randomizes block order and mixes
+    # through a local buffer); global: a full Ray Data random_shuffle each epoch (all-to-all,
+    # slower); false: file order.
+    shuffle: bool | Literal["global"] = True
 
     @property
     def supervised(self) -> bool:
@@ -288,7 +294,9 @@ class Serve(Section):
     batch_wait_timeout_s: float = Field(0.005, ge=0)  # what a lone request waits for company
     # Requests join a running batch at its next step; false: they wait for it to finish.
     continuous_batching: bool = True
-    cuda_graphs: bool = True  # on a GPU: fixed decode slots, each step a CUDA graph replay
+    # On a GPU: fixed decode slots, each step a CUDA graph replay. Off until its GPU test has
+    # passed on a device (token-equal to the padded engine in bf16); see README, CUDA graphs.
+    cuda_graphs: bool = False
     autoscaling: Autoscaling = Autoscaling()
     # In flight per replica: a running batch plus a full one waiting, so no step idles.
     max_ongoing_requests: int = Field(32, ge=1)
@@ -333,7 +341,9 @@ class Generate(Section):
     min_tokens: int = Field(0, ge=0)  # EOS and stop strings cannot end a completion earlier
     ignore_eos: bool = False  # only max_tokens or a stop string ends a completion
     batch_size: int = Field(16, ge=1)  # prompts decoded together; CPU steps cost ~flat to 16
-    cuda_graphs: bool = True  # on a GPU: fixed decode slots, each step a CUDA graph replay
+    # On a GPU: fixed decode slots, each step a CUDA graph replay. Off until its GPU test has
+    # passed on a device (token-equal to the padded engine in bf16); see README, CUDA graphs.
+    cuda_graphs: bool = False
     concurrency: int = Field(1, ge=1)  # model actors (replicas of the model) in the pool
     cpus_per_actor: float = Field(1.0, gt=0)  # also the actor's torch threads (at least 1)
     gpus_per_actor: float = Field(1.0, gt=0)  # used only when the device is cuda

@@ -79,7 +79,7 @@ def test_actors_get_several_decode_batches_per_call_only_with_cuda_graphs_on_a_g
     from aigc_ray.config import Generate
     from aigc_ray.generate import REFILL_BATCHES, prompts_per_call
 
-    gen = Generate(batch_size=16)
+    gen = Generate(batch_size=16, cuda_graphs=True)
     assert prompts_per_call(gen, gpu=False) == 16  # CPU: batches run to their end
     assert prompts_per_call(gen, gpu=True) == 16 * REFILL_BATCHES
     assert prompts_per_call(Generate(batch_size=16, cuda_graphs=False), gpu=True) == 16
