@@ -7,16 +7,21 @@ Every default lives here, with the reason for it beside it. Errors a user can ca
 from __future__ import annotations
 
 import difflib
+import os
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from aigc_ray.errors import ConfigError
 
 DEFAULT_CONFIG = "tiny_cpu"
+# The serving API key is never written to disk: every config.yaml and tracker parameter holds
+# this in its place, and serving such a config asks for the key again (see Serve.resolve_api_key).
+REDACTED = "<redacted>"
+API_KEY_ENV = "AIGC_RAY_API_KEY"  # where the key is read from when the config names none
 # The keys each chat format reads, by their part in the format; data.chat_fields renames them.
 CHAT_FIELDS = {
     "openai": {"messages": "messages", "role": "role", "content": "content"},
@@ -161,7 +166,9 @@ class Train(Section):
     log_every: int = Field(10, ge=1)  # optimizer steps between progress lines
     keep_checkpoints: int = Field(2, ge=1)  # best K by validation loss
     early_stopping_patience: int | None = Field(None, ge=1)  # evals without improvement
-    sample_prompts: list[str] = []  # generated from at each evaluation, written to the log
+    # Replies to these are generated at each evaluation and written to the log. None: two
+    # prompts from the run's own validation split (its data, not the sample corpus's); []: none.
+    sample_prompts: list[str] | None = None
     # torch.compile the model: faster steps on a GPU once compiled (a minute or two at start).
     compile: bool = False
     # Batches collated and pinned ahead of the step, so the GPU never waits for the next one.
@@ -306,9 +313,13 @@ class Serve(Section):
     default_max_tokens: int = Field(64, ge=1)  # when a request names no max_tokens
     max_tokens: int = Field(1024, ge=1)  # the most one request may ask for: bounds its decode time
     max_body_bytes: int = Field(1_000_000, ge=1024)  # larger request bodies get 413
-    # Requests must carry `Authorization: Bearer <key>` when set (or AIGC_RAY_API_KEY is set).
-    # Deployments are given only its SHA-256: their arguments show on the dashboard.
+    # Requests must carry `Authorization: Bearer <key>` when a key is set: serve.api_key, else
+    # the file serve.api_key_file names (read when serving), else AIGC_RAY_API_KEY. The file or
+    # the variable is the way to pass it: a command-line value shows in `ps`. The key is never
+    # written to disk (config.yaml and trackers hold <redacted>), and deployments are given only
+    # its SHA-256, since their arguments show on the dashboard.
     api_key: str | None = None
+    api_key_file: str | None = None
     ingress_replicas: int = Field(1, ge=1)  # the HTTP layer is light: one keeps up with many models
     health_check_period_s: float = Field(10.0, gt=0)  # Ray's default
     health_check_timeout_s: float = Field(30.0, gt=0)  # Ray's default
@@ -318,7 +329,45 @@ class Serve(Section):
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(f"serve.default_max_tokens ({self.default_max_tokens}) must be <= "
                              f"serve.max_tokens ({self.max_tokens})")
+        if self.api_key and self.api_key != REDACTED and self.api_key_file is not None:
+            raise ValueError("serve.api_key and serve.api_key_file are both set; keep one "
+                             "(serve.api_key_file: the key on the command line shows in `ps`)")
         return self
+
+    def resolve_api_key(self) -> str | None:
+        """The key requests must carry: serve.api_key, else the contents of serve.api_key_file,
+        else AIGC_RAY_API_KEY; None: no key is asked for. A key file that is missing, unreadable
+        or empty, and a saved config whose key was redacted and is not given again, are a
+        one-line ConfigError (the CLI calls this before Ray starts)."""
+        if self.api_key and self.api_key != REDACTED:
+            return self.api_key
+        if self.api_key_file is not None:
+            return read_key_file(self.api_key_file)
+        if key := os.environ.get(API_KEY_ENV):
+            return key
+        if self.api_key == REDACTED:
+            # Serving it open would silently drop the protection the user asked for.
+            raise ConfigError(f"this config was saved with serve.api_key set, and the key is never "
+                              f"written to disk: pass it again with {API_KEY_ENV}=KEY or "
+                              "serve.api_key_file=FILE (or serve.api_key=null to serve without one)")
+        return None
+
+
+def read_key_file(path: str) -> str:
+    """The key a file holds, without the line end `echo KEY > FILE` adds."""
+    where = f"serve.api_key_file {path}"
+    try:
+        key = Path(path).expanduser().read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise ConfigError(f"{where} does not exist; write the key to it, or pass the key with "
+                          f"{API_KEY_ENV}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise ConfigError(f"{where} cannot be read ({reason}); make it a readable text file "
+                          "holding the key") from None
+    if not key:
+        raise ConfigError(f"{where} is empty; write the key to it") from None
+    return key
 
 
 class Generate(Section):
@@ -372,11 +421,33 @@ class Run(Section):
     # Experiment trackers each training run logs to (rank 0): metrics, config, samples, the loss
     # curve and the final evaluation. None by default: metrics.jsonl and the plots need nothing.
     trackers: list[Literal["tensorboard", "mlflow", "wandb"]] = []
-    # MLflow's tracking URI; None: a SQLite store beside the runs ({output_dir}/mlflow.db).
+    # MLflow's tracking URI; None: a SQLite store beside the runs ({output_dir}/mlflow.db). A
+    # folder (or file: URI) holds a SQLite store too, {folder}/mlflow.db (MLflow 3 refuses a
+    # file store), and a path ending in .db is that SQLite file; either becomes an absolute
+    # sqlite:/// URI here, so workers in other working directories log to the same store.
     mlflow_uri: str | None = None
     # The MLflow experiment / W&B project (and W&B group) runs are logged under; None: aigc-ray.
     # `aigc-ray tune` sets it to the search's name, so its trials are grouped.
     experiment: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _inside_output_dir(cls, name: str) -> str:
+        # `..` would put the run (and the `final/` its export replaces) outside run.output_dir.
+        if name in (".", ".."):
+            raise ValueError(f"run.name {name!r} would not be a folder inside run.output_dir; "
+                             "name the run, e.g. run.name=tiny-cpu")
+        return name
+
+    @field_validator("mlflow_uri")
+    @classmethod
+    def _folder_holds_a_sqlite_store(cls, uri: str | None) -> str | None:
+        if not uri or uri.startswith("databricks"):
+            return uri
+        if "://" in uri and not uri.startswith("file:"):
+            return uri  # a tracking server or a database: MLflow's to reach
+        path = Path(uri.removeprefix("file://").removeprefix("file:")).expanduser().resolve()
+        return f"sqlite:///{path if path.suffix == '.db' else path / 'mlflow.db'}"
 
     @property
     def dir(self) -> Path:
@@ -607,6 +678,15 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
     return validate(apply_overrides(raw, overrides or []))
 
 
+def redacted_dump(cfg: Config, mode: Literal["python", "json"] = "python") -> dict:
+    """`cfg.model_dump()` with the API key replaced by REDACTED: what may be written to disk, a
+    tracker or a log."""
+    raw = cfg.model_dump(mode=mode)
+    if raw["serve"]["api_key"] is not None:
+        raw["serve"]["api_key"] = REDACTED
+    return raw
+
+
 def to_yaml(cfg: Config) -> str:
-    """The resolved config as YAML, in schema order."""
-    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    """The resolved config as YAML, in schema order, the API key redacted."""
+    return yaml.safe_dump(redacted_dump(cfg), sort_keys=False)

@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 
@@ -53,11 +52,12 @@ def model_name_for(path: Path, cfg: Config) -> str:
 def build_app(checkpoint: str | Path, cfg: Config):
     """The Serve application (ingress bound to an autoscaled Generator) for a model folder.
 
-    The API key (serve.api_key, else AIGC_RAY_API_KEY where this runs) reaches no deployment:
-    their arguments, config and runtime env show on the dashboard and through the jobs API, so
-    the ingress is given only the key's SHA-256 and compares digests."""
+    The API key (serve.api_key, serve.api_key_file or AIGC_RAY_API_KEY where this runs; see
+    Serve.resolve_api_key) reaches no deployment: their arguments, config and runtime env show
+    on the dashboard and through the jobs API, so the ingress is given only the key's SHA-256
+    and compares digests."""
     s = cfg.serve
-    key = s.api_key or os.environ.get(API_KEY_ENV) or None
+    key = s.resolve_api_key()
     section = s.model_dump() | {"api_key": None}
     path = Path(checkpoint)
     cuda = s.device == "cuda"
@@ -146,7 +146,7 @@ def ask_once(cfg: Config, prompt: str, timeout_s: float = 120.0) -> dict:
     import json
     import urllib.request
 
-    key = cfg.serve.api_key or os.environ.get(API_KEY_ENV)
+    key = cfg.serve.resolve_api_key()
     body = json.dumps({"prompt": prompt, "max_tokens": cfg.serve.default_max_tokens,
                        "temperature": 0}).encode()
     request = urllib.request.Request(
