@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import shlex
 import signal
+import socket
 import sys
 import threading
 from typing import Callable, NamedTuple
@@ -46,15 +47,19 @@ def cmd_train(ns: argparse.Namespace) -> int:
     from aigc_ray.train import run_train
 
     cfg = _config(ns)
-    try:
-        summary = run_train(cfg)
-    except SystemExit:
-        # Ctrl-C or SIGTERM: Ray Train's SIGINT handler aborts the run and leaves by SystemExit
-        # (code 1 once it passes through a ray.get). The registered checkpoints stay.
-        again = shlex.join(["aigc-ray", "train", *ns.args])
-        print(f"training stopped; resume it from its last checkpoint with: {again}",
-              file=sys.stderr)
-        return 130
+    with SignalWatch() as signals:
+        try:
+            summary = run_train(cfg)
+        except SystemExit as exc:
+            if not signals.stop_received():  # a bug that called sys.exit: show where
+                raise RuntimeError(f"training ended by SystemExit({exc.code!r}) though no "
+                                   "Ctrl-C or SIGTERM arrived") from exc
+            # Ctrl-C or SIGTERM: Ray Train's SIGINT handler aborts the run and leaves by
+            # SystemExit (code 1 once it passes through a ray.get). The checkpoints stay.
+            again = shlex.join(["aigc-ray", "train", *ns.args])
+            print(f"training stopped; resume it from its last checkpoint with: {again}",
+                  file=sys.stderr)
+            return 130
     summary.evaluation = evaluate_after_training(cfg, summary)  # eval.after_training
     for sample in summary.samples:
         print(f"sample reply  {sample['prompt']!r}\n           → {sample['reply']!r}")
@@ -62,6 +67,37 @@ def cmd_train(ns: argparse.Namespace) -> int:
         print(format_report(summary.evaluation))
     print(summary.line())
     return 0
+
+
+class SignalWatch:
+    """Whether Ctrl-C or SIGTERM reached this process while watched, whatever Python handler ran
+    for it: Ray Train replaces the SIGINT handler during `fit`, so a handler of ours would miss
+    it, but Python's C-level handler writes every signal's number to the wakeup fd first. Only
+    the main thread receives signals (and only there does Ray Train install its handler)."""
+
+    def __enter__(self) -> SignalWatch:
+        self.numbers = bytearray()
+        self.reader = self.writer = None
+        if threading.current_thread() is threading.main_thread():
+            self.reader, self.writer = socket.socketpair()
+            self.reader.setblocking(False)
+            self.writer.setblocking(False)
+            self.previous = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        return self
+
+    def stop_received(self) -> bool:
+        while self.reader is not None:
+            try:
+                self.numbers += self.reader.recv(4096)
+            except BlockingIOError:  # nothing more to read
+                break
+        return bool({signal.SIGINT, signal.SIGTERM} & set(self.numbers))
+
+    def __exit__(self, *exc_info) -> None:
+        if self.reader is not None:
+            signal.set_wakeup_fd(self.previous)
+            self.reader.close()
+            self.writer.close()
 
 
 def cmd_config(ns: argparse.Namespace) -> int:
@@ -72,10 +108,11 @@ def cmd_config(ns: argparse.Namespace) -> int:
 def cmd_data(ns: argparse.Namespace) -> int:
     from aigc_ray.cluster import start_ray
     from aigc_ray.data import check_config, corpus_statistics, format_statistics
-    from aigc_ray.model import resolve_model_path
+    from aigc_ray.model import check_model_path, resolve_model_path
 
     cfg = _config(ns)
     files = check_config(cfg)  # before Ray starts
+    check_model_path(cfg)
     start_ray(ray_logs=cfg.run.ray_logs)
     tokenizer_path = resolve_model_path(cfg)
     print(format_statistics(cfg, corpus_statistics(cfg, tokenizer_path), files))
@@ -145,6 +182,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
         print(f"wrote {write_serve_config(path, cfg, ns.build)} "
               f"(serve deploy {ns.build}, or a RayService's serveConfigV2)")
         return 0
+    cfg.serve.resolve_api_key()  # a key file that cannot be read fails before Ray starts
     reply = run_serve(path, cfg, once=ns.once)
     if reply is not None:
         choice = reply["choices"][0]

@@ -18,7 +18,11 @@ class DataError(UserError):
 
 
 def user_error(exc: BaseException) -> str | None:
-    """The one-line message of a user-fixable error, even when Ray wrapped it on the way."""
+    """The one-line message of a user-fixable error, even when Ray wrapped it on the way.
+
+    Only explicit causes lead to one: Ray's `cause` and `raise X from error`. An exception
+    raised while another was being handled (`__context__`) is a bug in the handler, and it keeps
+    its traceback even when the error it interrupted was the user's."""
     seen = set()
     while exc is not None and id(exc) not in seen:
         seen.add(id(exc))
@@ -28,5 +32,5 @@ def user_error(exc: BaseException) -> str | None:
         if isinstance(exc, UserError) and cause is None:
             # Ray Data appends retry advice to the message as further lines; ours is the first.
             return str(exc).splitlines()[0]
-        exc = cause or exc.__cause__ or exc.__context__
+        exc = cause or exc.__cause__
     return None

@@ -6,6 +6,7 @@ byte-level BPE tokenizer trained on the corpus), so everything downstream only s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -82,12 +83,76 @@ def load_model(path: str, trust_remote_code: bool = False, dtype=None):
 
 
 def check_model_path(cfg: Config) -> None:
-    """A model named by a local path must exist: checked before Ray starts (a hub id is the
-    hub's to check, where the network allows)."""
+    """The model's config loads: checked before Ray starts, so a missing folder, a hub id that
+    does not exist or cannot be reached (offline), or a folder that is not a model is one line
+    naming model.name_or_path rather than transformers' traceback from a worker."""
     name = cfg.model.name_or_path
+    if is_builtin(name):
+        return
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().exists():
         raise ConfigError(f"model.name_or_path {name} does not exist; name a local Hugging Face "
                           "model folder, a hub id, or builtin:tiny")
+    problem = model_config_problem(name, cfg.model.trust_remote_code)
+    if problem:
+        raise ConfigError(f"model.name_or_path {name}: {problem}; name a local Hugging Face "
+                          "model folder, a hub id the network can reach, or builtin:tiny")
+
+
+def model_config_problem(name: str, trust_remote_code: bool) -> str | None:
+    """Why the model's config does not load (its first line), or None when it does: from the
+    folder or the local cache first, then from the hub where the network allows."""
+    from transformers import AutoConfig
+
+    def load(**kwargs) -> str | None:
+        try:
+            with hub_quiet():
+                AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kwargs)
+        except (OSError, ValueError) as exc:
+            return (str(exc).strip().splitlines() or [type(exc).__name__])[0].rstrip(".")
+        return None
+
+    problem = load(local_files_only=True)
+    if problem is None or Path(name).expanduser().exists():
+        return problem
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set"
+    if unreachable := hub_unreachable(constants.ENDPOINT):
+        return unreachable
+    return load()
+
+
+def hub_unreachable(endpoint: str) -> str | None:
+    """Why the hub's host cannot be resolved, or None. The hub client retries a failed lookup
+    for about 25 s; offline, this answers at once. Behind a proxy only the proxy resolves it."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY",
+                                             "all_proxy", "HTTP_PROXY", "http_proxy")):
+        return None
+    host = urlparse(endpoint).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as exc:
+        return f"not in the local Hugging Face cache, and {host} cannot be reached ({exc.strerror or exc})"
+    return None
+
+
+@contextlib.contextmanager
+def hub_quiet():
+    """Silence the hub client's retry warnings: the one error line says what happened."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "transformers")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
 
 
 def resolve_model_path(cfg: Config) -> str:

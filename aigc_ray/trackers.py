@@ -10,7 +10,10 @@ the search's name.
 
 - tensorboard: event files in `{run folder}/tensorboard` (tensorboardX, which Ray Tune installs).
 - mlflow: `run.mlflow_uri`, by default a SQLite store beside the runs (`{output_dir}/mlflow.db`,
-  artifacts in `{output_dir}/mlartifacts`); `pip install 'aigc-ray[mlflow]'`.
+  artifacts in `{output_dir}/mlartifacts`); a folder holds such a store too (see config.Run);
+  `pip install 'aigc-ray[mlflow]'`.
+
+The API key (serve.api_key) is in no tracker's parameters: they hold <redacted> in its place.
 - wandb: offline (files under the run folder, `wandb sync` uploads them) unless WANDB_API_KEY or
   WANDB_MODE is set; `pip install 'aigc-ray[wandb]'`.
 """
@@ -19,10 +22,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
-from aigc_ray.config import Config
+from aigc_ray.config import Config, redacted_dump
 from aigc_ray.errors import ConfigError
 
 TRACKERS_FILE = "trackers.json"
@@ -39,10 +43,27 @@ def check_trackers(cfg: Config) -> None:
         if importlib.util.find_spec(module) is None:
             raise ConfigError(f"run.trackers lists {name}, but {module} is not installed: "
                               f"pip install '{extra}', or remove {name} from run.trackers")
+    if "mlflow" in cfg.run.trackers and (local := mlflow_store(cfg)[1]):
+        try:  # SQLite cannot create the folder its file goes in
+            local.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"run.mlflow_uri: cannot create {local} ({exc.strerror}); name a "
+                              "folder you can write") from None
+
+
+def mlflow_store(cfg: Config) -> tuple[str, Path | None]:
+    """(MLflow tracking URI, the folder of its SQLite file when the store is local). Artifacts
+    go beside a local store (`mlartifacts/`): MLflow's default is the worker's working folder."""
+    root = Path(cfg.run.output_dir).expanduser().resolve()
+    uri = cfg.run.mlflow_uri or f"sqlite:///{root}/mlflow.db"
+    if not uri.startswith("sqlite:///"):
+        return uri, None
+    return uri, Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
 
 
 def flat_params(cfg: Config) -> dict[str, str]:
-    """The resolved config as dotted keys → strings: every tracker's parameters."""
+    """The resolved config as dotted keys → strings, the API key redacted: every tracker's
+    parameters."""
     out: dict[str, str] = {}
 
     def walk(prefix: str, value) -> None:
@@ -52,7 +73,7 @@ def flat_params(cfg: Config) -> dict[str, str]:
         else:
             out[prefix] = json.dumps(value) if not isinstance(value, str) else value
 
-    walk("", cfg.model_dump(mode="json"))
+    walk("", redacted_dump(cfg, mode="json"))
     return out
 
 
@@ -94,14 +115,15 @@ class MLflow:
     def __init__(self, cfg: Config, run_dir: Path, run_id: str | None, step: int):
         from mlflow.tracking import MlflowClient
 
-        root = Path(cfg.run.output_dir).expanduser().resolve()
-        self.client = MlflowClient(tracking_uri=cfg.run.mlflow_uri or f"sqlite:///{root}/mlflow.db")
+        uri, local = mlflow_store(cfg)
+        if local:
+            local.mkdir(parents=True, exist_ok=True)
+        self.client = MlflowClient(tracking_uri=uri)
         if run_id is None:
             name = experiment_of(cfg)
             experiment = self.client.get_experiment_by_name(name)
             experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-                name, artifact_location=None if cfg.run.mlflow_uri
-                else (root / "mlartifacts" / name).as_uri())
+                name, artifact_location=(local / "mlartifacts" / name).as_uri() if local else None)
             run_id = self.client.create_run(experiment_id, run_name=run_dir.name).info.run_id
         self.id = run_id
 
@@ -134,10 +156,15 @@ class Wandb:
         import wandb
 
         offline = "WANDB_API_KEY" not in os.environ and "WANDB_MODE" not in os.environ
+        # W&B records the command line in its metadata; a serving key given there (visible in
+        # `ps` already) must not be written too, so then no metadata is collected.
+        key = cfg.serve.api_key
+        argv_holds_key = bool(key) and any(key in arg for arg in sys.argv)
         self.run = wandb.init(project=experiment_of(cfg), name=run_dir.name,
                               group=cfg.run.experiment, id=run_id, resume="allow",
                               dir=str(run_dir), mode="offline" if offline else None,
-                              settings=wandb.Settings(silent=True, console="off"))
+                              settings=wandb.Settings(silent=True, console="off",
+                                                      x_disable_meta=argv_holds_key))
         self.id = self.run.id
 
     def params(self, params: dict[str, str]) -> None:

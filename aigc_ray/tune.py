@@ -25,7 +25,7 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aigc_ray.config import Config, pbt_mutations, set_key, to_yaml
+from aigc_ray.config import Config, pbt_mutations, redacted_dump, set_key, to_yaml
 from aigc_ray.data import GLOB_CHARS
 from aigc_ray.errors import ConfigError, user_error
 from aigc_ray.run_folder import RunFolder
@@ -80,10 +80,10 @@ def param_space(cfg: Config) -> dict:
 
 def absolute_paths(cfg: Config) -> dict:
     """The config as a dict with local data paths made absolute: Tune runs each trial in its
-    own working directory."""
+    own working directory. The API key is redacted: trials train, they never serve."""
     import os
 
-    raw = cfg.model_dump()
+    raw = redacted_dump(cfg)
     raw["data"]["path"] = [
         os.path.abspath(os.path.expanduser(path))
         if "://" not in path and (Path(path).expanduser().exists() or GLOB_CHARS & set(path))
