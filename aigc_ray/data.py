@@ -235,10 +235,12 @@ def validate_record(record: object, data: Data) -> object:
     return row
 
 
-def stream_datasource(files: list[str], parquet: bool, read_stream):
+def stream_datasource(files: list[str], parquet: bool, read_stream, shuffle_seed: int | None = None):
     """A Ray Data datasource whose read tasks run `read_stream(f, path)` (yielding pyarrow
-    tables) over each file; built lazily so importing this module needs no Ray cluster."""
-    from ray.data.datasource import FileBasedDatasource
+    tables) over each file; built lazily so importing this module needs no Ray cluster.
+    `shuffle_seed`: the files are read in an order drawn from it and the pass's number (Ray
+    Data's FileShuffleConfig), a new order each epoch and the same one for the same seed."""
+    from ray.data.datasource import FileBasedDatasource, FileShuffleConfig
 
     class _Stream(FileBasedDatasource):
         def _open_input_source(self, filesystem, path, **open_args):
@@ -249,7 +251,9 @@ def stream_datasource(files: list[str], parquet: bool, read_stream):
         def _read_stream(self, f, path: str) -> Iterator:
             yield from read_stream(f, path)
 
-    return _Stream(files)
+    shuffle = None if shuffle_seed is None else FileShuffleConfig(shuffle_seed,
+                                                                  reseed_after_execution=True)
+    return _Stream(files, shuffle=shuffle)
 
 
 @dataclass
@@ -298,9 +302,10 @@ def hf_blocks(files: list[str], data: Data, rows_per_task: int = HF_ROWS_PER_TAS
     return blocks
 
 
-def hf_datasource(blocks: list[HFBlock], read_table):
+def hf_datasource(blocks: list[HFBlock], read_table, shuffle_seed: int | None = None):
     """A Ray Data datasource with one read task per `HFBlock`, which runs
-    `read_table(table, path, first_row)` (yielding pyarrow tables) on the block's rows."""
+    `read_table(table, path, first_row)` (yielding pyarrow tables) on the block's rows;
+    with `shuffle_seed`, in an order drawn from it and the pass's number, as for files."""
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
@@ -319,11 +324,15 @@ def hf_datasource(blocks: list[HFBlock], read_table):
             return sum(block.size_bytes for block in blocks)
 
         def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            order = list(blocks)
+            if shuffle_seed is not None:
+                execution = data_context._execution_idx if data_context is not None else 0
+                np.random.default_rng([shuffle_seed, execution]).shuffle(order)
             return [ReadTask(read_task(block),
                              BlockMetadata(num_rows=None, size_bytes=block.size_bytes,
                                            input_files=[block.path], exec_stats=None),
                              per_task_row_limit=per_task_row_limit)
-                    for block in blocks]
+                    for block in order]
 
     return _HFBlocks()
 
@@ -622,16 +631,18 @@ def read_corpus(cfg: Config, split: str | None = None, stats=None, files=None):
 
     data = cfg.data
     files = corpus_source(cfg, files if files is not None else resolve_files(data))
+    # Training reads its files in a new order every epoch (see `data.shuffle`).
+    seed = cfg.train.seed if split == "train" and data.shuffle is True else None
     if data.format == "hf":
         def read_table(table, path: str, first_row: int) -> Iterator[pa.Table]:
             return read_documents(table, path, data, split, stats, first_row)
 
-        source = hf_datasource(files, read_table)
+        source = hf_datasource(files, read_table, seed)
     else:
         def read_stream(f, path: str) -> Iterator[pa.Table]:
             return read_documents(f, path, data, split, stats)
 
-        source = stream_datasource(files, data.format == "parquet", read_stream)
+        source = stream_datasource(files, data.format == "parquet", read_stream, seed)
     return ray.data.read_datasource(source, num_cpus=data.cpus_per_task)
 
 
@@ -695,6 +706,8 @@ class TrainingSplit:
     rows: int | None  # blocks in the split, when a full pass counted them
     cached_bytes: int | None  # None when streaming
     note: str  # one line for the console: what was decided and why
+    blocks: list | None = None  # when cached: the object refs of its tables, in the split's order
+    order_hash: str | None = None  # when cached: a hash of its blocks in that order (data.json)
 
 
 def corpus_bytes(files: list[str]) -> int | None:
@@ -726,6 +739,9 @@ def tokenize_once(dataset, max_bytes: int, count: bool) -> TrainingSplit:
     """
     import ray
 
+    # In the pipeline's own order, not as tokenizer actors finish: the cache is the order every
+    # epoch's permutation starts from, so it must be the same in every run.
+    dataset.context.execution_options.preserve_order = True
     refs: list | None = []
     rows = size = 0
     for bundle in dataset.iter_internal_ref_bundles():
@@ -746,7 +762,30 @@ def tokenize_once(dataset, max_bytes: int, count: bool) -> TrainingSplit:
         return TrainingSplit(dataset, 0, None, "the training split is empty")
     return TrainingSplit(ray.data.from_arrow_refs(refs), rows, size, (
         f"{rows:,} training blocks ({_mb(size)}) tokenized once and kept in the object store "
-        "for every epoch"))
+        "for every epoch"), blocks=refs, order_hash=block_order_hash(refs))
+
+
+def block_order_hash(refs: list) -> str:
+    """A short hash of the token ids of cached blocks in their order: two runs that cached the
+    same split the same way have the same hash (written to data.json)."""
+    import ray
+
+    digest = hashlib.blake2b(digest_size=8)
+    for table in ray.get(refs):
+        digest.update(np.ascontiguousarray(block_columns(table)["input_ids"]).data)
+    return digest.hexdigest()
+
+
+def block_columns(table: pa.Table) -> dict[str, np.ndarray]:
+    """A table of tokenized blocks as [rows, block_size] arrays: views of the object store's
+    memory (no copy) where the column is one chunk, as Ray Data's tensor columns are."""
+    def array(column) -> np.ndarray:
+        parts = [chunk.to_numpy(zero_copy_only=False) for chunk in column.chunks if len(chunk)]
+        if not parts:
+            return np.zeros((0, 0), np.int32)
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    return {name: array(table.column(name)) for name in table.column_names}
 
 
 CACHE_SHARE = 0.25  # of the object store, for data.cache_max_bytes None: room left for the rest

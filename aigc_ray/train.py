@@ -188,21 +188,43 @@ def peak_tflops(device_name: str) -> float | None:
 
 
 def flops_per_token(model, seq_len: int) -> float:
-    """Training FLOPs per token: 6 per matmul weight (forward + backward) plus attention's
-    12 · layers · width · context (the PaLM estimate). Embedding lookups cost no matmul; a tied
-    output head does, so it counts once."""
+    """Training FLOPs per token that the step actually computes, by the PaLM estimate's terms:
+
+    - forward: 2 per matmul weight, and attention's 4 · width · context in every layer;
+    - backward, input gradients: 2 per matmul weight and attention's 8 · width · context, from
+      the head down to the lowest block that has something to train (below it nothing needs
+      a gradient);
+    - backward, weight gradients: 2 per trainable matmul weight.
+
+    Full fine-tuning gives 6N + 12 · layers · width · context; frozen layers and LoRA (whose
+    base weights need input gradients but no weight gradients) give less. Embedding lookups
+    cost no matmul; a tied output head does, so it counts once."""
     import torch
 
     config = unwrap(model).config
-    total = sum(p.numel() for p in model.parameters())  # a tied weight counts once here
     embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
     head = unwrap(model).get_output_embeddings()
     tied = head is not None and any(head.weight is m.weight for m in embeddings)
-    matmul_params = (total - sum(m.weight.numel() for m in embeddings)
-                     + (head.weight.numel() if tied else 0))
+    lookups = {id(m.weight) for m in embeddings} - ({id(head.weight)} if tied else set())
+    matmul = [p for p in model.parameters() if id(p) not in lookups]  # a tied weight once
     layers = getattr(config, "num_hidden_layers", 0)
     width = getattr(config, "hidden_size", 0)
-    return 6 * matmul_params + 12 * layers * width * seq_len
+    try:
+        blocks = list(transformer_blocks(model))
+    except UserError:  # blocks not found: count a backward through all of them
+        blocks = []
+    trains = [any(p.requires_grad for p in block.parameters()) for block in blocks]
+    below_trains = any(p.requires_grad for m in embeddings for p in m.parameters())
+    lowest = 0 if below_trains or not blocks else (trains.index(True) if any(trains)
+                                                    else len(blocks))
+    skipped = {id(p) for block in blocks[:lowest] for p in block.parameters()}
+    if lowest == len(blocks) and blocks and not any(p.requires_grad for p in matmul):
+        skipped = {id(p) for p in matmul}  # nothing trains: no backward at all
+    backward_params = sum(p.numel() for p in matmul if id(p) not in skipped)
+    trainable = sum(p.numel() for p in matmul if p.requires_grad)
+    backward_layers = layers - lowest if blocks else layers
+    return (2 * sum(p.numel() for p in matmul) + 2 * backward_params + 2 * trainable
+            + 4 * layers * width * seq_len + 8 * backward_layers * width * seq_len)
 
 
 # Block columns the model's step reads; position_ids only where data.packing made them.
@@ -244,11 +266,15 @@ def on_device(batch: dict, device) -> dict:
     return {**out, "tokens": tokens, "targets": targets}
 
 
-def collated(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool):
-    """One pass over a dataset shard: collated host batches (pinned when `device` is a GPU)."""
+def collated(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool,
+             shuffle_buffer: int = 0, shuffle_seed: int | None = None):
+    """One pass over a dataset shard: collated host batches (pinned when `device` is a GPU);
+    with `shuffle_buffer`, mixed through Ray Data's local shuffle buffer of that many blocks."""
     return shard.iter_torch_batches(batch_size=batch_size, device="cpu", drop_last=drop_last,
                                     collate_fn=batch_collator(device.type == "cuda"),
-                                    prefetch_batches=prefetch_batches)
+                                    prefetch_batches=prefetch_batches,
+                                    local_shuffle_buffer_size=shuffle_buffer or None,
+                                    local_shuffle_seed=shuffle_seed if shuffle_buffer else None)
 
 
 def feed(shard, batch_size: int, device, prefetch_batches: int, drop_last: bool = False):
@@ -269,57 +295,94 @@ def loss_scale(micro: list[dict], world_size: int):
     return world_size / global_targets.clamp(min=1)
 
 
-# Host bytes of collated batches a worker keeps to replay its shard (see `EpochFeed`); pinned
-# on a GPU, so bounded. Past it, an epoch is long enough (~60M tokens at 16 bytes a token, over
-# a minute on an H100) that Ray Data's ~50 ms start per epoch is under 0.1% of it.
-REPLAY_MAX_BYTES = 1 << 30
+# A streamed split mixes its blocks through a local buffer of this many optimizer steps' worth
+# (at least MIN_SHUFFLE_BLOCKS): large enough to mix neighbouring documents, small enough that
+# the first step does not wait long for it to fill.
+SHUFFLE_BUFFER_STEPS = 16
+MIN_SHUFFLE_BLOCKS = 1024
+
+
+def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
+    """A seed for one epoch of one rank, drawn from the run's seed: the same every run."""
+    import numpy as np
+
+    return int(np.random.default_rng([seed % 2**63, epoch, rank]).integers(2**31))
+
+
+class CachedBlocks:
+    """The cached training split as one worker reads it: every block of it, zero-copy from the
+    object store, in an order drawn for each epoch.
+
+    Each epoch is one permutation of the whole split, from `train.seed` and the epoch number
+    (or the split's own order with `data.shuffle=false`), dealt out to the ranks in turn: rank r
+    takes positions r, r + N, r + 2N, ... So the global batch at any step holds the same blocks
+    whatever the number of workers, a run repeats exactly, and a resume skips exactly the
+    batches its checkpoint consumed. Reading here instead of through a Ray Data split also
+    costs no pipeline start per epoch, and nothing is handed out as it happens to be ready."""
+
+    def __init__(self, refs: list, rank: int, world_size: int, seed: int, shuffle: bool):
+        import numpy as np
+        import ray
+
+        from aigc_ray.data import block_columns
+
+        tables = [block_columns(table) for table in ray.get(refs) if table.num_rows]
+        self.tables = tables
+        sizes = [len(table["input_ids"]) for table in tables]
+        self.table_of = np.repeat(np.arange(len(tables)), sizes)
+        self.row_of = np.concatenate([np.arange(size) for size in sizes]) if sizes else sizes
+        self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
+
+    def order(self, epoch: int):
+        """This rank's blocks for `epoch`, as indices into the split (equal shares: a remainder
+        of fewer than world_size blocks is left out, as Ray's equal split does)."""
+        import numpy as np
+
+        rows = len(self.table_of)
+        order = (np.random.default_rng([self.seed % 2**63, epoch]).permutation(rows)
+                 if self.shuffle else np.arange(rows))
+        return order[self.rank::self.world_size][: rows // self.world_size]
+
+    def batches(self, epoch: int, batch_size: int, collate):
+        """One epoch of collated host batches (full ones only)."""
+        import numpy as np
+
+        order = self.order(epoch)
+        names = list(self.tables[0]) if self.tables else []
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            picked = order[start:start + batch_size]
+            yield collate({name: np.stack([self.tables[self.table_of[i]][name][self.row_of[i]]
+                                           for i in picked]) for name in names})
 
 
 class EpochFeed:
-    """The training shard epoch after epoch, read by a background thread into a small queue:
-    the next epoch's stream starts while the loop still steps through the batches queued from
-    the current one. `epochs` None: until `close()`.
-
-    With `replay` (the split is cached: every epoch yields the same batches in the same order),
-    the first epoch's collated batches are kept, up to REPLAY_MAX_BYTES, and later epochs hand
-    them out again: no Ray Data execution per epoch (~50 ms to start one, which a few-step epoch
-    cannot hide behind its queue), and no collate or pinning again. Nothing writes to a batch."""
+    """The training split epoch after epoch, read by a background thread into a small queue:
+    the next epoch starts while the loop still steps through the batches queued from the
+    current one. `passes(epoch)` gives one epoch's collated host batches (a `CachedBlocks`
+    permutation, or a pass over the worker's Ray Data shard); epochs count from `first_epoch`;
+    `epochs` None: until `close()`."""
 
     END = object()  # marks the end of an epoch in the queue
 
-    def __init__(self, shard, batch_size: int, device, prefetch_batches: int,
-                 epochs: int | None, depth: int = 8, replay: bool = False):
+    def __init__(self, passes, device, first_epoch: int, epochs: int | None, depth: int = 8):
         import queue
         import threading
 
         self.device, self.queue, self.stop = device, queue.Queue(maxsize=depth), threading.Event()
-        self.reads = 0  # passes over the shard through Ray Data (1 when replayed)
         self.thread = threading.Thread(target=self._produce, daemon=True, name="aigc-ray-feed",
-                                       args=(shard, batch_size, prefetch_batches, epochs, replay))
+                                       args=(passes, first_epoch, epochs))
         self.thread.start()
 
-    def _produce(self, shard, batch_size: int, prefetch_batches: int, epochs: int | None,
-                 replay: bool) -> None:
+    def _produce(self, passes, first_epoch: int, epochs: int | None) -> None:
         import itertools
 
-        kept, kept_bytes, replaying = ([] if replay else None), 0, False
+        numbers = (range(first_epoch, first_epoch + epochs) if epochs is not None
+                   else itertools.count(first_epoch))
         try:
-            for _ in range(epochs) if epochs is not None else itertools.count():
-                if replaying:
-                    batches = kept
-                else:
-                    self.reads += 1
-                    batches = collated(shard, batch_size, self.device, prefetch_batches, True)
-                for batch in batches:
-                    if kept is not None and not replaying:
-                        kept_bytes += sum(value.nbytes for value in batch.values())
-                        if kept_bytes > REPLAY_MAX_BYTES:
-                            kept = None  # too large to hold: read through Ray Data each epoch
-                        else:
-                            kept.append(batch)
+            for epoch in numbers:
+                for batch in passes(epoch):
                     if not self._put(batch):
                         return  # closed mid-epoch: leaving the loop ends Ray's iteration
-                replaying = kept is not None
                 if not self._put(self.END):
                     return
         except Exception as exc:  # a bad corpus row in strict mode, say: the loop raises it
@@ -350,11 +413,32 @@ class EpochFeed:
         self.stop.set()
 
 
+def training_passes(loop_config: dict, cfg: Config, device, rank: int, world_size: int):
+    """`passes(epoch)` for the `EpochFeed`: the cached split permuted per epoch, or this rank's
+    Ray Data shard, mixed through a local buffer when `data.shuffle` is true (a global shuffle
+    already happened in the dataset; see run_train)."""
+    import ray.train
+
+    batch_size = cfg.train.batch_size
+    if loop_config["cached_blocks"] is not None:
+        cached = CachedBlocks(loop_config["cached_blocks"], rank, world_size, cfg.train.seed,
+                              cfg.data.shuffle is True)
+        collate = batch_collator(device.type == "cuda")
+        return lambda epoch: cached.batches(epoch, batch_size, collate)
+    shard = ray.train.get_dataset_shard("train")
+    buffer = (max(MIN_SHUFFLE_BLOCKS, SHUFFLE_BUFFER_STEPS * batch_size
+                  * cfg.train.grad_accum_steps) if cfg.data.shuffle is True else 0)
+    return lambda epoch: collated(shard, batch_size, device, cfg.train.prefetch_batches, True,
+                                  buffer, epoch_seed(cfg.train.seed, epoch, rank))
+
+
 class WaitClock:
     """Seconds the loop spent waiting for its next batch while the device had nothing to do,
-    as a share of the interval. On a GPU the host runs ahead of the kernels it queued: a wait
-    that ends before the previous step's kernels have finished cost the GPU nothing, so it
-    is not counted (an event query, not a sync, tells)."""
+    as a share of the interval. On a GPU the host runs ahead of the kernels it queued: only the
+    part of a wait after the previous step's kernels finished cost the GPU anything, and the
+    GPU's own clock says how long that was (an event recorded when the batch arrives, timed
+    against the step's end; no sync while the step still runs). On a CPU the host is the
+    device: the whole wait counts."""
 
     def __init__(self, device):
         self.on_gpu = device.type == "cuda"
@@ -366,15 +450,27 @@ class WaitClock:
         if self.on_gpu:
             import torch
 
-            self.step_done = torch.cuda.Event()
+            self.step_done = torch.cuda.Event(enable_timing=True)
             self.step_done.record()
 
     def next(self, batches):
         start = time.perf_counter()
         batch = next(batches, None)  # None: the epoch ended
-        if self.step_done is None or self.step_done.query():  # the device ran dry meanwhile
-            self.waited += time.perf_counter() - start
+        self.waited += self.idle_part(time.perf_counter() - start)
         return batch
+
+    def idle_part(self, wait_s: float) -> float:
+        """Of a wait that just ended, the seconds the device was idle."""
+        if self.step_done is None:
+            return wait_s
+        if not self.step_done.query():  # the step still runs: the wait cost the GPU nothing
+            return 0.0
+        import torch
+
+        now = torch.cuda.Event(enable_timing=True)
+        now.record()
+        now.synchronize()  # the GPU is idle: this returns at once
+        return min(wait_s, self.step_done.elapsed_time(now) / 1000)
 
     def share(self) -> tuple[float, float]:
         """(data_wait share, seconds) of the interval since the last call; starts a new one."""
@@ -448,7 +544,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     cfg = Config.model_validate(loop_config["config"])
     run_dir, model_path = Path(loop_config["run_dir"]), loop_config["model_path"]
     run = RunFolder(run_dir)
-    total_steps = loop_config["total_steps"]
+    total_steps, sample_prompts = loop_config["total_steps"], loop_config["sample_prompts"]
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -529,7 +625,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         note_console(run_dir, state.step, warning)
 
     trackers = open_trackers(cfg, run_dir, state.step) if rank == 0 else None
-    train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
     peak = cfg.scaling.peak_tflops or (
@@ -605,9 +700,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     interval_targets = interval_tokens = 0
     clock = WaitClock(device)
     finished, measured = state.step >= total_steps, False
-    epochs = EpochFeed(train_shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
-                       cfg.train.epochs - state.epoch if loop_config["epochs_bound"] else None,
-                       replay=loop_config["cached"])
+    epochs = EpochFeed(training_passes(loop_config, cfg, device, rank, world_size), device,
+                       state.epoch,
+                       cfg.train.epochs - state.epoch if loop_config["epochs_bound"] else None)
     profiler = StepProfiler(run.profile, rank, device, cfg.train.profile_from,
                             cfg.train.profile_steps) if cfg.train.profile_steps else None
     try:
@@ -669,13 +764,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         row.update(evaluate() or {})
                         if "val_loss" in row:
                             state.note_eval(row["val_loss"])
-                        if cfg.train.sample_prompts and (rank == 0 or sharded):
-                            replies = generate_samples(model, tokenizer, cfg.train.sample_prompts,
+                        if sample_prompts and (rank == 0 or sharded):
+                            replies = generate_samples(model, tokenizer, sample_prompts,
                                                        device, chat=cfg.data.chat,
                                                        synced=sharded and world_size > 1)
-                        if cfg.train.sample_prompts and rank == 0:
+                        if sample_prompts and rank == 0:
                             samples = [{"step": state.step, "prompt": prompt, "reply": reply}
-                                       for prompt, reply in zip(cfg.train.sample_prompts, replies)]
+                                       for prompt, reply in zip(sample_prompts, replies)]
                             for sample in samples:
                                 append_jsonl(run.samples, sample)
                             if trackers:
@@ -911,8 +1006,15 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
                                  ray.cluster_resources().get("object_store_memory", 0),
                                  cfg.scaling.num_workers)
     print(f"[aigc-ray] data: {train_split.note}", flush=True)
-    datasets["train"] = train_split.dataset
-    total_steps, epochs_bound = count_steps(cfg, train_split.rows, cfg.scaling.num_workers)
+    datasets["train"], cached_blocks = training_input(cfg, train_split)
+    if datasets["train"] is None:
+        del datasets["train"]
+    try:
+        total_steps, epochs_bound = count_steps(cfg, train_split.rows, cfg.scaling.num_workers)
+    except DataError as exc:
+        raise DataError(f"{exc}{skipped_rows_note(stats)}") from None
+    sample_prompts = (cfg.train.sample_prompts if cfg.train.sample_prompts is not None
+                      else validation_prompts(cfg, files))
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
@@ -922,7 +1024,7 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
         train_loop_config={"config": cfg.model_dump(), "model_path": model_path,
                            "run_dir": str(run_dir), "total_steps": total_steps,
                            "epochs_bound": epochs_bound, "has_val": "val" in datasets,
-                           "cached": train_split.cached_bytes is not None,
+                           "cached_blocks": cached_blocks, "sample_prompts": sample_prompts,
                            "start_from": start_from},
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
                                      use_gpu=cfg.scaling.use_gpu,
@@ -941,10 +1043,12 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     )
     with Follower(run_dir, total_steps) if follow else contextlib.nullcontext():
         result = trainer.fit()
+    if isinstance(result.error, DataError) and "too few" in str(result.error):
+        raise DataError(f"{result.error}{skipped_rows_note(stats)}") from None
     if result.error:
         raise result.error
 
-    write_data_record(run.data_record, train_split, stats)
+    write_data_record(run.data_record, train_split, stats, shuffle_note(cfg, train_split))
     final_dir = run.final
     export_checkpoint(_best_checkpoint(result, "val" in datasets).path, final_dir)
 
@@ -978,15 +1082,86 @@ def check_model_settings(cfg: Config, model_path: str) -> None:
                           f"{positions} positions; set data.block_size to at most {positions}")
 
 
-def write_data_record(path: Path, split, stats) -> None:
-    """`data.json`: how the training split was fed (cached or streamed), how many passes the
-    tokenizers made over each split, and the pipeline's counts (documents, skipped rows)."""
+def training_input(cfg: Config, split) -> tuple[object, list | None]:
+    """(the Dataset Ray Train splits among the workers, or None; the cached blocks every worker
+    reads itself, or None). A cached split is read whole by each worker (`CachedBlocks`) unless
+    `data.shuffle=global` asks Ray Data for a full random shuffle each epoch."""
+    from ray.data import RandomSeedConfig
+
+    if cfg.data.shuffle == "global":
+        return split.dataset.random_shuffle(seed=RandomSeedConfig(
+            cfg.train.seed % 2**31, reseed_after_execution=True)), None
+    if split.blocks is not None:
+        return None, split.blocks
+    return split.dataset, None
+
+
+def shuffle_note(cfg: Config, split) -> str:
+    """What `data.shuffle` did to this run's training order, in words (data.json)."""
+    if cfg.data.shuffle == "global":
+        return "global: a Ray Data random_shuffle of the whole split every epoch"
+    if cfg.data.shuffle is False:
+        return "none: file order"
+    if split.blocks is not None:
+        return f"every epoch a permutation of the cached blocks drawn from seed {cfg.train.seed}"
+    return ("every epoch the files in a new order and the blocks mixed through a local buffer "
+            f"(seed {cfg.train.seed})")
+
+
+def skipped_rows_note(stats) -> str:
+    """'; N rows were skipped (reason n, ...)' from the pipeline's counts, or ''."""
+    import ray
+
+    from aigc_ray.data import SKIP_REASONS
+
+    totals = ray.get(stats.totals.remote())
+    skipped = {reason: int(totals.get(f"skipped.{reason}", 0)) for reason in SKIP_REASONS}
+    if not sum(skipped.values()):
+        return ""
+    detail = ", ".join(f"{reason} {n:,}" for reason, n in skipped.items() if n)
+    return (f"; {sum(skipped.values()):,} rows were skipped ({detail}): `aigc-ray data` "
+            "counts them, data.strict=true names the first")
+
+
+SAMPLE_PROMPTS = 2  # drawn from the validation split when train.sample_prompts is not given
+
+
+def validation_prompts(cfg: Config, files: list) -> list[str]:
+    """Prompts for the samples at each evaluation, from the run's own validation split (the
+    training split when there is none): the user's data, never the sample corpus's questions.
+    A conversation gives its first user message; a pair its prompt; text its first words."""
+    import json
+
+    from aigc_ray.data import MESSAGES_COLUMN, read_corpus
+
+    split = "val" if cfg.data.val_fraction > 0 else "train"
+    rows = read_corpus(cfg, split, files=files).take(SAMPLE_PROMPTS)
+    prompts = []
+    for row in rows:
+        if cfg.data.chat:
+            users = [m["content"] for m in json.loads(row[MESSAGES_COLUMN])
+                     if m["role"] == "user"]
+            prompt = users[0] if users else ""
+        elif cfg.data.supervised:
+            prompt = row[cfg.data.prompt_field]
+        else:
+            prompt = " ".join(row[cfg.data.text_field].split()[:8])
+        if prompt.strip():
+            prompts.append(prompt)
+    return prompts
+
+
+def write_data_record(path: Path, split, stats, shuffle: str) -> None:
+    """`data.json`: how the training split was fed (cached or streamed) and in what order, how
+    many passes the tokenizers made over each split, and the pipeline's counts (documents,
+    skipped rows)."""
     import json
 
     import ray
 
     record = {"training_split": "cached" if split.cached_bytes is not None else "streamed",
               "cached_bytes": split.cached_bytes, "train_blocks": split.rows,
+              "shuffle": shuffle, "block_order_hash": split.order_hash,
               "tokenize_passes": {name: ray.get(stats.passes.remote(f"tokenize:{name}:"))
                                   for name in ("train", "val")},
               "counts": ray.get(stats.totals.remote())}
