@@ -109,3 +109,38 @@ def test_a_missing_tracker_library_fails_before_ray_starts(monkeypatch, capsys):
                         lambda name, *a: None if name == "wandb" else real(name, *a))
     assert main(["train", "run.trackers=[wandb]"]) == 2
     assert "pip install 'aigc-ray[wandb]'" in capsys.readouterr().err
+
+
+def test_an_mlflow_uri_naming_a_folder_holds_a_sqlite_store_inside_it(tmp_path, monkeypatch):
+    # What most people type. MLflow 3 refuses a folder as a file store, which crashed rank 0;
+    # the folder now holds a SQLite store, resolved where the config is read (a worker or a Tune
+    # trial runs in another working folder).
+    from mlflow.tracking import MlflowClient
+
+    from aigc_ray.config import load_config
+    from aigc_ray.trackers import check_trackers, open_trackers
+
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config("tiny_cpu", ["run.trackers=[mlflow]", "run.mlflow_uri=tracking",
+                                   f"run.output_dir={tmp_path}/runs", "run.name=folder"])
+    check_trackers(cfg)  # before Ray starts: makes the folder
+    assert (tmp_path / "tracking").is_dir()
+    elsewhere = tmp_path / "worker"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg.run.dir.mkdir(parents=True)
+    (cfg.run.dir / "eval.json").write_text('{"perplexity": 9.5}\n')
+    trackers = open_trackers(cfg, cfg.run.dir)
+    trackers.metrics({"step": 3, "loss": 1.5})
+    trackers.files(cfg.run.dir / "eval.json")
+    trackers.close()
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/tracking/mlflow.db")
+    run = client.get_run(json.loads((cfg.run.dir / "trackers.json").read_text())["mlflow"])
+    assert run.info.status == "FINISHED" and run.data.params["run.name"] == "folder"
+    assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] \
+        == [(3, 1.5)]
+    # Artifacts beside the store, not in whatever folder the worker ran in.
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["eval.json"]
+    assert list((tmp_path / "tracking" / "mlartifacts").rglob("eval.json"))
+    assert list(elsewhere.iterdir()) == []

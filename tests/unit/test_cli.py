@@ -9,6 +9,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,21 @@ BAD_INPUTS = [
     (["trian"], "invalid choice: 'trian'"),
     (["train", "model.name_or_path=/nonexistent/model", "train.max_steps=1"],
      "model.name_or_path /nonexistent/model does not exist"),
+    # A hub id that does not exist, or any hub id the network cannot reach (offline): the reason
+    # in one line, not transformers' traceback from a worker.
+    (["train", "model.name_or_path=no-such-org/no-such-model", "train.max_steps=1"],
+     "model.name_or_path no-such-org/no-such-model: "),
+    (["data", "model.name_or_path=no-such-org/no-such-model", "data.path={prompts}"],
+     "model.name_or_path no-such-org/no-such-model: "),
+    (["train", "model.name_or_path={tmp}", "train.max_steps=1"], "model.name_or_path "),
+    (["train", "run.name=..", "train.max_steps=1"],
+     "run.name '..' would not be a folder inside run.output_dir"),
+    (["config", "run.name=."], "run.name '.' would not be a folder inside run.output_dir"),
+    (["train", "run.trackers=[mlflow]", "run.mlflow_uri={file}/store"],
+     "run.mlflow_uri: cannot create"),
+    (["serve", "{checkpoint}", "serve.api_key_file={tmp}/missing"],
+     "serve.api_key_file {tmp}/missing does not exist"),
+    (["serve", "{checkpoint}", "serve.api_key_file={tmp}"], "cannot be read (Is a directory)"),
 ]
 
 
@@ -119,7 +135,7 @@ def test_bad_input_fails_with_one_line_and_exit_2(places, argv, words):
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
-    assert words in lines[0]
+    assert words.format(**places) in lines[0]
 
 
 def test_every_command_has_a_bad_input_case():
@@ -161,3 +177,68 @@ def test_an_unreachable_ray_address_is_one_line(monkeypatch):
     assert str(error.value) == (f"cannot reach the Ray cluster at RAY_ADDRESS={address}: Failed "
                                 "to connect to Ray cluster.; start it, or unset RAY_ADDRESS to "
                                 "run on a local Ray")
+
+
+# ── what counts as a user's error ────────────────────────────────────────────────────────────
+
+
+def test_a_bug_raised_while_handling_a_user_error_keeps_its_traceback(monkeypatch, capsys):
+    import aigc_ray.train
+
+    def handler_with_a_bug(cfg):
+        try:
+            raise ConfigError("train.lr must be > 0")
+        except ConfigError:
+            return {}["the handler's own bug"]  # KeyError, its context the user error
+
+    monkeypatch.setattr(aigc_ray.train, "run_train", handler_with_a_bug)
+    with pytest.raises(KeyError):
+        main(["train"])
+    assert "error: train.lr" not in capsys.readouterr().err
+
+
+def test_a_user_error_given_as_the_explicit_cause_is_one_line(monkeypatch, capsys):
+    import aigc_ray.train
+
+    def wrapped(cfg):
+        raise RuntimeError("a worker failed") from ConfigError("train.lr must be > 0, got -1")
+
+    monkeypatch.setattr(aigc_ray.train, "run_train", wrapped)
+    assert main(["train"]) == 2
+    assert capsys.readouterr().err == "error: train.lr must be > 0, got -1\n"
+
+
+def test_a_system_exit_without_ctrl_c_is_a_bug_not_a_stopped_run(monkeypatch, capsys):
+    import aigc_ray.train
+
+    def exits(cfg):
+        sys.exit(3)
+
+    monkeypatch.setattr(aigc_ray.train, "run_train", exits)
+    with pytest.raises(RuntimeError, match=r"SystemExit\(3\) though no Ctrl-C or SIGTERM") as info:
+        main(["train"])
+    assert isinstance(info.value.__cause__, SystemExit)  # the traceback shows where it exited
+    assert "training stopped" not in capsys.readouterr().err
+
+
+def test_ctrl_c_during_training_says_how_to_resume(monkeypatch, capsys):
+    # Ray Train's SIGINT handler aborts the run and leaves by sys.exit; a real SIGINT here.
+    import signal
+
+    import aigc_ray.train
+
+    def interrupted(cfg):
+        signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # as Ray Train's handler does
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(1000):  # the handler runs between bytecodes
+            time.sleep(0.01)
+        raise AssertionError("no SIGINT arrived")
+
+    monkeypatch.setattr(aigc_ray.train, "run_train", interrupted)
+    on_sigint = signal.getsignal(signal.SIGINT)
+    try:
+        assert main(["train", "train.max_steps=5"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, on_sigint)
+    assert capsys.readouterr().err == ("training stopped; resume it from its last checkpoint "
+                                       "with: aigc-ray train train.max_steps=5\n")

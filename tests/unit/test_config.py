@@ -13,6 +13,7 @@ import yaml
 import aigc_ray.cluster
 from aigc_ray.cli import main
 from aigc_ray.config import (
+    REDACTED,
     Config,
     load_config,
     shipped_configs,
@@ -186,6 +187,90 @@ def test_empty_yaml_file_means_all_defaults(tmp_path):
 def test_several_problems_are_counted_in_one_line():
     message = _error(["train.lr=-1", "train.batch_size=0"])
     assert message.endswith("(and 1 more problem(s))")
+
+
+@pytest.mark.parametrize("name", [".", ".."])
+def test_a_run_name_that_leaves_the_output_dir_is_refused(name):
+    # `..` would put the run beside run.output_dir and its export would replace ../final.
+    assert _error([f"run.name={name}"]) == (
+        f"run.name {name!r} would not be a folder inside run.output_dir; name the run, e.g. "
+        "run.name=tiny-cpu")
+    assert load_config(None, ["run.name=v1..v2"]).run.dir.name == "v1..v2"
+
+
+def test_an_mlflow_uri_naming_a_folder_becomes_a_sqlite_store_inside_it(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def uri(value: str) -> str:
+        return load_config(None, [f"run.mlflow_uri={value}"]).run.mlflow_uri
+
+    assert uri("tracking") == f"sqlite:///{tmp_path}/tracking/mlflow.db"
+    assert uri(f"file://{tmp_path}/mlruns") == f"sqlite:///{tmp_path}/mlruns/mlflow.db"
+    assert uri("store.db") == f"sqlite:///{tmp_path}/store.db"
+    for untouched in ("http://mlflow.internal:5000", "sqlite:////srv/mlflow.db", "databricks"):
+        assert uri(untouched) == untouched
+    # Read back from a saved config.yaml elsewhere, it stays the same store.
+    cfg = load_config(None, ["run.mlflow_uri=tracking"])
+    monkeypatch.chdir("/")
+    assert validate(yaml.safe_load(to_yaml(cfg))).run.mlflow_uri == cfg.run.mlflow_uri
+
+
+# ── The serving API key ─────────────────────────────────────────────────────────────────────
+
+
+def test_the_api_key_is_never_in_the_saved_yaml_and_serving_it_asks_for_the_key_again(
+        monkeypatch):
+    monkeypatch.delenv("AIGC_RAY_API_KEY", raising=False)
+    cfg = load_config(None, ["serve.api_key=sk-live-123"])
+    assert cfg.serve.resolve_api_key() == "sk-live-123"
+    saved = to_yaml(cfg)
+    assert "sk-live-123" not in saved and f"api_key: {REDACTED}" in saved
+    reloaded = validate(yaml.safe_load(saved))
+    # Serving the saved config without the key would silently drop the protection.
+    with pytest.raises(ConfigError) as info:
+        reloaded.serve.resolve_api_key()
+    assert "pass it again with AIGC_RAY_API_KEY=KEY or serve.api_key_file=FILE" in str(info.value)
+    monkeypatch.setenv("AIGC_RAY_API_KEY", "from-the-environment")
+    assert reloaded.serve.resolve_api_key() == "from-the-environment"
+    assert load_config(None).serve.resolve_api_key() == "from-the-environment"
+    # Without any key set nothing is asked for, and nothing is redacted.
+    monkeypatch.delenv("AIGC_RAY_API_KEY")
+    assert load_config(None).serve.resolve_api_key() is None
+    assert "api_key: null" in to_yaml(load_config(None))
+
+
+def test_the_api_key_file_is_read_when_serving_and_wins_over_the_environment(tmp_path,
+                                                                             monkeypatch):
+    key_file = tmp_path / "key"
+    key_file.write_text("sk-from-file\n")  # `echo KEY > FILE` adds the line end
+    monkeypatch.setenv("AIGC_RAY_API_KEY", "from-the-environment")
+    cfg = load_config(None, [f"serve.api_key_file={key_file}"])
+    assert cfg.serve.resolve_api_key() == "sk-from-file"
+    assert str(key_file) in to_yaml(cfg) and "sk-from-file" not in to_yaml(cfg)
+    assert _error(["serve.api_key=a", f"serve.api_key_file={key_file}"]).startswith(
+        "serve.api_key and serve.api_key_file are both set; keep one")
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda folder: folder / "missing", "does not exist; write the key to it"),
+    (lambda folder: folder, "cannot be read (Is a directory)"),
+    (lambda folder: (folder / "empty").write_text(" \n") and folder / "empty", "is empty"),
+    (lambda folder: (folder / "bin").write_bytes(b"\xff\xfe") and folder / "bin",
+     "cannot be read (UnicodeDecodeError)"),
+])
+def test_a_key_file_that_cannot_give_a_key_is_one_line(tmp_path, make, words):
+    path = make(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"serve.api_key_file={path}"]).serve.resolve_api_key()
+    message = str(info.value)
+    assert message.startswith(f"serve.api_key_file {path} ") and words in message
+    assert "\n" not in message
+
+
+def test_cli_config_prints_the_api_key_redacted(capsys):
+    assert main(["config", "serve.api_key=sk-live-123"]) == 0
+    out = capsys.readouterr().out
+    assert "sk-live-123" not in out and yaml.safe_load(out)["serve"]["api_key"] == REDACTED
 
 
 # ── CLI ─────────────────────────────────────────────────────────────────────────────────────
