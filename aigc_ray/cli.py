@@ -306,7 +306,8 @@ class Command(NamedTuple):
 COMMANDS = (
     Command("train", "fine-tune a causal LM on Ray Train workers (DDP); rerun to resume",
             add_config_arguments, cmd_train, epilog=CONFIG_HELP),
-    Command("config", "print the resolved config as YAML", add_config_arguments, cmd_config,
+    Command("config", "print the resolved config as YAML (the API key redacted)",
+            add_config_arguments, cmd_config,
             epilog=CONFIG_HELP),
     Command("data", "run the data pipeline once and print corpus statistics",
             add_config_arguments, cmd_data, epilog=CONFIG_HELP),
@@ -329,9 +330,12 @@ COMMANDS = (
         add_serve_arguments, cmd_serve,
         description="Deploy a Hugging Face causal-LM folder (a run's final/, a checkpoint, or "
         "your own model) as a Ray Serve app answering /v1/completions, /v1/chat/completions, "
-        "/v1/models and /healthz. The folder's config.yaml serve section is the base.",
+        "/v1/models and /healthz. The folder's config.yaml serve section is the base. With "
+        "an API key, requests must send 'Authorization: Bearer KEY': pass it as "
+        "AIGC_RAY_API_KEY or serve.api_key_file=FILE (serve.api_key=KEY shows in `ps`); it is "
+        "never written to disk, so a folder trained with one asks for it again.",
         epilog="key=value pairs override serve.* settings, e.g. serve.port=8001 "
-        "serve.autoscaling.max_replicas=4 serve.max_batch_size=32"),
+        "serve.autoscaling.max_replicas=4 serve.max_batch_size=32 serve.api_key_file=~/.key"),
     Command(
         "generate", "batch generation: a completion for every prompt in files, by Ray Data",
         add_generate_arguments, cmd_generate,
