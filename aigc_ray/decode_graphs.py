@@ -217,7 +217,8 @@ def _doubling(first: int, last: int) -> list[int]:
 class SlotDecoder(BatchDecoder):
     """`BatchDecoder` over a `StaticStep`: the same rows, sampling, stops and chunks; each
     running row lives in a slot of the step's cache. Newcomers join while slots are free; the
-    rest wait in `waiting` until rows finish."""
+    rest wait in `waiting` until rows finish. A request longer than a slot (the model's context)
+    is refused at `add`, as `BatchDecoder` refuses it."""
 
     def __init__(self, model, tokenizer, step: StaticStep,
                  requests: list[GenerationRequest] = (), max_rows: int | None = None):
@@ -227,14 +228,6 @@ class SlotDecoder(BatchDecoder):
         self.lengths = [0] * step.slots  # tokens in each slot's cache
         self.next_tokens: list[int] | None = None  # per running row, in `active` order
         super().__init__(model, tokenizer, requests, max_rows)
-
-    def add(self, requests: list[GenerationRequest]) -> list[int]:
-        for request in requests:
-            if len(request.prompt_ids) + request.max_tokens > self.static.width:
-                raise ValueError(f"prompt ({len(request.prompt_ids)} tokens) + max_tokens "
-                                 f"({request.max_tokens}) is more than the model's context "
-                                 f"of {self.static.width} tokens")
-        return super().add(requests)
 
     def _room(self) -> int:
         return len(self.free)
@@ -276,14 +269,14 @@ class SlotDecoder(BatchDecoder):
         self.next_tokens = None
         return logits[torch.tensor(slots, device=logits.device)]
 
-    def _prefill_join(self, newcomers: list[int]) -> torch.Tensor:
-        logits, _, cache = self._prefill(newcomers)
+    def _join_prefilled(self, newcomers: list[int], mask, cache) -> None:
+        # After the step's decode: its forward writes every slot of its bucket, the unfed ones
+        # at column 0, which would overwrite a row loaded before it.
         for row, index in enumerate(newcomers):
             slot = self.free.pop(0)
             length = len(self.rows[index].request.prompt_ids)
             self.static.load(slot, cache, row, length)
             self.slot_of[index], self.lengths[slot] = slot, length
-        return logits
 
     def _feed(self, tokens: list[int]) -> None:
         self.next_tokens = tokens

@@ -367,3 +367,104 @@ def test_max_rows_keeps_that_many_decoding_and_starts_waiting_rows_as_others_fin
     assert max(rows for _, rows in steps) == 2 and steps[-1][1] == 1
     assert decode_all(model, tokenizer, requests, BatchDecoder(model, tokenizer, max_rows=2)) \
         == decode_all(model, tokenizer, requests)
+
+
+# --- one request cannot fail its batch ------------------------------------------------------
+
+
+def test_an_absurdly_small_temperature_samples_the_greedy_token_never_an_id_past_the_vocabulary(
+        model_and_tokenizer):
+    import torch
+
+    from aigc_ray.decode import MIN_TEMPERATURE, sample_batch
+
+    # 1e-40 once turned every logit into ±inf: softmax gave NaN and the draw the id 50 (the
+    # vocabulary's size), which failed the next forward of every row batched with it.
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 50, generator=generator) * 20
+    logits[:8] *= 1e36  # near float32's limit: dividing by a tiny temperature overflows
+    logits[8:16, ::2] = float("-inf")  # masked tokens (min_tokens, top-k)
+    draws = [(i + 0.5) / 40 for i in range(40)]
+    for temperature in (1e-40, 1e-30, 1e-8, MIN_TEMPERATURE, MIN_TEMPERATURE / 2):
+        picked = sample_batch(logits, [temperature] * 40, [1.0] * 40, [0] * 40, draws)
+        assert picked.tolist() == logits.argmax(-1).tolist(), temperature
+    for top_p, top_k in ((0.5, 0), (1.0, 3)):
+        picked = sample_batch(logits, [1e-40] * 40, [top_p] * 40, [top_k] * 40, draws)
+        assert picked.tolist() == logits.argmax(-1).tolist()
+
+    # Through the decoder (serving and `aigc-ray generate` share it): greedy's tokens.
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    tiny, greedy = decode_all(model, tokenizer, [
+        GenerationRequest(ids, 12, temperature=1e-40, seed=1, ignore_eos=True),
+        GenerationRequest(ids, 12, temperature=0, ignore_eos=True)])
+    assert tiny["token_ids"] == greedy["token_ids"]
+
+
+def test_a_poisoned_request_fails_alone_and_its_batch_neighbours_finish_as_if_alone(
+        model_and_tokenizer):
+    """Poisons that slipped past every check (values changed after `add` admitted them): a
+    NaN repetition penalty on a sampled row makes its draw leave the vocabulary, a prompt id
+    past the embedding makes the prefill raise; either ends its own row with an error chunk."""
+    model, tokenizer = model_and_tokenizer
+    vocab = model.config.vocab_size
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+    def plain(i, n=10):
+        return GenerationRequest(ids[i], n, temperature=0, ignore_eos=True)
+
+    alone = {i: decode_all(model, tokenizer, [plain(i)])[0]["text"] for i in range(3)}
+    decoder = BatchDecoder(model, tokenizer)
+    first = decoder.add([plain(0), GenerationRequest(ids[1], 10, temperature=0.7, seed=3),
+                         GenerationRequest(ids[2], 10, temperature=1e-40), plain(2)])
+    nan_row, tiny_row = first[1], first[2]
+    decoder.rows[nan_row].request.repetition_penalty = float("nan")
+    decoder.rows[nan_row].processed = True
+    chunks: dict[int, list] = {}
+
+    def step():
+        for index, chunk in decoder.step().items():
+            chunks.setdefault(index, []).append(chunk)
+
+    step()
+    step()
+    # Newcomers joining a running batch, prefilled together with a prompt that breaks the
+    # forward: it is prefilled again alone and fails alone.
+    late = decoder.add([plain(1), plain(0)])
+    broken = decoder.add([plain(2)])[0]
+    decoder.rows[broken].request.prompt_ids = ids[2][:-1] + [vocab + 5]
+    while not decoder.done:
+        step()
+
+    def text(index):
+        return "".join(c.text for c in chunks[index])
+
+    assert [text(i) for i in (first[0], first[3], late[0], late[1])] == \
+        [alone[0], alone[2], alone[1], alone[0]]
+    assert text(tiny_row) == alone[2]  # a temperature of 1e-40 is greedy
+    assert chunks[nan_row][-1].finish_reason == "error"
+    assert "outside the vocabulary" in chunks[nan_row][-1].error
+    assert [c.finish_reason for c in chunks[broken]] == ["error"]
+    assert "IndexError" in chunks[broken][0].error and not decoder.rows
+
+
+@pytest.mark.parametrize("settings, words", [
+    ({"repetition_penalty": float("inf")}, "repetition_penalty"),
+    ({"temperature": float("nan")}, "temperature"),
+    ({"presence_penalty": float("-inf")}, "presence_penalty"),
+    ({"top_p": 0.0}, "top_p"),
+    ({"prompt_ids": [1, 10_000]}, "prompt_ids holds token id 10000"),
+    ({"prompt_ids": []}, "prompt_ids is empty"),
+    ({"max_tokens": 200}, "context of 128"),
+])
+def test_requests_the_batch_cannot_take_are_refused_at_add_and_nothing_is_admitted(
+        model_and_tokenizer, settings, words):
+    from aigc_ray.decode import RequestError
+
+    model, tokenizer = model_and_tokenizer
+    bad = GenerationRequest(**{"prompt_ids": [1, 2], "max_tokens": 4, **settings})
+    decoder = BatchDecoder(model, tokenizer)
+    with pytest.raises(RequestError, match=words):
+        decoder.add([GenerationRequest([1, 2], 4), bad])
+    assert decoder.done and not decoder.rows
+

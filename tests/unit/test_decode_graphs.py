@@ -54,13 +54,14 @@ def run_with_joins(decoder: BatchDecoder, reqs: list[GenerationRequest]) -> dict
     return out
 
 
-def assert_same_rows(got: dict, want: dict) -> None:
+def assert_same_rows(got: dict, want: dict, logprob_tolerance: float = 1e-4) -> None:
     assert sorted(got) == sorted(want)
     for index in want:
         assert got[index]["tokens"] == want[index]["tokens"], index
         assert got[index]["text"] == want[index]["text"]
         assert got[index]["finish_reason"] == want[index]["finish_reason"]
-        assert got[index]["logprobs"] == pytest.approx(want[index]["logprobs"], abs=1e-4)
+        assert got[index]["logprobs"] == pytest.approx(want[index]["logprobs"],
+                                                       abs=logprob_tolerance)
 
 
 def test_slots_decode_what_the_padded_batch_decodes_with_joins_and_waits(model_and_tokenizer):
@@ -192,13 +193,50 @@ def test_models_the_slots_cannot_hold_say_why(model_and_tokenizer, random_lm):
         model.config._attn_implementation = "sdpa"
 
 
+def test_a_poisoned_row_fails_alone_in_the_slots_too(model_and_tokenizer):
+    # As in test_decode: poisons past every check fail their own row, and the rest decode
+    # what the padded batch decodes for them; the broken prompt's prefill takes no slot.
+    model, tokenizer = model_and_tokenizer
+    vocab = model.config.vocab_size
+    plain = requests(tokenizer)
+    want = decode_all(model, tokenizer, plain)
+    step = StaticStep(model, tokenizer, slots=4, graphs=False)
+    decoder = SlotDecoder(model, tokenizer, step)
+    ids = decoder.add(plain[:2]) + decoder.add([GenerationRequest(
+        tokenizer(PROMPTS[2])["input_ids"], 8, temperature=0.8, repetition_penalty=1.2)])
+    decoder.rows[ids[2]].request.repetition_penalty = float("nan")
+    chunks: dict[int, list] = {}
+    for number in range(100):
+        if number == 2:
+            ids += decoder.add(plain[2:4])
+            [broken] = decoder.add([GenerationRequest([1, 2, 3], 5, temperature=0)])
+            decoder.rows[broken].request.prompt_ids = [1, vocab + 1, 3]
+        for index, chunk in decoder.step().items():
+            chunks.setdefault(index, []).append(chunk)
+        if decoder.done and number > 2:
+            break
+    for index, result in zip((ids[0], ids[1], ids[3], ids[4]), want[:4]):
+        assert [t for c in chunks[index] for t in c.token_ids] == result["token_ids"]
+        assert "".join(c.text for c in chunks[index]) == result["text"]
+    assert chunks[ids[2]][-1].finish_reason == "error"
+    assert "outside the vocabulary" in chunks[ids[2]][-1].error
+    assert [c.finish_reason for c in chunks[broken]] == ["error"]
+    assert set(decoder.free) == {0, 1, 2, 3} and not decoder.rows
+
+
+# The serving dtype is bf16 on a GPU (serve.dtype auto), so the captured graphs must give the
+# padded engine's tokens there, not only in float32 (logprobs as close as bf16 logits allow).
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_captured_cuda_graphs_decode_what_the_padded_batch_decodes(tiny_model_dir):
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).to("cuda").eval()  # float32
+@pytest.mark.parametrize("dtype, logprob_tolerance", [(torch.float32, 1e-4),
+                                                      (torch.bfloat16, 5e-2)])
+def test_captured_cuda_graphs_decode_what_the_padded_batch_decodes(tiny_model_dir, dtype,
+                                                                   logprob_tolerance):
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=dtype).to("cuda").eval()
     tokenizer = load_tokenizer(tiny_model_dir)
     want = run_with_joins(BatchDecoder(model, tokenizer), requests(tokenizer))
     step, note = static_step_for(model, tokenizer, 4, True)
     assert step is not None and "decoding with CUDA graphs: 4 rows" in note, note
     assert step.graph_error is None and len(step.graphs) == len(step.buckets) * len(step.spans)
+    assert step.keys[0].dtype == dtype
     assert_same_rows(run_with_joins(SlotDecoder(model, tokenizer, step), requests(tokenizer)),
-                     want)
+                     want, logprob_tolerance)
