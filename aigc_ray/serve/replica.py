@@ -12,6 +12,12 @@ while the previous one still decodes (ray/serve/batching.py `_process_batches`),
 batch running at a time the queue is split into many small batches: at 32 concurrent requests
 its own metrics showed 95 requests in 51 batches, and a batch, once formed, never takes in a
 newcomer.
+
+No request can take the loop down with it: a request the decoder refuses fails alone at
+admission, a row that fails in a step ends alone (`BatchDecoder`), a step that fails for the
+whole batch fails that batch, and the loop goes on to the next. The loop beats (`Batcher.beat`)
+at every step and at least every BEAT_S while idle; a caller whose loop has stopped beating for
+`stall_s` gets an error instead of waiting forever, and `/healthz` answers from the beat.
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from aigc_ray.decode import BatchDecoder, Chunk, GenerationRequest, merge_chunks
+from aigc_ray.decode import BatchDecoder, Chunk, GenerationRequest, RowFailed, merge_chunks
 from aigc_ray.decode_graphs import StaticStep, new_decoder, static_step_for
 from aigc_ray.model import load_for_inference
 
@@ -33,6 +39,11 @@ _DONE = object()  # ends a request's chunk queue
 
 # A decode step that has not finished in this long means the replica is wedged, not busy.
 STALL_S = 120.0
+# The idle decode loop wakes this often, only to beat: its heartbeat is then never older than
+# this while it is healthy, busy or not.
+BEAT_S = 1.0
+# How often a caller waiting on the loop checks that it still beats.
+CHECK_S = 5.0
 # The longest the replica's metrics wait for a delivery of chunks to ride along with.
 METRICS_WAIT_S = 1.0
 
@@ -46,32 +57,52 @@ class Batcher:
     """
 
     def __init__(self, model, tokenizer, max_batch_size: int, wait_s: float, metrics: dict,
-                 continuous: bool = True, step: StaticStep | None = None):
+                 continuous: bool = True, step: StaticStep | None = None,
+                 stall_s: float = STALL_S):
         self.model, self.tokenizer, self.step = model, tokenizer, step  # step: see new_decoder
         self.max_batch_size, self.wait_s, self.metrics = max_batch_size, wait_s, metrics
-        self.continuous = continuous
+        self.continuous, self.stall_s = continuous, stall_s
         self.pending: queue.Queue = queue.Queue()
         self.loop: asyncio.AbstractEventLoop | None = None
         self.thread: threading.Thread | None = None
+        self.beat = time.monotonic()  # the decode loop's last sign of life
         self.step_started: float | None = None  # monotonic start of the step now running
+        self.admitted = 0  # requests the loop has taken in (a health check adds none)
         self.observations: list[tuple[str, float]] = []  # metrics waiting for the next delivery
         self.observed_at = time.monotonic()  # when metrics last went to the event loop
+
+    def start(self) -> None:
+        """Start the decode thread, or a new one if it ever ended (it should not)."""
+        if self.thread is None or not self.thread.is_alive():
+            self.beat = time.monotonic()
+            self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
+            self.thread.start()
+
+    def trouble(self) -> str | None:
+        """Why the decode loop cannot serve now (None: it beats)."""
+        if self.thread is None or not self.thread.is_alive():
+            return "the decode loop is not running"
+        silent = time.monotonic() - self.beat
+        if silent > self.stall_s:
+            return f"the decode loop has not moved for {silent:.0f} s (a step is stuck)"
+        return None
 
     async def submit(self, request: GenerationRequest, stream: bool = True
                      ) -> AsyncIterator[Chunk]:
         """The request's chunks as its batch decodes them; with stream=False one chunk at the
-        end holding the whole completion (no event-loop wake-up per step for nobody)."""
-        if self.thread is None or not self.thread.is_alive():
-            self.thread = threading.Thread(target=self._run, name="decode", daemon=True)
-            self.thread.start()
+        end holding the whole completion (no event-loop wake-up per step for nobody). Raises
+        what failed the request: RequestError (refused), RowFailed (it failed alone), the
+        step's error (its batch failed), or RuntimeError once the loop stops beating."""
+        self.start()
         self.loop = asyncio.get_running_loop()  # the replica's one serving loop
         entry = {"request": request, "chunks": asyncio.Queue(), "cancel": None,
-                 "cancelled": False, "stream": stream, "held": [], "first_token_at": None}
+                 "cancelled": False, "stream": stream, "held": [], "first_token_at": None,
+                 "loop": self.loop}
         self.pending.put(entry)
         chunks, after = entry["chunks"], None
         try:
             while True:
-                item = after if after is not None else await chunks.get()
+                item = after if after is not None else await self._next(chunks)
                 after = None
                 if item is _DONE:
                     return
@@ -93,10 +124,26 @@ class Batcher:
             if entry["cancel"] is not None:
                 entry["cancel"]()
 
+    async def _next(self, chunks: asyncio.Queue):
+        """The next item for a caller. A whole completion sends nothing until its end, so the
+        wait has no deadline of its own; it ends when the loop stops beating (its timeout)."""
+        if not chunks.empty():
+            return chunks.get_nowait()
+        while True:
+            try:
+                async with asyncio.timeout(min(CHECK_S, self.stall_s)):
+                    return await chunks.get()
+            except TimeoutError:
+                if (why := self.trouble()) is not None:
+                    raise RuntimeError(f"{why}; this request was given up") from None
+
     def _take(self, room: int, wait: bool) -> list[dict]:
-        """Up to `room` queued requests. With `wait` (the decoder is idle) block for the first
-        and give company `wait_s` to arrive; otherwise only what has queued already."""
-        batch = [self.pending.get()] if wait else []
+        """Up to `room` queued requests. With `wait` (the decoder is idle) wait up to BEAT_S for
+        the first and give company `wait_s` to arrive; otherwise only what has queued already."""
+        try:
+            batch = [self.pending.get(timeout=BEAT_S)] if wait else []
+        except queue.Empty:
+            return []
         deadline = time.monotonic() + self.wait_s
         while len(batch) < room:
             try:
@@ -109,47 +156,67 @@ class Batcher:
     def _run(self) -> None:
         decoder, entries = None, {}  # entries: decoder's request index → the caller's entry
         while True:
-            idle = decoder is None or decoder.done
-            if idle:
-                room = self.max_batch_size
-            else:
-                room = self.max_batch_size - decoder.batch_size if self.continuous else 0
-            if idle and self.observations:  # nothing steps until the next request: record now
-                self._deliver([], after=lambda seen=self.observations: self._observe(seen))
-                self.observations = []
-            newcomers = self._take(room, wait=idle) if room > 0 else []
-            if idle:
-                if not newcomers:
-                    continue
-                decoder = new_decoder(self.model, self.tokenizer, self.step)
-            if newcomers:
-                self._admit(decoder, entries, newcomers)
+            self.beat = time.monotonic()
+            newcomers = []
             try:
-                self._step(decoder, entries)
-            except Exception as exc:  # fail the requests in this batch, keep serving the next
-                self._deliver([(entry, item) for entry in entries.values()
-                               for item in (exc, _DONE)])
+                idle = decoder is None or decoder.done
+                if idle:
+                    room = self.max_batch_size
+                else:
+                    room = self.max_batch_size - decoder.batch_size if self.continuous else 0
+                if idle and self.observations:  # nothing steps until the next request: record
+                    self._deliver([], after=lambda seen=self.observations: self._observe(seen))
+                    self.observations = []
+                newcomers = self._take(room, wait=idle) if room > 0 else []
+                if idle:
+                    if not newcomers:
+                        continue
+                    decoder = new_decoder(self.model, self.tokenizer, self.step)
+                if newcomers:
+                    self._admit(decoder, entries, newcomers)
+                    newcomers = []
+                if not decoder.done:
+                    self._step(decoder, entries)
+            except Exception as exc:  # fail the requests of this batch, keep serving the next
+                failed = {id(e): e for e in [*entries.values(), *newcomers]}.values()
+                self._deliver([(entry, item) for entry in failed for item in (exc, _DONE)])
                 decoder, entries = None, {}
 
     def _deliver(self, items: list[tuple[dict, object]], after=None) -> None:
         """Hand chunks to their callers' event loop: one wake-up per step, not per chunk."""
-        def put_all():
+        def put_all(items):
             for entry, item in items:
                 entry["chunks"].put_nowait(item)
             if after is not None:
                 after()
 
-        if items or after is not None:
-            self.loop.call_soon_threadsafe(put_all)
+        loops: dict = {}  # in a replica one loop; a test may run several one after another
+        for entry, item in items:
+            loops.setdefault(entry["loop"], []).append((entry, item))
+        if after is not None:
+            loops.setdefault(self.loop, [])
+        for loop, its_items in loops.items():
+            try:
+                loop.call_soon_threadsafe(put_all, its_items)
+            except RuntimeError:  # that loop has closed: nobody waits there any more
+                pass
 
     def _admit(self, decoder: BatchDecoder, entries: dict, batch: list[dict]) -> None:
-        """Requests join the running batch (continuous batching): prefilled at the next step."""
-        indices = decoder.add([entry["request"] for entry in batch])
-        for index, entry in zip(indices, batch):
+        """Requests join the running batch (continuous batching): prefilled at the next step.
+        One at a time, so a request the decoder refuses fails alone."""
+        refused = []
+        for entry in batch:
+            try:
+                [index] = decoder.add([entry["request"]])
+            except Exception as exc:
+                refused += [(entry, exc), (entry, _DONE)]
+                continue
+            self.admitted += 1
             entries[index] = entry
             entry["cancel"] = lambda index=index: decoder.cancel(index)
             if entry["cancelled"]:  # gone before `cancel` was set
                 decoder.cancel(index)
+        self._deliver(refused)
         self.observations.append(("batch_size", decoder.batch_size))
 
     def _step(self, decoder: BatchDecoder, entries: dict) -> None:
@@ -162,8 +229,11 @@ class Batcher:
         now, generated, out = time.time(), 0, []
         observations = self.observations  # held until a delivery takes them
         for index, chunk in chunks.items():
-            entry = entries[index]
+            entry = entries.pop(index) if chunk.finish_reason == "error" else entries[index]
             generated += len(chunk.token_ids)
+            if chunk.finish_reason == "error":  # this request failed alone; its batch goes on
+                out += [(entry, RowFailed(chunk.error)), (entry, _DONE)]
+                continue
             if entry["first_token_at"] is None:
                 entry["first_token_at"] = now
                 observations.append(("ttft", max(0.0, now - entry["request"].arrival_time)))
@@ -243,6 +313,7 @@ class Generator:
                                cfg.batch_wait_timeout_s, _metrics(), cfg.continuous_batching,
                                step)
         self._probe()  # a replica that cannot run its model must fail here, not on traffic
+        self.batcher.start()  # beating before the first request, for /healthz
 
     async def complete(self, request: GenerationRequest) -> dict:
         """The whole completion: text, token_ids, finish_reason, token counts, logprobs and
@@ -264,21 +335,26 @@ class Generator:
                 yield held[0] if len(held) == 1 else merge_chunks(held)
                 held = []
 
-    async def ready(self) -> dict:
-        """Generate one token through the batch loop: proof this replica serves requests."""
-        probe = GenerationRequest(prompt_ids=[self._probe_token()], max_tokens=1, temperature=0)
-        result = await self.complete(probe)
-        return {"pid": os.getpid(), "generated": result["completion_tokens"]}
+    async def health(self) -> dict:
+        """What `/healthz` reports, from the decode loop's heartbeat: it generates nothing,
+        since anyone can call it as often as they like. `trouble` is None when the loop beats;
+        `admitted` counts the requests the loop has taken in (tests check it stays put)."""
+        return {"trouble": self.batcher.trouble(), "admitted": self.batcher.admitted,
+                "seconds_since_beat": round(time.monotonic() - self.batcher.beat, 3)}
 
     def pid(self) -> int:
         """The replica's process id (tests kill replicas by pid)."""
         return os.getpid()
 
     async def check_health(self) -> None:
-        """Serve's replica health check: the model still computes, and no step is stuck."""
+        """Serve's replica health check (Serve's controller calls it every
+        serve.health_check_period_s, nobody else): the decode loop beats, no step is stuck,
+        and the model still computes."""
         started = self.batcher.step_started
         if started is not None and time.monotonic() - started > STALL_S:
             raise RuntimeError(f"a decode step has run for more than {STALL_S:.0f} s")
+        if (why := self.batcher.trouble()) is not None:
+            raise RuntimeError(why)
         await asyncio.to_thread(self._probe)
 
     def _probe_token(self) -> int:
