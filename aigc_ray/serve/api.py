@@ -7,6 +7,7 @@ these.
 from __future__ import annotations
 
 import json
+import math
 import time
 import uuid
 from typing import Any
@@ -18,6 +19,9 @@ from aigc_ray.decode import GenerationRequest, TokenLogprob
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_CHOICES = 64  # prompts x n in one request; more belongs in batch generation
 MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's chat limit, vLLM's default max_logprobs
+# Levels of arrays and objects a body may nest. OpenAI's requests go about 6 deep (messages[].
+# content[].image_url.url); deeper is an attack on the parser, not a request.
+MAX_NESTING = 32
 
 # Which body fields a request may carry. A field is honoured (declared on the request models
 # below), describes the caller without changing the output (IGNORED), or is refused with a 400
@@ -61,7 +65,8 @@ class ApiError(Exception):
     """An HTTP error in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
 
     TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-             413: "invalid_request_error", 422: "invalid_request_error", 503: "overloaded_error"}
+             405: "invalid_request_error", 413: "invalid_request_error",
+             422: "invalid_request_error", 503: "overloaded_error"}
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  code: str | None = None, headers: dict | None = None):
@@ -191,15 +196,65 @@ def check_messages(messages):
     return kept
 
 
+def _child(where: str, key) -> str:
+    return f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else key
+
+
+def check_values(data) -> None:
+    """A 400 naming the first value that no field can hold, wherever it is: a number that is
+    not finite (Python's JSON parser reads NaN, Infinity and 1e999, and one such value in a
+    sampling field once failed every request batched with it), text that is not Unicode (a
+    lone surrogate such as "\\ud800", which the tokenizer cannot take), or nesting deeper
+    than MAX_NESTING. A loop, not recursion: the body is the attacker's."""
+    stack = [(data, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ApiError(400, f"{where or 'the body'} must be a finite number, got "
+                                f"{json.dumps(value)}", param=where or None, code="invalid_value")
+        if isinstance(value, str):
+            _check_text(value, where)
+            continue
+        if depth >= MAX_NESTING and isinstance(value, (dict, list)):
+            shown = where if len(where) <= 60 else where[:60] + "..."
+            raise ApiError(400, f"the request body nests deeper than {MAX_NESTING} levels (at "
+                                f"{shown})", param=where.split("[")[0].split(".")[0],
+                           code="invalid_value")
+        if isinstance(value, dict):
+            for key in value:
+                _check_text(key, where)
+            children = list(value.items())
+        elif isinstance(value, list):
+            children = list(enumerate(value))
+        else:
+            continue
+        # Reversed onto the stack: the first bad value in the body is the one reported.
+        stack += [(item, _child(where, key), depth + 1) for key, item in reversed(children)]
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, f"{where or 'a key'} is not valid Unicode text (a lone surrogate, "
+                            f"{text[exc.start]!r}, at character {exc.start})",
+                       param=where or None, code="invalid_value") from None
+
+
 def parse_body(raw: bytes, schema: type[BaseModel]):
     """JSON bytes → a validated request; 422 naming the first malformed field, 400 naming the
-    first field this server does not implement (`check_fields`)."""
+    first value no field can hold (`check_values`) or the first field this server does not
+    implement (`check_fields`)."""
     try:
         data = json.loads(raw)
+    except RecursionError:  # the parser's own recursion, for bodies nested thousands deep
+        raise ApiError(400, f"the request body nests deeper than {MAX_NESTING} levels",
+                       code="invalid_value") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(422, f"the request body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(422, "the request body must be a JSON object")
+    check_values(data)
     data = check_fields(data, schema)
     if isinstance(data.get("stream_options"), dict):
         data["stream_options"] = check_fields(data["stream_options"], StreamOptions,

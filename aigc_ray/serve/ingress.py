@@ -4,6 +4,9 @@ and streams their chunks back as server-sent events.
 
 It is light and runs on 0 CPUs; the replicas hold the cores and scale with load. Between the two
 a DeploymentHandle queues up to `serve.max_queued_requests`; past that a request gets a 503.
+
+Every error it sends, a bug's 500 included, is in OpenAI's shape (`ApiError.body`): clients
+parse the body of every failed request, and a plain-text 500 broke them.
 """
 
 # No `from __future__ import annotations` here: Serve ships the ingress class to replicas by
@@ -11,6 +14,7 @@ a DeploymentHandle queues up to `serve.max_queued_requests`; past that a request
 import asyncio
 import hashlib
 import hmac
+import logging
 import time
 
 from fastapi import FastAPI, Request
@@ -19,7 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc_ray.chat import chat_ids
-from aigc_ray.decode import context_length
+from aigc_ray.decode import RequestError, RowFailed, context_length
 from aigc_ray.serve.api import (
     MAX_CHOICES,
     ApiError,
@@ -46,6 +50,7 @@ INGRESS_MAX_ONGOING = 1000
 ASSUMED_CONTEXT_LENGTH = 2048
 
 fastapi_app = FastAPI(title="aigc-ray", docs_url=None, redoc_url=None, openapi_url=None)
+logger = logging.getLogger("ray.serve")
 
 
 @fastapi_app.exception_handler(ApiError)
@@ -58,6 +63,33 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
     # Unknown routes and wrong methods answer in the same error shape as everything else.
     error = ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}")
     return JSONResponse(error.body(), status_code=exc.status_code)
+
+
+@fastapi_app.exception_handler(Exception)
+async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
+    # A bug: the client learns its kind and where to look, not the traceback (that goes to
+    # the ingress's log, where Serve keeps it).
+    logger.exception("unhandled error serving %s %s", request.method, request.url.path)
+    error = ApiError(500, f"internal error ({type(exc).__name__}); the server's log has the "
+                          "details", code="internal_error")
+    return JSONResponse(error.body(), status_code=500)
+
+
+def replica_error(exc: BaseException) -> ApiError:
+    """What a replica raised, as the caller's error: the decoder's refusal is a 400 naming
+    it, a failure of this request alone or of its batch a 500 naming the cause."""
+    from ray.exceptions import RayTaskError
+
+    cause = exc.cause if isinstance(exc, RayTaskError) else exc
+    lines = str(cause).strip().splitlines()
+    text = lines[0][:200] if lines else type(cause).__name__
+    if isinstance(cause, RequestError):
+        return ApiError(400, text, code="invalid_value")
+    if isinstance(cause, RowFailed):
+        return ApiError(500, f"generation failed for this request: {text}",
+                        code="generation_failed")
+    return ApiError(500, f"generation failed: {type(cause).__name__}: {text}",
+                    code="generation_failed")
 
 
 def key_digest(key: str) -> str:
@@ -94,16 +126,22 @@ class OpenAIIngress:
 
     @fastapi_app.get("/healthz")
     async def healthz(self) -> dict:
-        """Ready only when a replica generates a token through its batch loop."""
-        async def ready():
-            return await self.generator.ready.remote()
+        """Ready when a replica's decode loop beats. Anyone may call this as often as they
+        like, so it generates nothing: the replica answers from its loop's heartbeat
+        (`Generator.health`), and nothing about the process (no pid) goes out."""
+        async def health():
+            return await self.generator.health.remote()
 
+        retry = {"Retry-After": str(self.cfg.retry_after_s)}
         try:
-            info = await asyncio.wait_for(ready(), timeout=self.cfg.health_check_timeout_s)
+            info = await asyncio.wait_for(health(), timeout=self.cfg.health_check_timeout_s)
         except Exception as exc:
-            raise ApiError(503, f"no model replica can generate yet ({type(exc).__name__})",
-                           headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
-        return {"status": "ok", "model": self.model_name, "replica_pid": info["pid"]}
+            raise ApiError(503, f"no model replica answered ({type(exc).__name__})",
+                           headers=retry) from None
+        if info["trouble"] is not None:
+            raise ApiError(503, f"the model replica cannot serve: {info['trouble']}",
+                           headers=retry)
+        return {"status": "ok", "model": self.model_name}
 
     @fastapi_app.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -191,6 +229,8 @@ class OpenAIIngress:
                 if tries == 1:
                     raise ApiError(503, "the model replica died twice while serving this request",
                                    headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
+            except Exception as exc:  # raised in the replica: this request's (or batch's) error
+                raise replica_error(exc) from None
 
     async def _complete_one(self, work):
         return await self._retry_once(lambda: self.generator.complete.remote(work))
@@ -228,9 +268,8 @@ class OpenAIIngress:
                     index, item = await queue.get()
                     if item is None:
                         open_choices -= 1
-                    elif isinstance(item, Exception):
-                        error = ApiError(500, f"generation failed: {type(item).__name__}")
-                        yield sse(error.body())
+                    elif isinstance(item, Exception):  # its choice ends; the others go on
+                        yield sse(replica_error(item).body())
                     else:
                         if item.finish_reason is not None:
                             completion_tokens += item.completion_tokens
@@ -248,10 +287,14 @@ class OpenAIIngress:
                 if include_usage:
                     yield sse(usage_chunk(response_id, self.model_name, prompt_tokens,
                                           completion_tokens, chat))
-                yield sse("[DONE]")
+            except Exception as exc:  # the status line is sent: the error goes in the stream
+                logger.exception("streaming a response failed")
+                yield sse(ApiError(500, f"internal error ({type(exc).__name__}); the server's "
+                                        "log has the details", code="internal_error").body())
             finally:
                 for task in pumps:
                     task.cancel()
+            yield sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})

@@ -161,3 +161,78 @@ def test_tokens_that_split_a_character_show_as_bytes_and_offsets_stay_right(tiny
             assert text[offset:offset + len(token)] == token
     eos = tokenizer.eos_token_id
     assert strings(eos)[0] == tokenizer.eos_token and strings.text_bytes(eos) == b""
+
+
+# --- values no field can hold: a 400 naming where, before anything reads them ----------------
+
+
+COMPLETION = '{"prompt": "Hi", %s}'
+CHAT = '{"messages": [{"role": "user", "content": "Hi"}], %s}'
+
+
+@pytest.mark.parametrize("template, field, param", [
+    (COMPLETION, '"repetition_penalty": Infinity', "repetition_penalty"),
+    (COMPLETION, '"temperature": NaN', "temperature"),
+    (COMPLETION, '"presence_penalty": -Infinity', "presence_penalty"),
+    (COMPLETION, '"top_p": 1e999', "top_p"),  # too large for a float: parsed as infinity
+    (COMPLETION, '"metadata": {"run": [1, {"score": 1e999}]}', "metadata.run[1].score"),
+    (COMPLETION, '"stream_options": {"include_usage": NaN}', "stream_options.include_usage"),
+    (CHAT, '"frequency_penalty": -1e999', "frequency_penalty"),
+    (CHAT, '"messages": [{"role": "user", "content": [{"type": "text", "text": "Hi", '
+           '"weight": NaN}]}]', "messages[0].content[0].weight"),
+])
+def test_numbers_that_are_not_finite_are_a_400_naming_the_field_anywhere(template, field, param):
+    schema = ChatRequest if template is CHAT else CompletionRequest
+    with pytest.raises(ApiError) as error:
+        parse_body((template % field).encode(), schema)
+    assert error.value.status == 400 and error.value.param == param
+    assert param in error.value.message and "finite" in error.value.message
+    assert error.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_deeply_nested_bodies_are_a_400_not_a_crash(depth):
+    # 100,000 levels overflow the JSON parser's own recursion; 40 pass it and stop at ours.
+    body = '{"prompt": "Hi", "user": ' + "[" * depth + "]" * depth + "}"
+    with pytest.raises(ApiError) as error:
+        parse_body(body.encode(), CompletionRequest)
+    assert error.value.status == 400 and "nests deeper than" in error.value.message
+    assert "\n" not in error.value.message and len(error.value.message) < 200
+
+
+def test_text_that_is_not_unicode_is_a_400_naming_the_field():
+    # A lone surrogate is valid JSON and a Python str, but the tokenizer cannot take it (it
+    # raised TypeError: a plain-text 500).
+    with pytest.raises(ApiError) as error:
+        parse_body(b'{"prompt": ["Hi", "a\\ud800b"]}', CompletionRequest)
+    assert error.value.status == 400 and error.value.param == "prompt[1]"
+    assert "surrogate" in error.value.message
+
+
+def test_every_error_status_has_openais_shape():
+    for status in (400, 401, 404, 405, 413, 422, 500, 503):
+        body = ApiError(status, "why", param="p", code="c").body()
+        assert body == {"error": {"message": "why", "type": body["error"]["type"], "param": "p",
+                                  "code": "c"}} and body["error"]["type"]
+    assert ApiError(500, "bug").body()["error"]["type"] == "server_error"
+
+
+def test_what_a_replica_raised_becomes_a_400_or_a_500_naming_the_cause():
+    # Ray hands the ingress a replica's exception wrapped in a RayTaskError.
+    from ray.exceptions import RayTaskError
+
+    from aigc_ray.decode import RequestError, RowFailed
+    from aigc_ray.serve.ingress import replica_error
+
+    def from_replica(exc):
+        return replica_error(RayTaskError("complete", "Traceback ...", exc).as_instanceof_cause())
+
+    refused = from_replica(RequestError("prompt_ids holds token id 9999, outside the model's "
+                                        "vocabulary (0 to 511)"))
+    assert refused.status == 400 and refused.message.startswith("prompt_ids holds token id 9999")
+    alone = from_replica(RowFailed("the sampler chose token id 512, outside the vocabulary"))
+    assert alone.status == 500 and "for this request: the sampler chose" in alone.message
+    batch = from_replica(RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB"))
+    assert batch.status == 500 and batch.message == \
+        "generation failed: RuntimeError: CUDA out of memory."
+    assert replica_error(RowFailed("plain")).status == 500  # unwrapped works too
