@@ -7,7 +7,9 @@
 #        continuous-batching engines against static-batch `generate`, batch 1/16/64, 128 tokens
 #        (issue 16: >= 8x at 64, <= 5 ms per token at 1), the capture time, and 256 requests
 #        of different lengths refilled as rows finish against batches run to their end
-#     2. the GPU test of the captured graphs (same tokens and logprobs as the padded engine)
+#     2. the GPU test of the captured graphs, in float32 and in bf16 (the dtype serving uses):
+#        the same tokens as the padded engine, logprobs as close as the dtype allows. Until
+#        it has passed on a device, serve.cuda_graphs and generate.cuda_graphs stay off
 #     3. serve_throughput.py --gpu: one replica, 1/16/64 clients, streamed and whole, against
 #        static-batch generate (issue 16's serving targets)
 #   bash benchmarks/gpu_check.sh generate (~4 minutes)
@@ -22,8 +24,12 @@
 #     8. train_throughput.py --gpu --profile, eager and compiled: the same 5 steps of ours and
 #        of the plain loop under torch.profiler; gpu_busy says whether ours keeps the GPU as
 #        busy as plain does, and the traces in $OUT say what it waited for where it does not
-# Each step has its own time limit, so one that hangs does not lose the others.
-set -u
+# Each step has its own time limit, so one that hangs does not lose the others. Each pipes
+# into tail, so pipefail is what makes a failed (or timed-out) step fail this script: the
+# steps still all run, and the exit status says whether any failed.
+set -u -o pipefail
+failed=0
+fail() { echo "!! the step above failed (exit $1)"; failed=1; }
 part=${1:-decode}
 OUT=${OUT:-/tmp/gpu_check}
 mkdir -p "$OUT"
@@ -33,31 +39,32 @@ if [ "$part" = decode ]; then
   el decode engines
   timeout 240 python3 benchmarks/decode_engine.py --shape gpt2 --batch-sizes 1,16,64 \
     --engines padded,slots,hf-cb --max-tokens 128 --refill 256 --out "$OUT/decode_gpu.json" \
-    2>&1 | tail -17
+    2>&1 | tail -17 || fail $?
   el captured graphs test
-  timeout 90 python3 -m pytest -q -x tests/unit/test_decode_graphs.py -k cuda 2>&1 | tail -3
+  timeout 150 python3 -m pytest -q tests/unit/test_decode_graphs.py -k cuda 2>&1 | tail -3 || fail $?
   el serving, 1/16/64 clients, graphs on
   timeout 230 python3 benchmarks/serve_throughput.py --gpu --graphs on \
-    --out "$OUT/serve_gpu.json" 2>&1 | tail -10
+    --out "$OUT/serve_gpu.json" 2>&1 | tail -10 || fail $?
 elif [ "$part" = generate ]; then
   el batch generation, batch 1/16/64
   timeout 300 python3 benchmarks/generate_throughput.py --gpu --out "$OUT/generate_gpu.json" \
-    2>&1 | tail -6
+    2>&1 | tail -6 || fail $?
 elif [ "$part" = train ]; then
   el gpu tests
-  timeout 150 python3 -m pytest -q -x tests/integration/test_train.py -k gpu 2>&1 | tail -3
+  timeout 150 python3 -m pytest -q -x tests/integration/test_train.py -k gpu 2>&1 | tail -3 || fail $?
   el train throughput, compiled
   timeout 240 python3 benchmarks/train_throughput.py --gpu --steps 100 --compile on \
-    --out "$OUT" 2>&1 | tail -6
+    --out "$OUT" 2>&1 | tail -6 || fail $?
   el fsdp against ddp
   timeout 120 python3 benchmarks/train_throughput.py --strategy fsdp --steps 60 \
-    --out-json "$OUT/fsdp_gpu.json" 2>&1 | tail -9
+    --out-json "$OUT/fsdp_gpu.json" 2>&1 | tail -9 || fail $?
 elif [ "$part" = profile ]; then
   el profiled steps, ours and plain, eager then compiled
   timeout 400 python3 benchmarks/train_throughput.py --gpu --steps 60 --compile both --profile \
-    --out "$OUT" 2>&1 | tail -12
+    --out "$OUT" 2>&1 | tail -12 || fail $?
 else
   echo "usage: bash benchmarks/gpu_check.sh decode|generate|train|profile" >&2
   exit 2
 fi
 el done
+exit $failed
