@@ -978,7 +978,7 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     from ray.train.torch import TorchTrainer
 
     from aigc_ray.cluster import start_ray
-    from aigc_ray.config import to_yaml
+    from aigc_ray.config import redacted_dump, to_yaml
     from aigc_ray.data import build_datasets, check_config, create_stats, training_split
     from aigc_ray.model import check_model_path, resolve_model_path
 
@@ -1021,7 +1021,8 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
         resources["GPU"] = cfg.scaling.gpus_per_worker
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": cfg.model_dump(), "model_path": model_path,
+        # Workers never serve: the API key stays out of Ray (its dashboard shows these).
+        train_loop_config={"config": redacted_dump(cfg), "model_path": model_path,
                            "run_dir": str(run_dir), "total_steps": total_steps,
                            "epochs_bound": epochs_bound, "has_val": "val" in datasets,
                            "cached_blocks": cached_blocks, "sample_prompts": sample_prompts,

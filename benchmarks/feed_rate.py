@@ -3,9 +3,10 @@
 Ours: the datasets exactly as `run_train` builds them (`build_datasets` → `training_split`:
 tokenized once and cached in the object store, or streamed and tokenized again each epoch),
 a real `TorchTrainer` whose workers run the training loop's data side epoch after epoch:
-`EpochFeed(get_dataset_shard("train"), ...)` (Ray Data batches read by a background thread
-epoch after epoch, or for a cached split the first epoch's batches replayed; the collate class
-that trims the padding, counts tokens and targets), the grad-accum grouping, the per-step
+`EpochFeed(training_passes(...))` (for a cached split every block read from the object store
+and permuted per epoch, as `data.shuffle` does by default; for a streamed one the worker's Ray
+Data shard read by a background thread epoch after epoch; the collate class that trims the
+padding, counts tokens and targets), the grad-accum grouping, the per-step
 target-count sum and the logging interval's bookkeeping, with the model step replaced by a no-op. Each worker records
 per epoch: tokens delivered, seconds, the wait for every batch, and the gap at the epoch
 boundary (last batch of epoch k → first batch of epoch k+1). A third run per corpus paces the
@@ -48,7 +49,7 @@ def feed_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from aigc_ray.config import Config
-    from aigc_ray.train import EpochFeed, all_reduce_sum, loss_scale
+    from aigc_ray.train import EpochFeed, all_reduce_sum, loss_scale, training_passes
 
     # 1. Set up: the same shard and device as the real loop. Waits are timed here, as the loop's
     #    WaitClock times them on a CPU (two clock reads around next()).
@@ -56,15 +57,14 @@ def feed_loop(loop_config: dict) -> None:
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
-    shard = ray.train.get_dataset_shard("train")
     pace = loop_config["pace"]  # tokens per second of the stand-in model step; 0: no-op
     interval_targets = interval_tokens = step = 0
     interval_start, interval_waited = time.perf_counter(), 0.0
     epochs = []
 
     # 2. Epochs: the real loop's grouping and bookkeeping, timing every batch's arrival.
-    source = EpochFeed(shard, cfg.train.batch_size, device, cfg.train.prefetch_batches,
-                       cfg.train.epochs, replay=loop_config["cached"])
+    source = EpochFeed(training_passes(loop_config, cfg, device, rank, world_size), device, 0,
+                       cfg.train.epochs)
     for _ in range(cfg.train.epochs):
         batches = source.epoch()
         start = time.perf_counter()
@@ -143,23 +143,24 @@ def run_feed(cfg, model_path: str, files: list[str], workers: int, pace: float,
     from ray.train.torch import TorchTrainer
 
     from aigc_ray.data import build_datasets, training_split
-    from aigc_ray.train import exact_validation_config
+    from aigc_ray.train import exact_validation_config, training_input
 
     start = time.perf_counter()
     datasets = build_datasets(cfg, model_path, files=files)
     split = training_split(cfg, datasets["train"], files,
                            ray.cluster_resources().get("object_store_memory", 0), workers)
+    train, cached_blocks = training_input(cfg, split)
     prepare = time.perf_counter() - start
     out = storage / name
     out.mkdir(parents=True)
     trainer = TorchTrainer(
         feed_loop,
         train_loop_config={"config": cfg.model_dump(), "out": str(out), "pace": pace,
-                           "cached": split.cached_bytes is not None},
+                           "cached_blocks": cached_blocks},
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=False,
                                      resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(storage)),
-        datasets={"train": split.dataset},
+        datasets={"train": train} if train is not None else {},
         dataset_config=exact_validation_config(),
     )
     result = trainer.fit()

@@ -298,6 +298,63 @@ def test_flops_per_token_counts_an_untied_output_head_once():
     assert flops_per_token(gpt2(tie=False), 64) == gpt2_flops_by_hand(100, 16, 3, 64)
 
 
+def test_flops_per_token_counts_no_backward_below_frozen_layers():
+    """train.freeze_layers=1 of 3: the forward runs everywhere; input gradients flow from the
+    head down to block 1 only; weight gradients exist for blocks 1-2 and ln_f (the tied head
+    froze with the token table)."""
+    from aigc_ray.train import freeze_bottom
+
+    model = gpt2(tie=True)
+    freeze_bottom(model, 1)
+    d, context, vocab = 16, 64, 100
+    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 2 * 2 * d
+    everything = 3 * block + 2 * d + vocab * d  # blocks, ln_f, the tied head's matmul
+    above = 2 * block + 2 * d + vocab * d  # blocks 1-2, ln_f, the head
+    trained = 2 * block + 2 * d
+    assert flops_per_token(model, context) == (2 * everything + 2 * above + 2 * trained
+                                               + 4 * 3 * d * context + 8 * 2 * d * context)
+    assert flops_per_token(model, context) < gpt2_flops_by_hand(vocab, d, 3, context)
+
+
+def test_flops_per_token_with_lora_takes_weight_gradients_of_the_adapters_only():
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(gpt2(tie=True), LoraConfig(r=2, target_modules=["c_attn"],
+                                                      task_type="CAUSAL_LM"))
+    d, context, vocab = 16, 64, 100
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == 3 * (2 * d + 2 * 3 * d)  # A: r x d, B: 3d x r, in each of 3 blocks
+    whole = gpt2_flops_by_hand(vocab, d, 3, context) // 6 - 12 * 3 * d * context // 6
+    assert flops_per_token(model, context) == (4 * (whole + adapters) + 2 * adapters
+                                               + 12 * 3 * d * context)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_data_wait_counts_only_the_part_of_a_wait_the_gpu_was_idle():
+    """A step whose kernels run ~200 ms, then a batch that takes 300 ms to arrive: the GPU was
+    idle for the last ~100 ms of the wait, not 300."""
+    import time
+
+    from aigc_ray.train import WaitClock
+
+    clock = WaitClock(torch.device("cuda"))
+    torch.cuda._sleep(int(2e8))  # ~0.1-0.2 s of GPU time, by the clock rate
+    clock.mark_step()
+
+    def slow_batches():
+        time.sleep(0.3)
+        yield {}
+
+    started = time.perf_counter()
+    torch.cuda.synchronize()
+    kernel_s = time.perf_counter() - started
+    clock.waited = 0.0
+    torch.cuda._sleep(int(2e8))
+    clock.mark_step()
+    clock.next(slow_batches())
+    assert 0.3 - kernel_s - 0.05 < clock.waited < 0.3 - kernel_s + 0.05, (clock.waited, kernel_s)
+
+
 # ── torch.compile ───────────────────────────────────────────────────────────────────────────
 
 
