@@ -624,3 +624,61 @@ def test_builtin_model_round_trips_through_transformers(tiny_model_dir):
     assert out.shape == (1, len(ids) + 5)
     assert out[0, : len(ids)].tolist() == ids
     assert isinstance(tokenizer.decode(out[0, len(ids):]), str)
+
+
+# ── Order: training never follows file order ────────────────────────────────────────────────
+
+
+def test_a_streamed_training_split_reads_its_files_in_a_new_seeded_order_each_pass(tmp_path,
+                                                                                   tiny_model_dir):
+    """data.shuffle (true): each pass over the training files (an epoch) takes them in another
+    order drawn from train.seed; the same seed gives the same orders; validation is never
+    reordered; data.shuffle=false keeps file order."""
+    paths = [write_jsonl(tmp_path / f"part-{i}.jsonl", [{"text": f"file {i} row {j}"}
+                                                        for j in range(3)]) for i in range(6)]
+
+    def file_orders(cfg, split: str, passes: int) -> list[list[str]]:
+        dataset = read_corpus(cfg, split)
+        dataset.context.execution_options.preserve_order = True
+        orders = []
+        for _ in range(passes):
+            rows = [row["text"] for row in dataset.iter_rows()]
+            orders.append(list(dict.fromkeys(text.split(" row")[0] for text in rows)))
+        return orders
+
+    cfg = make_config(tiny_model_dir, paths)
+    orders = file_orders(cfg, "train", 3)
+    in_file_order = [f"file {i}" for i in range(6)]
+    assert all(sorted(order) == in_file_order for order in orders)
+    assert len({tuple(order) for order in orders}) == 3, orders  # a new order each pass
+    assert file_orders(cfg, "train", 3) == orders  # and the same ones for the same seed
+    reseeded = validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "seed": 1}})
+    assert file_orders(reseeded, "train", 1)[0] != orders[0]
+    unshuffled = make_config(tiny_model_dir, paths, shuffle=False)
+    assert file_orders(unshuffled, "train", 2) == [in_file_order] * 2
+
+
+def test_a_global_shuffle_is_a_new_seeded_permutation_of_every_block_each_epoch(
+        tiny_model_dir, tmp_path):
+    """data.shuffle=global: what Ray Train splits among the workers is a Ray Data random_shuffle
+    of the whole (cached) split, reseeded each epoch from train.seed."""
+    import ray.data
+
+    from aigc_ray.data import TrainingSplit
+    from aigc_ray.train import training_input
+
+    cfg = make_config(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", []), shuffle="global")
+
+    def epochs(count: int) -> list[list[int]]:
+        """`count` epochs of a run: a new cached split each run, as run_train makes one."""
+        blocks = ray.data.from_items([{"input_ids": np.full(4, i, np.int32)} for i in range(64)],
+                                     override_num_blocks=4).materialize()
+        split = TrainingSplit(blocks, 64, 1024, "cached", blocks=["unused"], order_hash="x")
+        dataset, cached_blocks = training_input(cfg, split)
+        assert cached_blocks is None  # the workers read Ray Train's shards, not the cache
+        return [[int(row["input_ids"][0]) for row in dataset.iter_rows()] for _ in range(count)]
+
+    orders = epochs(2)
+    assert all(sorted(order) == list(range(64)) for order in orders)
+    assert orders[0] != orders[1] and list(range(64)) not in orders
+    assert epochs(2) == orders  # the same seed: the same epochs
