@@ -622,3 +622,91 @@ def test_the_api_key_is_absent_from_what_serve_reports(app):
     shown += repr(serve.status())
     assert "main" in shown and API_KEY not in shown
     assert "AIGC_RAY_API_KEY" not in shown  # nor an environment variable that carries it
+
+
+# --- one request cannot fail its batch; every error is JSON; /healthz generates nothing ------
+
+
+def test_a_poisoned_request_batched_with_plain_ones_leaves_their_text_as_if_alone(app):
+    # temperature 1e-40 once made the sampler emit the id one past the vocabulary, and the
+    # next forward failed every request batched with it.
+    def text(body: dict) -> tuple[int, str]:
+        response = complete(app["url"], max_tokens=12, **body)
+        choices = response.json().get("choices") or [{}]
+        return response.status_code, choices[0].get("text")
+
+    plain = [{"prompt": p, "temperature": 0, "ignore_eos": True} for p in PROMPTS]
+    alone = [text(body) for body in plain]
+    poisoned = {"prompt": PROMPTS[1], "temperature": 1e-40, "seed": 1, "ignore_eos": True}
+    for _ in range(3):  # concurrent: batched together on the replica
+        with ThreadPoolExecutor(len(plain) + 1) as pool:
+            got = list(pool.map(text, [plain[0], poisoned, *plain[1:]]))
+        assert [got[0], *got[2:]] == alone
+        assert got[1] == alone[1]  # below the temperature floor: greedy
+
+
+def post_raw(url: str, path: str, raw: str) -> httpx.Response:
+    return httpx.post(url + path, content=raw.encode(), timeout=60,
+                      headers={"Content-Type": "application/json", **AUTH})
+
+
+NOT_FINITE = [
+    # (path, raw body, the param the 400 names)
+    ("/v1/completions", '{"prompt": "Hi", "repetition_penalty": Infinity}', "repetition_penalty"),
+    ("/v1/completions", '{"prompt": "Hi", "temperature": NaN}', "temperature"),
+    ("/v1/completions", '{"prompt": "Hi", "metadata": {"a": [1e999]}}', "metadata.a[0]"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "Hi"}], '
+                             '"presence_penalty": -Infinity}', "presence_penalty"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", '
+                             '"text": "Hi", "x": 1e999}]}]}', "messages[0].content[0].x"),
+]
+
+
+def test_values_no_field_can_hold_and_deep_nesting_get_a_400_in_openais_shape(app):
+    for path, raw, param in NOT_FINITE:
+        response = post_raw(app["url"], path, raw)
+        assert response.status_code == 400, (raw, response.text)
+        error = response.json()["error"]
+        assert error["param"] == param and "finite" in error["message"], error
+    deep = '{"prompt": "Hi", "user": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    for raw in (deep, '{"prompt": "Hi", "user": ' + "[" * 40 + "]" * 40 + "}"):
+        response = post_raw(app["url"], "/v1/completions", raw)
+        assert response.status_code == 400 and response.headers["content-type"].startswith(
+            "application/json"), response.text[:200]
+        assert "nests deeper" in response.json()["error"]["message"]
+    surrogate = post_raw(app["url"], "/v1/completions", '{"prompt": "a\\ud800"}')
+    assert surrogate.status_code == 400 and surrogate.json()["error"]["param"] == "prompt"
+    wrong_method = httpx.delete(app["url"] + "/v1/completions", headers=AUTH, timeout=60)
+    assert set(wrong_method.json()["error"]) == {"message", "type", "param", "code"}
+    assert complete(app["url"], prompt="Hi", max_tokens=3).status_code == 200
+
+
+def test_healthz_answers_from_the_heartbeat_without_generating_and_shows_no_pid(
+        serve_port, chat_model_dir):
+    # Its own app with one replica: the count of requests it took in is that replica's.
+    from ray import serve
+
+    app = deploy("health", chat_model_dir, serve_port, "serve.autoscaling.max_replicas=1")
+    try:
+        _healthz_generates_nothing(app, serve.get_deployment_handle("Generator", "health"))
+    finally:
+        serve.delete("health")
+
+
+def _healthz_generates_nothing(app: dict, handle) -> None:
+    before = handle.health.remote().result()["admitted"]
+    for _ in range(10):
+        response = httpx.get(app["url"] + "/healthz", timeout=60)
+        assert response.status_code == 200
+        assert response.json() == {"status": "ok", "model": app["model"]}
+        assert "pid" not in response.text
+    assert handle.health.remote().result()["admitted"] == before  # nothing was generated
+    load = Load(app["url"], threads=4, max_tokens=60)
+    try:
+        assert wait_for(lambda: load.ok > 0, timeout=120)
+        under_load = [httpx.get(app["url"] + "/healthz", timeout=60) for _ in range(5)]
+        admitted = handle.health.remote().result()["admitted"]
+    finally:
+        load.stop()
+    assert [r.status_code for r in under_load] == [200] * 5
+    assert load.failed == 0 and admitted > before  # the load itself was admitted
