@@ -236,3 +236,23 @@ def test_what_a_replica_raised_becomes_a_400_or_a_500_naming_the_cause():
     assert batch.status == 500 and batch.message == \
         "generation failed: RuntimeError: CUDA out of memory."
     assert replica_error(RowFailed("plain")).status == 500  # unwrapped works too
+
+
+def test_an_unhandled_error_in_the_ingress_is_a_json_500_in_openais_shape():
+    # The ingress's own handlers on a bare app with a route that fails as a bug would.
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from aigc_ray.serve.ingress import fastapi_app
+
+    bare = FastAPI(exception_handlers=fastapi_app.exception_handlers)
+
+    @bare.get("/bug")
+    def bug():
+        raise KeyError("secret detail")
+
+    response = TestClient(bare, raise_server_exceptions=False).get("/bug")
+    assert response.status_code == 500
+    error = response.json()["error"]
+    assert error["type"] == "server_error" and "KeyError" in error["message"]
+    assert "secret detail" not in response.text  # the details go to the log
