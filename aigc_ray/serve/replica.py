@@ -1,8 +1,8 @@
 """The model deployment: one replica holds the model and decodes concurrent requests in batches.
 
 `Batcher` runs one `BatchDecoder` at a time (on a GPU with `serve.cuda_graphs` on, a
-`SlotDecoder` over the replica's captured CUDA graphs) in a decode thread of its own, so the replica keeps
-accepting requests while the model runs. Batching is continuous: a request that arrives while
+`SlotDecoder` over the replica's captured CUDA graphs) in a decode thread of its own, so the
+replica keeps accepting requests while the model runs. Batching is continuous: a request that arrives while
 the batch decodes joins it at the next step (up to `serve.max_batch_size` rows) instead of
 waiting for the whole batch to finish, and a finished row leaves at once. When the decoder is
 idle, the first request waits up to `serve.batch_wait_timeout_s` for company.
