@@ -2,10 +2,10 @@
 
 `Batcher` runs one `BatchDecoder` at a time (on a GPU with `serve.cuda_graphs` on, a
 `SlotDecoder` over the replica's captured CUDA graphs) in a decode thread of its own, so the
-replica keeps accepting requests while the model runs. Batching is continuous: a request that arrives while
-the batch decodes joins it at the next step (up to `serve.max_batch_size` rows) instead of
-waiting for the whole batch to finish, and a finished row leaves at once. When the decoder is
-idle, the first request waits up to `serve.batch_wait_timeout_s` for company.
+replica keeps accepting requests while the model runs. Batching is continuous: a request that
+arrives while the batch decodes joins it at the next step (up to `serve.max_batch_size` rows)
+instead of waiting for the whole batch to finish, and a finished row leaves at once. When the
+decoder is idle, the first request waits up to `serve.batch_wait_timeout_s` for company.
 
 Why not `serve.batch`: its loop forms the next batch as soon as the wait timeout passes, even
 while the previous one still decodes (ray/serve/batching.py `_process_batches`), so with one
