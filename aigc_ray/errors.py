@@ -29,6 +29,10 @@ def user_error(exc: BaseException) -> str | None:
         # Ray re-raises a task's error as RayTaskError(DataError): a DataError too, but its str
         # is the remote traceback; the original is its `cause`.
         cause = getattr(exc, "cause", None)
+        # Ray Train's WorkerGroupError holds each failed rank's error: the lowest rank's says it.
+        failures = getattr(exc, "worker_failures", None)
+        if cause is None and isinstance(failures, dict) and failures:
+            cause = failures[min(failures)]
         if isinstance(exc, UserError) and cause is None:
             # Ray Data appends retry advice to the message as further lines; ours is the first.
             return str(exc).splitlines()[0]

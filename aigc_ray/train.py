@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aigc_ray.config import Config
-from aigc_ray.errors import ConfigError, DataError, UserError
+from aigc_ray.errors import ConfigError, DataError, UserError, user_error
 from aigc_ray.metrics import (
     METRIC_KEYS,
     Follower,
@@ -872,9 +872,12 @@ def count_steps(cfg: Config, blocks: int | None, world_size: int) -> tuple[int, 
     return steps_per_epoch * cfg.train.epochs, True
 
 
+TOO_FEW_BLOCKS = "the training split has"
+
+
 def too_few_blocks(cfg: Config, blocks: int | None, world_size: int) -> str:
     count = f"{blocks} blocks: too few" if blocks is not None else "too few blocks"
-    return (f"the training split has {count} for one step of {world_size} "
+    return (f"{TOO_FEW_BLOCKS} {count} for one step of {world_size} "
             f"worker(s) × train.batch_size {cfg.train.batch_size} × train.grad_accum_steps "
             f"{cfg.train.grad_accum_steps}; lower train.batch_size or add data")
 
@@ -1042,10 +1045,14 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
         datasets=datasets,
         dataset_config=exact_validation_config(),
     )
-    with Follower(run_dir, total_steps) if follow else contextlib.nullcontext():
-        result = trainer.fit()
-    if isinstance(result.error, DataError) and "too few" in str(result.error):
-        raise DataError(f"{result.error}{skipped_rows_note(stats)}") from None
+    try:
+        with Follower(run_dir, total_steps) if follow else contextlib.nullcontext():
+            result = trainer.fit()
+    except Exception as exc:  # Ray Train raises what failed the run
+        message = user_error(exc)
+        if message and message.startswith(TOO_FEW_BLOCKS):  # a streamed split found empty
+            raise DataError(f"{message}{skipped_rows_note(stats)}") from None
+        raise
     if result.error:
         raise result.error
 

@@ -93,7 +93,8 @@ def gpu_run(checkpoint: str, texts: list[str], batch: int, max_tokens: int, devi
                               for i, t in enumerate(texts)))
     path, cfg = checkpoint_config(checkpoint, [
         f"generate.max_tokens={max_tokens}", "generate.ignore_eos=true", "generate.concurrency=1",
-        f"generate.batch_size={batch}", f"generate.device={device}"], GENERATE_KEYS, "generate")
+        f"generate.batch_size={batch}", f"generate.device={device}",
+        "generate.cuda_graphs=true"], GENERATE_KEYS, "generate")  # off by default until tested
     summary = run_generate(str(path), str(source), str(folder / source.stem), cfg)
     assert summary.written_rows == len(texts), summary.line()
     assert summary.completion_tokens == len(texts) * max_tokens, summary.line()

@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_check.sh generate (~4 minutes)
 #     4. generate_throughput.py --gpu: one actor at batch 1/16/64 against static generate
 #   bash benchmarks/gpu_check.sh train    (~9 minutes)
-#     5. the GPU tests: bf16 training with ddp and fsdp (MixedPrecisionPolicy) on one worker
+#     5. the GPU tests: bf16 training with ddp and fsdp (MixedPrecisionPolicy) on one worker, and
+#        data_wait counting only the part of a wait the GPU was idle
 #     6. train_throughput.py --gpu --compile on (issue 13: ours/plain and MFU, small and large
 #        corpus; the small one replays its cached shard now)
 #     7. train_throughput.py --strategy fsdp on the visible GPUs (with one GPU fsdp shards
@@ -51,7 +52,8 @@ elif [ "$part" = generate ]; then
     2>&1 | tail -6 || fail $?
 elif [ "$part" = train ]; then
   el gpu tests
-  timeout 150 python3 -m pytest -q -x tests/integration/test_train.py -k gpu 2>&1 | tail -3 || fail $?
+  timeout 150 python3 -m pytest -q -x tests/integration/test_train.py tests/unit/test_train.py \
+    -k gpu 2>&1 | tail -3 || fail $?
   el train throughput, compiled
   timeout 240 python3 benchmarks/train_throughput.py --gpu --steps 100 --compile on \
     --out "$OUT" 2>&1 | tail -6 || fail $?

@@ -187,17 +187,23 @@ def test_one_and_two_workers_and_fsdp_follow_the_same_curve(ray_cluster, train_a
     assert [s["strategy"] for s in worker_starts(runs["fsdp2"].run_dir)] == ["fsdp", "fsdp"]
 
 
+@pytest.mark.parametrize("bound, found", [
+    (["train.max_steps=null"], "0 blocks"),
+    (["train.max_steps=10", "data.cache_max_bytes=0"], "too few blocks")],
+    ids=["counted-by-the-driver", "found-by-the-workers"])
 def test_a_corpus_whose_every_row_is_skipped_says_why_training_has_no_blocks(
-        ray_cluster, tiny_model_dir, tmp_path):
+        ray_cluster, tiny_model_dir, tmp_path, bound, found):
+    """Bound by epochs, the driver counts the blocks before training; bound by steps, the split
+    streams and the workers find it empty. Either way the error names the skipped rows."""
     corpus = tmp_path / "numbers.jsonl"
     corpus.write_text("".join(json.dumps({"prompt": i, "completion": "x"}) + "\n"
                               for i in range(300)))
     cfg = load_config("tiny_cpu", [f"model.name_or_path={tiny_model_dir}", f"data.path={corpus}",
-                                   "train.max_steps=null", f"run.output_dir={tmp_path}"])
+                                   *bound, f"run.output_dir={tmp_path}"])
     with pytest.raises(DataError) as error:
         run_train(cfg)
     message = str(error.value)
-    assert "the training split has 0 blocks" in message and "\n" not in message
+    assert f"the training split has {found}" in message and "\n" not in message, message
     assert "300 rows were skipped (wrong_type 300)" in message, message
 
 

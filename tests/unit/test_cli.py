@@ -208,6 +208,19 @@ def test_a_user_error_given_as_the_explicit_cause_is_one_line(monkeypatch, capsy
     assert capsys.readouterr().err == "error: train.lr must be > 0, got -1\n"
 
 
+def test_a_user_error_on_a_training_worker_is_one_line():
+    """Ray Train raises WorkerGroupError with each failed rank's error; the lowest rank's
+    user error is the line (the driver adds its skipped-row counts to an empty split's)."""
+    from ray.train import WorkerGroupError
+
+    from aigc_ray.errors import DataError, user_error
+
+    error = WorkerGroupError("rank 0, 1 failed", {1: DataError("rank one"),
+                                                  0: DataError("the training split has too few")})
+    assert user_error(error) == "the training split has too few"
+    assert user_error(WorkerGroupError("bug", {0: KeyError("x")})) is None
+
+
 def test_a_system_exit_without_ctrl_c_is_a_bug_not_a_stopped_run(monkeypatch, capsys):
     import aigc_ray.train
 
