@@ -18,7 +18,7 @@
 #     5. the GPU tests: bf16 training with ddp and fsdp (MixedPrecisionPolicy) on one worker, and
 #        data_wait counting only the part of a wait the GPU was idle
 #     6. train_throughput.py --gpu --compile on (issue 13: ours/plain and MFU, small and large
-#        corpus; the small one replays its cached shard now)
+#        corpus; the small one reads its cached blocks from the object store)
 #     7. train_throughput.py --strategy fsdp on the visible GPUs (with one GPU fsdp shards
 #        nothing: it measures FSDP2's overhead against DDP there, not the memory saving)
 #   bash benchmarks/gpu_check.sh profile  (~5 minutes)
