@@ -982,7 +982,13 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
 
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import redacted_dump, to_yaml
-    from aigc_ray.data import build_datasets, check_config, create_stats, training_split
+    from aigc_ray.data import (
+        build_datasets,
+        check_config,
+        corpus_source,
+        create_stats,
+        training_split,
+    )
     from aigc_ray.model import check_model_path, resolve_model_path
 
     check_model_path(cfg)  # fail before Ray starts
@@ -1001,7 +1007,8 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     model_path = resolve_model_path(cfg)
     check_model_settings(cfg, model_path)
     stats = create_stats()
-    datasets = build_datasets(cfg, model_path, stats=stats, files=files)
+    source = corpus_source(cfg, files)  # a `datasets` corpus: put in the object store once
+    datasets = build_datasets(cfg, model_path, stats=stats, files=source)
     if "val" in datasets:
         # Read at every evaluation: keep the small validation split in the object store once.
         datasets["val"] = datasets["val"].materialize()
@@ -1017,7 +1024,7 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     except DataError as exc:
         raise DataError(f"{exc}{skipped_rows_note(stats)}") from None
     sample_prompts = (cfg.train.sample_prompts if cfg.train.sample_prompts is not None
-                      else validation_prompts(cfg, files))
+                      else validation_prompts(cfg, source))
 
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
