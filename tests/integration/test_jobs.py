@@ -36,28 +36,45 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def start_head(temp_dir: str, env: dict, attempts: int = 3):
+    """(`ray start --head --block` process, dashboard address, its log file) once the job API
+    answers. The ports are picked free, but between picking and binding another process (the
+    session's own Ray workers bind ephemeral ports all the time) can take one: the head then
+    exits at once ("Address already in use"), and it is started again on fresh ports."""
+    for attempt in range(attempts):
+        dashboard = free_port()
+        log_path = Path(temp_dir) / f"head-{attempt}.log"
+        log = open(log_path, "wb")
+        head = subprocess.Popen(
+            [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
+             f"--port={free_port()}", "--dashboard-host=127.0.0.1",
+             f"--dashboard-port={dashboard}", f"--dashboard-agent-listen-port={free_port()}",
+             f"--ray-client-server-port={free_port()}", f"--metrics-export-port={free_port()}",
+             "--num-cpus=2", f"--temp-dir={temp_dir}", "--disable-usage-stats"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 90
+        while head.poll() is None and not _api_up(address):
+            assert time.monotonic() < deadline, "the Ray head's job API did not come up in 90 s"
+            time.sleep(1)
+        if head.poll() is None:
+            return head, address, log
+        log.close()
+        text = log_path.read_text(errors="replace")
+        taken = "already in use" in text or "Failed to start" in text  # a port was taken
+        if not taken or attempt == attempts - 1:
+            raise AssertionError(f"the Ray head exited: {text[-2000:]}")
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="module")
 def ray_head():
     """(dashboard address, env for CLI subprocesses) of a 2-CPU head this test owns."""
     temp_dir = tempfile.mkdtemp(prefix="aigcjob-", dir="/tmp")  # short: socket paths are capped
-    dashboard = free_port()
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    log = open(Path(temp_dir) / "head.log", "wb")
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-         f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
-         f"--dashboard-agent-listen-port={free_port()}", f"--ray-client-server-port={free_port()}",
-         f"--metrics-export-port={free_port()}", "--num-cpus=2", f"--temp-dir={temp_dir}",
-         "--disable-usage-stats"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dashboard}"
+    head, address, log = start_head(temp_dir, env)
     try:
-        deadline = time.monotonic() + 90
-        while not _api_up(address):
-            assert head.poll() is None, (Path(temp_dir) / "head.log").read_text()[-2000:]
-            assert time.monotonic() < deadline, "the Ray head's job API did not come up in 90 s"
-            time.sleep(1)
         yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)  # `ray start --block` stops its processes on exit
