@@ -327,7 +327,7 @@ def hf_datasource(blocks: list[HFBlock], read_table, shuffle_seed: int | None = 
             order = list(blocks)
             if shuffle_seed is not None:
                 execution = data_context._execution_idx if data_context is not None else 0
-                np.random.default_rng([shuffle_seed, execution]).shuffle(order)
+                seeded_rng(shuffle_seed, execution).shuffle(order)
             return [ReadTask(read_task(block),
                              BlockMetadata(num_rows=None, size_bytes=block.size_bytes,
                                            input_files=[block.path], exec_stats=None),
@@ -772,8 +772,15 @@ def block_order_hash(refs: list) -> str:
 
     digest = hashlib.blake2b(digest_size=8)
     for table in ray.get(refs):
-        digest.update(np.ascontiguousarray(block_columns(table)["input_ids"]).data)
+        for chunk in table.column("input_ids").chunks:
+            digest.update(np.ascontiguousarray(chunk.to_numpy(zero_copy_only=False)).data)
     return digest.hexdigest()
+
+
+def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
+    """A generator drawn from the run's seed and keys (an epoch, a pass, a rank): the same in
+    every run, and any int seed works (numpy refuses negative entropy)."""
+    return np.random.default_rng([seed % 2**63, *keys])
 
 
 def block_columns(table: pa.Table) -> dict[str, np.ndarray]:

@@ -304,9 +304,9 @@ MIN_SHUFFLE_BLOCKS = 1024
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """A seed for one epoch of one rank, drawn from the run's seed: the same every run."""
-    import numpy as np
+    from aigc_ray.data import seeded_rng
 
-    return int(np.random.default_rng([seed % 2**63, epoch, rank]).integers(2**31))
+    return int(seeded_rng(seed, epoch, rank).integers(2**31))
 
 
 class CachedBlocks:
@@ -338,9 +338,10 @@ class CachedBlocks:
         of fewer than world_size blocks is left out, as Ray's equal split does)."""
         import numpy as np
 
+        from aigc_ray.data import seeded_rng
+
         rows = len(self.table_of)
-        order = (np.random.default_rng([self.seed % 2**63, epoch]).permutation(rows)
-                 if self.shuffle else np.arange(rows))
+        order = seeded_rng(self.seed, epoch).permutation(rows) if self.shuffle else np.arange(rows)
         return order[self.rank::self.world_size][: rows // self.world_size]
 
     def batches(self, epoch: int, batch_size: int, collate):
@@ -1016,9 +1017,10 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
                                  ray.cluster_resources().get("object_store_memory", 0),
                                  cfg.scaling.num_workers)
     print(f"[aigc-ray] data: {train_split.note}", flush=True)
-    datasets["train"], cached_blocks = training_input(cfg, train_split)
-    if datasets["train"] is None:
-        del datasets["train"]
+    train_dataset, cached_blocks = training_input(cfg, train_split)
+    datasets.pop("train")  # workers read a cached split themselves (`CachedBlocks`)
+    if train_dataset is not None:
+        datasets["train"] = train_dataset
     try:
         total_steps, epochs_bound = count_steps(cfg, train_split.rows, cfg.scaling.num_workers)
     except DataError as exc:
