@@ -44,7 +44,7 @@ def _config(ns: argparse.Namespace) -> Config:
 
 def cmd_train(ns: argparse.Namespace) -> int:
     from aigc_ray.evaluate import evaluate_after_training, format_report
-    from aigc_ray.train import run_train
+    from aigc_ray.train.driver import run_train
 
     cfg = _config(ns)
     with SignalWatch() as signals:
@@ -107,7 +107,7 @@ def cmd_config(ns: argparse.Namespace) -> int:
 
 def cmd_data(ns: argparse.Namespace) -> int:
     from aigc_ray.cluster import start_ray
-    from aigc_ray.data import check_config, corpus_statistics, format_statistics
+    from aigc_ray.data.pipeline import check_config, corpus_statistics, format_statistics
     from aigc_ray.model import check_model_path, resolve_model_path
 
     cfg = _config(ns)
@@ -152,7 +152,7 @@ def add_sample_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_sample_data(ns: argparse.Namespace) -> int:
-    from aigc_ray.sample_data import write_sample_corpus
+    from aigc_ray.data.sample import write_sample_corpus
 
     written = write_sample_corpus(ns.dir, num_pairs=ns.pairs, seed=ns.seed)
     print(f"wrote {written['pairs']} support question/answer pairs to {written['jsonl']} "
@@ -175,9 +175,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(ns: argparse.Namespace) -> int:
-    from aigc_ray.serve import run_serve, serve_config, write_serve_config
+    from aigc_ray.serve import load_serve_config, run_serve, write_serve_config
 
-    path, cfg = serve_config(ns.checkpoint, ns.overrides)  # before Ray starts
+    path, cfg = load_serve_config(ns.checkpoint, ns.overrides)  # before Ray starts
     if ns.build:
         print(f"wrote {write_serve_config(path, cfg, ns.build)} "
               f"(serve deploy {ns.build}, or a RayService's serveConfigV2)")

@@ -21,23 +21,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aigc_ray.config import Config
-from aigc_ray.data import (
-    MESSAGES_COLUMN,
-    ROW_COLUMN,
-    check_config,
-    corpus_source,
-    format_of,
-    read_corpus,
-    tokenize,
-)
+from aigc_ray.data.files import format_of
+from aigc_ray.data.pack import tokenize
+from aigc_ray.data.pipeline import check_config
+from aigc_ray.data.read import MESSAGES_COLUMN, ROW_COLUMN, corpus_source, read_corpus
 from aigc_ray.errors import ConfigError
-from aigc_ray.metrics import read_jsonl
 from aigc_ray.run_folder import RunFolder
 from aigc_ray.tokenizer import tokenizer_spec
-from aigc_ray.trackers import open_trackers
+from aigc_ray.train.metrics import read_jsonl
+from aigc_ray.train.trackers import open_trackers
 
 if TYPE_CHECKING:
-    from aigc_ray.train import TrainSummary
+    from aigc_ray.train.driver import TrainSummary
 
 EVAL_KEYS = ("eval", "data", "generate", "model.trust_remote_code")
 METRICS = (("perplexity", "lower is better"), ("rouge_l", "higher is better"),
@@ -64,7 +59,7 @@ class LossSum:
         import numpy as np
         import torch
 
-        from aigc_ray.loss import token_loss_sum, trim_padding
+        from aigc_ray.train.loss import token_loss_sum, trim_padding
 
         # Trim on the host: reading the mask's length on a GPU would wait for the device.
         tensors = {k: v.to(self.device) for k, v in trim_padding(

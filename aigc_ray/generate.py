@@ -27,16 +27,15 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from aigc_ray.chat import chat_ids, messages_of
 from aigc_ray.config import Config, Data, Generate
-from aigc_ray.data import (
+from aigc_ray.data.chat import chat_ids, messages_of
+from aigc_ray.data.files import format_of, resolve_files
+from aigc_ray.data.read import (
     SKIP_REASONS,
     create_stats,
     field_text,
-    format_of,
     iter_records,
     ray_get,
-    resolve_files,
     stream_datasource,
 )
 from aigc_ray.errors import ConfigError, DataError
@@ -144,8 +143,8 @@ class Completer:
                  keep: dict[str, str] | None = None):
         import torch
 
-        from aigc_ray.decode import context_length
-        from aigc_ray.decode_graphs import static_step_for
+        from aigc_ray.decode.graphs import static_step_for
+        from aigc_ray.decode.request import context_length
         from aigc_ray.model import load_for_inference
 
         self.gen = Generate.model_validate(generate)
@@ -162,8 +161,9 @@ class Completer:
         self.prompt_column, self.id_column, self.keep = prompt_column, id_column, keep or {}
 
     def __call__(self, batch: dict) -> dict:
-        from aigc_ray.decode import GenerationRequest, decode_all
-        from aigc_ray.decode_graphs import new_decoder
+        from aigc_ray.decode.engine import decode_all
+        from aigc_ray.decode.graphs import new_decoder
+        from aigc_ray.decode.request import GenerationRequest
 
         gen = self.gen
         prompts = [str(p) for p in batch[self.prompt_column]]

@@ -159,7 +159,7 @@ def resolve_model_path(cfg: Config) -> str:
     """The HF folder or hub id to load; builds the built-in tiny model on first use (needs Ray)."""
     name = cfg.model.name_or_path
     if is_builtin(name):
-        from aigc_ray.data import corpus_sample
+        from aigc_ray.data.read import corpus_sample
 
         return str(materialize_builtin(cfg, corpus_sample(cfg, cfg.model.builtin.tokenizer_docs)))
     local = Path(name).expanduser()

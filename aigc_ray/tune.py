@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aigc_ray.config import Config, pbt_mutations, redacted_dump, set_key, to_yaml
-from aigc_ray.data import GLOB_CHARS
+from aigc_ray.data.files import GLOB_CHARS
 from aigc_ray.errors import ConfigError, user_error
 from aigc_ray.run_folder import RunFolder
 
@@ -106,7 +106,7 @@ def train_trial(params: dict, base: dict, model_path: str | None, trials_dir: st
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from aigc_ray.train import run_train
+    from aigc_ray.train.driver import run_train
 
     raw = copy.deepcopy(base)
     if model_path:  # built once by the driver, shared by every trial
@@ -149,7 +149,7 @@ def run_reporting_checkpoints(cfg: Config, every: int, donor: str | None,
     from ray import tune
     from ray.util.queue import Queue
 
-    from aigc_ray.train import run_train
+    from aigc_ray.train.driver import run_train
 
     staging = cfg.run.dir / PBT_STAGING
     shutil.rmtree(staging, ignore_errors=True)  # left by a trial Tune stopped mid-report
@@ -184,7 +184,7 @@ def run_reporting_checkpoints(cfg: Config, every: int, donor: str | None,
 
 def start_step(run_dir: Path) -> int | None:
     """The step rank 0 last started from (the donor checkpoint's, after an exploit)."""
-    from aigc_ray.metrics import worker_starts
+    from aigc_ray.train.metrics import worker_starts
 
     starts = [row for row in worker_starts(run_dir) if row["rank"] == 0]
     return starts[-1]["start_step"] if starts else None
@@ -477,7 +477,7 @@ def write_results(summary: TuneSummary) -> None:
 
 def export_best(cfg: Config, summary: TuneSummary) -> None:
     """`best/` (the best evaluation's checkpoint as a plain HF folder) and `best_config.yaml`."""
-    from aigc_ray.train import export_checkpoint
+    from aigc_ray.train.export import export_checkpoint
 
     best, run = summary.best, RunFolder(summary.run_dir)
     checkpoint = best.best_checkpoint
@@ -498,9 +498,9 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
     from ray import tune
 
     from aigc_ray.cluster import start_ray
-    from aigc_ray.data import check_config
-    from aigc_ray.metrics import plot_trial_curves
+    from aigc_ray.data.pipeline import check_config
     from aigc_ray.model import check_model_path, resolve_model_path
+    from aigc_ray.train.metrics import plot_trial_curves
 
     check_model_path(cfg)
     check_config(cfg)  # files exist

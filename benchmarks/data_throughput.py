@@ -24,7 +24,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # 2 cores: threads onl
 def ours(cfg, tokenizer_path: str, batch_size: int) -> tuple[int, float, float]:
     """(real tokens delivered, seconds, seconds to the first batch) for one pass over train
     and validation."""
-    from aigc_ray.data import build_datasets
+    from aigc_ray.data.pipeline import build_datasets
 
     start = time.perf_counter()
     tokens, first_batch = 0, None
@@ -88,8 +88,8 @@ def main() -> None:
 
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import load_config
+    from aigc_ray.data.sample import write_sample_corpus
     from aigc_ray.model import resolve_model_path
-    from aigc_ray.sample_data import write_sample_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_sample_corpus(Path(tmp) / "corpus", num_pairs=args.pairs)

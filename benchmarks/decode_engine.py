@@ -110,8 +110,8 @@ def sync(device: str) -> None:
 def ours(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str,
          step=None) -> dict:
     """One engine's run: the padded `BatchDecoder`, or a `SlotDecoder` over `step`."""
-    from aigc_ray.decode import GenerationRequest
-    from aigc_ray.decode_graphs import new_decoder
+    from aigc_ray.decode.graphs import new_decoder
+    from aigc_ray.decode.request import GenerationRequest
 
     requests = [GenerationRequest(prompt, max_tokens, temperature=0, ignore_eos=True)
                 for prompt in ids]
@@ -157,8 +157,9 @@ def refill(model, tokenizer, ids: list[list[int]], batch: int, max_tokens: int, 
     to one decoder that keeps `batch` rows decoding and starts a waiting one as a row finishes."""
     import random
 
-    from aigc_ray.decode import GenerationRequest, decode_all
-    from aigc_ray.decode_graphs import new_decoder
+    from aigc_ray.decode.engine import decode_all
+    from aigc_ray.decode.graphs import new_decoder
+    from aigc_ray.decode.request import GenerationRequest
 
     draw = random.Random(0)
     lengths = [draw.randint(max(1, max_tokens // 8), max_tokens) for _ in ids]
@@ -217,7 +218,7 @@ def main() -> None:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cpu":
         torch.set_num_threads(1)
-    from aigc_ray.decode_graphs import StaticStep
+    from aigc_ray.decode.graphs import StaticStep
 
     model, tokenizer = build(args.shape, device)
     sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -49,7 +49,8 @@ def feed_loop(loop_config: dict) -> None:
     import ray.train.torch
 
     from aigc_ray.config import Config
-    from aigc_ray.train import EpochFeed, all_reduce_sum, loss_scale, training_passes
+    from aigc_ray.train.feed import EpochFeed, training_passes
+    from aigc_ray.train.loop import all_reduce_sum, loss_scale
 
     # 1. Set up: the same shard and device as the real loop. Waits are timed here, as the loop's
     #    WaitClock times them on a CPU (two clock reads around next()).
@@ -142,8 +143,9 @@ def run_feed(cfg, model_path: str, files: list[str], workers: int, pace: float,
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from aigc_ray.data import build_datasets, training_split
-    from aigc_ray.train import exact_validation_config, training_input
+    from aigc_ray.data.cache import training_split
+    from aigc_ray.data.pipeline import build_datasets
+    from aigc_ray.train.driver import exact_validation_config, training_input
 
     start = time.perf_counter()
     datasets = build_datasets(cfg, model_path, files=files)
@@ -185,7 +187,7 @@ def baseline(arrays: dict, cfg, epochs: int) -> dict:
     the same per-step bookkeeping, one process, no Ray."""
     import torch
 
-    from aigc_ray.train import batch_collator
+    from aigc_ray.train.feed import batch_collator
 
     collate = batch_collator(pin=False)
     batch_size, accum = cfg.train.batch_size, cfg.train.grad_accum_steps
@@ -249,8 +251,8 @@ def main() -> None:
         parser.error("--epochs must be at least 3 (epoch 1 warms up; the rest are measured)")
 
     from aigc_ray.config import load_config
+    from aigc_ray.data.sample import write_sample_corpus
     from aigc_ray.model import resolve_model_path
-    from aigc_ray.sample_data import write_sample_corpus
 
     load_before = os.getloadavg()[0]
     start = time.perf_counter()

@@ -33,14 +33,8 @@ CORPORA = {  # name: (config, sample file)
 
 def blocks_of(cfg, model_dir: str, packing: bool) -> list[dict]:
     """Every training block of the corpus, made by `TokenizeAndPack` in this process."""
-    from aigc_ray.data import (
-        ROW_COLUMN,
-        TokenizeAndPack,
-        document_text,
-        row_columns,
-        split_of,
-        validate_record,
-    )
+    from aigc_ray.data.pack import TokenizeAndPack
+    from aigc_ray.data.read import ROW_COLUMN, document_text, row_columns, split_of, validate_record
     from aigc_ray.tokenizer import tokenizer_spec
 
     data = cfg.data.model_copy(update={"packing": packing})
@@ -63,7 +57,8 @@ class Side:
         import torch
 
         from aigc_ray.model import load_model
-        from aigc_ray.train import batch_collator, decay_groups
+        from aigc_ray.train.feed import batch_collator
+        from aigc_ray.train.prepare import decay_groups
 
         torch.manual_seed(cfg.train.seed)
         self.cfg, self.model = cfg, load_model(model_dir)
@@ -78,7 +73,7 @@ class Side:
         import numpy as np
         import torch
 
-        from aigc_ray.loss import token_loss_sum
+        from aigc_ray.train.loss import token_loss_sum
 
         start = time.perf_counter()
         chunk = [next(self.rows) for _ in range(batch_size)]
@@ -121,9 +116,9 @@ def main() -> None:
     import torch
 
     from aigc_ray.config import load_config
-    from aigc_ray.data import document_text, validate_record
+    from aigc_ray.data.read import document_text, validate_record
+    from aigc_ray.data.sample import write_sample_corpus
     from aigc_ray.model import materialize_builtin
-    from aigc_ray.sample_data import write_sample_corpus
 
     torch.set_num_threads(args.threads)
     sample = Path(args.sample)

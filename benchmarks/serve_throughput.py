@@ -58,9 +58,9 @@ def build_checkpoint(folder: Path) -> str:
     """The built-in tiny model of the default config (GPT-2 architecture, ~2.6M parameters),
     its tokenizer trained on the sample corpus; untrained weights cost the same to run."""
     from aigc_ray.config import load_config
-    from aigc_ray.data import document_text
+    from aigc_ray.data.read import document_text
+    from aigc_ray.data.sample import write_sample_corpus
     from aigc_ray.model import materialize_builtin
-    from aigc_ray.sample_data import write_sample_corpus
 
     corpus = write_sample_corpus(folder / "sample", num_pairs=2000)
     cfg = load_config("tiny_cpu", [f"data.path={corpus['jsonl']}", f"run.output_dir={folder}"])
@@ -70,7 +70,7 @@ def build_checkpoint(folder: Path) -> str:
 
 
 def prompts(count: int) -> list[str]:
-    from aigc_ray.sample_data import write_sample_corpus
+    from aigc_ray.data.sample import write_sample_corpus
 
     with tempfile.TemporaryDirectory() as tmp:
         corpus = write_sample_corpus(tmp, num_pairs=count, seed=1)

@@ -54,7 +54,8 @@ SIZES = {  # model.builtin settings; "default" is the shipped tiny_cpu model
 
 def corpus_blocks(cfg, model_dir: str) -> list[dict]:
     """Every training block of the corpus, tokenized and packed by our own `TokenizeAndPack`."""
-    from aigc_ray.data import ROW_COLUMN, TokenizeAndPack, document_text, split_of
+    from aigc_ray.data.pack import TokenizeAndPack
+    from aigc_ray.data.read import ROW_COLUMN, document_text, split_of
     from aigc_ray.tokenizer import tokenizer_spec
 
     pack = TokenizeAndPack(tokenizer_spec(model_dir), cfg.data.model_dump(), "train")
@@ -76,9 +77,10 @@ def baseline(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: int,
     import numpy as np
     import torch
 
-    from aigc_ray.loss import token_loss_sum, trim_padding
     from aigc_ray.model import load_model
-    from aigc_ray.train import decay_groups, lr_factor
+    from aigc_ray.train.loop import lr_factor
+    from aigc_ray.train.loss import token_loss_sum, trim_padding
+    from aigc_ray.train.prepare import decay_groups
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
@@ -109,8 +111,8 @@ def baseline(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: int,
 
 def ours(cfg) -> tuple[float, float, int]:
     """(tokens per second after the first interval, wall seconds of the run, torch threads)."""
-    from aigc_ray.metrics import read_jsonl, worker_starts
-    from aigc_ray.train import run_train
+    from aigc_ray.train.driver import run_train
+    from aigc_ray.train.metrics import read_jsonl, worker_starts
 
     start = time.perf_counter()
     summary = run_train(cfg)
@@ -131,7 +133,8 @@ SMALL_PAIRS = 4700  # ~1.1 MB of text: ~10 steps of 32 × 1024 tokens an epoch
 
 def text_blocks(cfg, model_dir: str) -> list[dict]:
     """Every training block of a text corpus, packed by our own `TokenizeAndPack`."""
-    from aigc_ray.data import ROW_COLUMN, TokenizeAndPack, split_of
+    from aigc_ray.data.pack import TokenizeAndPack
+    from aigc_ray.data.read import ROW_COLUMN, split_of
     from aigc_ray.tokenizer import tokenizer_spec
 
     pack = TokenizeAndPack(tokenizer_spec(model_dir), cfg.data.model_dump(), "train")
@@ -152,10 +155,12 @@ def plain_gpu_loop(cfg, model_dir: str, blocks: list[dict], steps: int, warmup: 
     import numpy as np
     import torch
 
-    from aigc_ray.loss import token_loss_sum
     from aigc_ray.model import load_model
-    from aigc_ray.step_profile import StepProfiler
-    from aigc_ray.train import decay_groups, flops_per_token, lr_factor, peak_tflops
+    from aigc_ray.train.loop import lr_factor
+    from aigc_ray.train.loss import token_loss_sum
+    from aigc_ray.train.metrics import flops_per_token, peak_tflops
+    from aigc_ray.train.prepare import decay_groups
+    from aigc_ray.train.profile import StepProfiler
 
     device = torch.device(device)
     profiler = StepProfiler(profile_dir, 0, device, cfg.train.profile_from,
@@ -213,8 +218,8 @@ def ours_gpu(cfg, keep: Path | None = None) -> dict:
     """`run_train` on one GPU worker: steady rates from metrics.jsonl (first interval left out:
     start-up and compilation), the harmonic mean over intervals, and the run's wall time. A
     profile (`--profile`) is copied to `keep`: the run folder is temporary."""
-    from aigc_ray.metrics import read_jsonl
-    from aigc_ray.train import run_train
+    from aigc_ray.train.driver import run_train
+    from aigc_ray.train.metrics import read_jsonl
 
     start = time.perf_counter()
     summary = run_train(cfg, follow=False)
@@ -250,8 +255,8 @@ def gpu_main(args) -> None:
 
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import load_config
+    from aigc_ray.data.sample import write_sample_corpus
     from aigc_ray.model import resolve_model_path
-    from aigc_ray.sample_data import write_sample_corpus
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -327,8 +332,8 @@ def strategy_main(args) -> None:
 
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import load_config
-    from aigc_ray.metrics import worker_memory
-    from aigc_ray.sample_data import write_sample_corpus
+    from aigc_ray.data.sample import write_sample_corpus
+    from aigc_ray.train.metrics import worker_memory
 
     gpus = torch.cuda.device_count() if args.gpu else 0
     workers = args.workers or gpus or 2  # on GPUs one worker per GPU
@@ -404,8 +409,8 @@ def main() -> None:
 
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import load_config
+    from aigc_ray.data.sample import write_sample_corpus
     from aigc_ray.model import resolve_model_path
-    from aigc_ray.sample_data import write_sample_corpus
 
     log_every = 20
     with tempfile.TemporaryDirectory() as tmp:

@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from aigc_ray.cluster import start_ray
-    from aigc_ray.sample_data import write_sample_corpus
+    from aigc_ray.data.sample import write_sample_corpus
 
     start_ray()
     schedulers = ["fifo", "asha", *(["pbt"] if args.scheduler == "pbt" else [])]

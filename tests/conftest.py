@@ -13,9 +13,9 @@ import os
 import pytest
 
 from aigc_ray.config import validate
-from aigc_ray.data import document_text, validate_record
+from aigc_ray.data.read import document_text, validate_record
+from aigc_ray.data.sample import write_sample_corpus
 from aigc_ray.model import materialize_builtin
-from aigc_ray.sample_data import write_sample_corpus
 
 # Workers inherit this; forked tokenizers with threads on 2 cores only slow each other down.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

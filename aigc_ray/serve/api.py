@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from aigc_ray.decode import GenerationRequest, TokenLogprob
+from aigc_ray.decode.request import GenerationRequest, TokenLogprob
 
 MAX_STOP_STRINGS = 4  # as OpenAI allows
 MAX_CHOICES = 64  # prompts x n in one request; more belongs in batch generation

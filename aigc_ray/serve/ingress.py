@@ -22,8 +22,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from aigc_ray.chat import chat_ids
-from aigc_ray.decode import RequestError, RowFailed, context_length
+from aigc_ray.data.chat import chat_ids
+from aigc_ray.decode.request import RequestError, RowFailed, context_length
 from aigc_ray.serve.api import (
     MAX_CHOICES,
     ApiError,

@@ -31,8 +31,9 @@ from collections.abc import AsyncIterator
 
 from ray import serve
 
-from aigc_ray.decode import BatchDecoder, Chunk, GenerationRequest, RowFailed, merge_chunks
-from aigc_ray.decode_graphs import StaticStep, new_decoder, static_step_for
+from aigc_ray.decode.engine import BatchDecoder
+from aigc_ray.decode.graphs import StaticStep, new_decoder, static_step_for
+from aigc_ray.decode.request import Chunk, GenerationRequest, RowFailed, merge_chunks
 from aigc_ray.model import load_for_inference
 
 _DONE = object()  # ends a request's chunk queue

@@ -13,8 +13,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aigc_ray.chat import chat_ids
 from aigc_ray.cli import main
+from aigc_ray.data.chat import chat_ids
 from aigc_ray.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow

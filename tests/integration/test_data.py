@@ -23,21 +23,13 @@ import ray
 
 from aigc_ray.cli import main
 from aigc_ray.config import validate
-from aigc_ray.data import (
-    IGNORE_INDEX,
-    build_datasets,
-    corpus_statistics,
-    create_stats,
-    format_statistics,
-    hf_blocks,
-    pack_lengths,
-    read_corpus,
-    resolve_files,
-    split_of,
-)
+from aigc_ray.data.files import resolve_files
+from aigc_ray.data.pack import pack_lengths
+from aigc_ray.data.pipeline import build_datasets, corpus_statistics, format_statistics
+from aigc_ray.data.read import create_stats, hf_blocks, read_corpus, split_of
+from aigc_ray.data.sample import make_pairs
 from aigc_ray.errors import DataError
-from aigc_ray.sample_data import make_pairs
-from aigc_ray.tokenizer import load_tokenizer
+from aigc_ray.tokenizer import IGNORE_INDEX, load_tokenizer
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -664,8 +656,8 @@ def test_a_global_shuffle_is_a_new_seeded_permutation_of_every_block_each_epoch(
     of the whole (cached) split, reseeded each epoch from train.seed."""
     import ray.data
 
-    from aigc_ray.data import TrainingSplit
-    from aigc_ray.train import training_input
+    from aigc_ray.data.cache import TrainingSplit
+    from aigc_ray.train.driver import training_input
 
     cfg = make_config(tiny_model_dir, write_jsonl(tmp_path / "c.jsonl", []), shuffle="global")
 

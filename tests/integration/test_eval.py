@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.cli import main
-from aigc_ray.data import check_config
+from aigc_ray.data.pipeline import check_config
 from aigc_ray.evaluate import EVAL_KEYS, eval_data, perplexity
 
 pytestmark = pytest.mark.slow

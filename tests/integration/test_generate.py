@@ -121,7 +121,7 @@ def test_a_list_of_messages_is_rendered_by_the_chat_template(ray_cluster, tiny_c
                                                              tmp_path):
     """A prompt that is a conversation goes through `chat_ids`, as the chat endpoint and training
     render it: greedy output equals `model.generate` on the rendered prompt."""
-    from aigc_ray.chat import chat_ids
+    from aigc_ray.data.chat import chat_ids
 
     chats = [[{"role": "user", "content": "Where is my Orbit Watch order?"}],
              [{"role": "system", "content": "Be brief."},

@@ -20,7 +20,7 @@ import httpx
 import pytest
 from transformers import AutoModelForCausalLM
 
-from aigc_ray.chat import chat_ids
+from aigc_ray.data.chat import chat_ids
 from aigc_ray.serve import build_app, load_serve_config, model_name_for
 from aigc_ray.tokenizer import load_tokenizer
 
@@ -547,7 +547,8 @@ def test_ignore_eos_and_min_tokens_give_exactly_the_asked_length(app):
 
 
 def test_penalties_and_top_k_change_the_output_as_the_engine_says(app, local_model):
-    from aigc_ray.decode import GenerationRequest, decode_all
+    from aigc_ray.decode.engine import decode_all
+    from aigc_ray.decode.request import GenerationRequest
 
     model, tokenizer = local_model
     ids = tokenizer(PROMPTS[0])["input_ids"]

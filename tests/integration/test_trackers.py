@@ -10,7 +10,7 @@ import json
 import pytest
 
 from aigc_ray.cli import main
-from aigc_ray.metrics import read_jsonl
+from aigc_ray.train.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_an_mlflow_uri_naming_a_folder_holds_a_sqlite_store_inside_it(tmp_path, 
     from mlflow.tracking import MlflowClient
 
     from aigc_ray.config import load_config
-    from aigc_ray.trackers import check_trackers, open_trackers
+    from aigc_ray.train.trackers import check_trackers, open_trackers
 
     monkeypatch.chdir(tmp_path)
     cfg = load_config("tiny_cpu", ["run.trackers=[mlflow]", "run.mlflow_uri=tracking",

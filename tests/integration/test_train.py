@@ -22,11 +22,19 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.config import load_config
-from aigc_ray.data import document_text, split_of
+from aigc_ray.data.read import document_text, split_of
 from aigc_ray.errors import DataError
 from aigc_ray.evaluate import evaluate_after_training
-from aigc_ray.metrics import METRIC_KEYS, read_jsonl, worker_memory, worker_notes, worker_starts
-from aigc_ray.train import compiled, flops_per_token, run_train
+from aigc_ray.train.driver import run_train
+from aigc_ray.train.metrics import (
+    METRIC_KEYS,
+    flops_per_token,
+    read_jsonl,
+    worker_memory,
+    worker_notes,
+    worker_starts,
+)
+from aigc_ray.train.prepare import compiled
 
 pytestmark = pytest.mark.slow
 
@@ -559,7 +567,8 @@ def test_a_streamed_shard_reads_its_batches_in_the_same_order_every_epoch(ray_cl
     import ray.data
 
     from aigc_ray.config import Train
-    from aigc_ray.train import EpochFeed, collated, exact_validation_config
+    from aigc_ray.train.driver import exact_validation_config
+    from aigc_ray.train.feed import EpochFeed, collated
 
     width, rows_per_batch, num_batches, epochs = 1 << 16, 8, 16, 4
 
@@ -592,7 +601,7 @@ def test_cached_blocks_are_one_permutation_per_epoch_dealt_to_the_ranks(ray_clus
     import numpy as np
     import ray.data
 
-    from aigc_ray.train import CachedBlocks, batch_collator
+    from aigc_ray.train.feed import CachedBlocks, batch_collator
 
     width, rows = 8, 40
     dataset = ray.data.from_items([{"input_ids": np.full(width, i, np.int32),

@@ -15,8 +15,8 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.config import load_config
-from aigc_ray.metrics import read_jsonl, worker_starts
-from aigc_ray.train import run_train
+from aigc_ray.train.driver import run_train
+from aigc_ray.train.metrics import read_jsonl, worker_starts
 from aigc_ray.tune import run_tune
 
 pytestmark = pytest.mark.slow

@@ -11,20 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from aigc_ray.chat import chat_ids, conversation, detect_format, labelled_conversation
 from aigc_ray.config import Data
-from aigc_ray.data import (
-    IGNORE_INDEX,
-    MESSAGES_COLUMN,
-    ROW_COLUMN,
-    TokenizeAndPack,
-    pack_lengths,
-    read_documents,
-    validate_record,
-)
+from aigc_ray.data.chat import chat_ids, conversation, detect_format, labelled_conversation
+from aigc_ray.data.pack import TokenizeAndPack, pack_lengths
+from aigc_ray.data.read import MESSAGES_COLUMN, ROW_COLUMN, read_documents, validate_record
 from aigc_ray.errors import DataError
-from aigc_ray.loss import token_loss_sum
-from aigc_ray.tokenizer import build_tokenizer, tokenizer_spec
+from aigc_ray.tokenizer import IGNORE_INDEX, build_tokenizer, tokenizer_spec
+from aigc_ray.train.loss import token_loss_sum
 
 TEXTS = ["Customer: How do I reset my password? Agent: Open the app and choose Sign in.",
          "Customer: Where is my order? Agent: The tracking number is under Orders."] * 40
@@ -290,7 +283,7 @@ def test_an_example_s_logits_do_not_change_beside_another(tokenizer, tokenizer_d
 
 def test_the_packing_probe_passes_gpt2_and_refuses_a_leaky_model(tokenizer):
     from aigc_ray.errors import UserError
-    from aigc_ray.loss import check_packed_attention
+    from aigc_ray.train.loss import check_packed_attention
 
     model = tiny_model(tokenizer, "sdpa").train()
     check_packed_attention(model, torch.device("cpu"))
@@ -314,7 +307,7 @@ def test_the_packing_probe_passes_gpt2_and_refuses_a_leaky_model(tokenizer):
 def test_a_block_longer_than_the_model_s_positions_fails_before_training(tokenizer, tmp_path):
     from aigc_ray.config import load_config
     from aigc_ray.errors import ConfigError
-    from aigc_ray.train import check_model_settings
+    from aigc_ray.train.driver import check_model_settings
 
     tiny_model(tokenizer, "sdpa").save_pretrained(tmp_path)  # 128 positions
     check_model_settings(load_config("tiny_chat", ["data.block_size=128"]), str(tmp_path))

@@ -183,7 +183,7 @@ def test_an_unreachable_ray_address_is_one_line(monkeypatch):
 
 
 def test_a_bug_raised_while_handling_a_user_error_keeps_its_traceback(monkeypatch, capsys):
-    import aigc_ray.train
+    import aigc_ray.train.driver
 
     def handler_with_a_bug(cfg):
         try:
@@ -191,19 +191,19 @@ def test_a_bug_raised_while_handling_a_user_error_keeps_its_traceback(monkeypatc
         except ConfigError:
             return {}["the handler's own bug"]  # KeyError, its context the user error
 
-    monkeypatch.setattr(aigc_ray.train, "run_train", handler_with_a_bug)
+    monkeypatch.setattr(aigc_ray.train.driver, "run_train", handler_with_a_bug)
     with pytest.raises(KeyError):
         main(["train"])
     assert "error: train.lr" not in capsys.readouterr().err
 
 
 def test_a_user_error_given_as_the_explicit_cause_is_one_line(monkeypatch, capsys):
-    import aigc_ray.train
+    import aigc_ray.train.driver
 
     def wrapped(cfg):
         raise RuntimeError("a worker failed") from ConfigError("train.lr must be > 0, got -1")
 
-    monkeypatch.setattr(aigc_ray.train, "run_train", wrapped)
+    monkeypatch.setattr(aigc_ray.train.driver, "run_train", wrapped)
     assert main(["train"]) == 2
     assert capsys.readouterr().err == "error: train.lr must be > 0, got -1\n"
 
@@ -222,12 +222,12 @@ def test_a_user_error_on_a_training_worker_is_one_line():
 
 
 def test_a_system_exit_without_ctrl_c_is_a_bug_not_a_stopped_run(monkeypatch, capsys):
-    import aigc_ray.train
+    import aigc_ray.train.driver
 
     def exits(cfg):
         sys.exit(3)
 
-    monkeypatch.setattr(aigc_ray.train, "run_train", exits)
+    monkeypatch.setattr(aigc_ray.train.driver, "run_train", exits)
     with pytest.raises(RuntimeError, match=r"SystemExit\(3\) though no Ctrl-C or SIGTERM") as info:
         main(["train"])
     assert isinstance(info.value.__cause__, SystemExit)  # the traceback shows where it exited
@@ -238,7 +238,7 @@ def test_ctrl_c_during_training_says_how_to_resume(monkeypatch, capsys):
     # Ray Train's SIGINT handler aborts the run and leaves by sys.exit; a real SIGINT here.
     import signal
 
-    import aigc_ray.train
+    import aigc_ray.train.driver
 
     def interrupted(cfg):
         signal.signal(signal.SIGINT, lambda *_: sys.exit(0))  # as Ray Train's handler does
@@ -247,7 +247,7 @@ def test_ctrl_c_during_training_says_how_to_resume(monkeypatch, capsys):
             time.sleep(0.01)
         raise AssertionError("no SIGINT arrived")
 
-    monkeypatch.setattr(aigc_ray.train, "run_train", interrupted)
+    monkeypatch.setattr(aigc_ray.train.driver, "run_train", interrupted)
     on_sigint = signal.getsignal(signal.SIGINT)
     try:
         assert main(["train", "train.max_steps=5"]) == 130

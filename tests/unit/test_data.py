@@ -9,14 +9,10 @@ import json
 import pyarrow as pa
 import pytest
 
-import aigc_ray.data as data_module
+import aigc_ray.data.read as data_module
 from aigc_ray.config import validate
-from aigc_ray.data import (
-    read_documents,
-    resolve_files,
-    split_of,
-    validate_record,
-)
+from aigc_ray.data.files import resolve_files
+from aigc_ray.data.read import read_documents, split_of, validate_record
 from aigc_ray.errors import DataError
 
 # ── Data: split ─────────────────────────────────────────────────────────────────────────────

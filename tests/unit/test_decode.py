@@ -6,7 +6,8 @@ import random
 import pytest
 from transformers import AutoModelForCausalLM
 
-from aigc_ray.decode import BatchDecoder, GenerationRequest, context_length, decode_all
+from aigc_ray.decode.engine import BatchDecoder, decode_all
+from aigc_ray.decode.request import GenerationRequest, context_length
 from aigc_ray.tokenizer import load_tokenizer
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",
@@ -150,7 +151,7 @@ def test_penalties_follow_their_definitions_on_hand_made_logits():
     import torch
     from transformers import RepetitionPenaltyLogitsProcessor
 
-    from aigc_ray.decode import process_logits
+    from aigc_ray.decode.sampling import process_logits
 
     logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 0.0, 1.0])
     prompt, generated = [0, 1], [3, 3, 2]
@@ -182,7 +183,7 @@ def test_penalties_follow_their_definitions_on_hand_made_logits():
 def test_top_k_samples_among_the_k_likeliest_only():
     import torch
 
-    from aigc_ray.decode import sample_batch
+    from aigc_ray.decode.sampling import sample_batch
 
     def sample_next(logits, temperature, top_p, rng, top_k=0):  # one row, one draw
         return int(sample_batch(logits[None], [temperature], [top_p], [top_k], [rng.random()]))
@@ -199,7 +200,7 @@ def test_batched_sampling_draws_each_row_from_its_own_distribution():
     temperature, top-k and top-p per row, in one batch, as their definitions say."""
     import torch
 
-    from aigc_ray.decode import sample_batch
+    from aigc_ray.decode.sampling import sample_batch
 
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).log_softmax(-1)
     draws = [(i + 0.5) / 1000 for i in range(1000)]
@@ -337,7 +338,7 @@ def test_prompt_logprobs_are_log_softmax_over_the_prompt(model_and_tokenizer):
 def test_the_kv_cache_writes_into_spare_room_instead_of_reallocating(model_and_tokenizer):
     import torch
 
-    from aigc_ray.decode import new_cache
+    from aigc_ray.decode.engine import new_cache
 
     model, _ = model_and_tokenizer
     layer = new_cache(model.config).layers[0]
@@ -376,7 +377,8 @@ def test_an_absurdly_small_temperature_samples_the_greedy_token_never_an_id_past
         model_and_tokenizer):
     import torch
 
-    from aigc_ray.decode import MIN_TEMPERATURE, sample_batch
+    from aigc_ray.decode.request import MIN_TEMPERATURE
+    from aigc_ray.decode.sampling import sample_batch
 
     # 1e-40 once turned every logit into ±inf: softmax gave NaN and the draw the id 50 (the
     # vocabulary's size), which failed the next forward of every row batched with it.
@@ -459,7 +461,7 @@ def test_a_poisoned_request_fails_alone_and_its_batch_neighbours_finish_as_if_al
 ])
 def test_requests_the_batch_cannot_take_are_refused_at_add_and_nothing_is_admitted(
         model_and_tokenizer, settings, words):
-    from aigc_ray.decode import RequestError
+    from aigc_ray.decode.request import RequestError
 
     model, tokenizer = model_and_tokenizer
     bad = GenerationRequest(**{"prompt_ids": [1, 2], "max_tokens": 4, **settings})

@@ -7,14 +7,15 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from aigc_ray.decode import BatchDecoder, GenerationRequest, decode_all
-from aigc_ray.decode_graphs import (
+from aigc_ray.decode.engine import BatchDecoder, decode_all
+from aigc_ray.decode.graphs import (
     SlotDecoder,
     StaticStep,
     new_decoder,
     static_step_for,
     unsupported,
 )
+from aigc_ray.decode.request import GenerationRequest
 from aigc_ray.tokenizer import load_tokenizer
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",

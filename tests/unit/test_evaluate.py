@@ -8,7 +8,7 @@ from aigc_ray.cli import main
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
 from aigc_ray.evaluate import eval_data, evaluate_after_training, format_report
-from aigc_ray.train import TrainSummary
+from aigc_ray.train.driver import TrainSummary
 
 
 def test_eval_data_reads_a_file_whole_and_needs_a_split_otherwise(tmp_path):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from aigc_ray.data import IGNORE_INDEX
-from aigc_ray.loss import PAD_MULTIPLE, token_loss_sum, trim_padding, trimmed_length
+from aigc_ray.tokenizer import IGNORE_INDEX
+from aigc_ray.train.loss import PAD_MULTIPLE, token_loss_sum, trim_padding, trimmed_length
 
 
 @pytest.mark.parametrize(("lengths", "block_size", "expected"), [

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from aigc_ray.decode import TokenLogprob
+from aigc_ray.decode.request import TokenLogprob
 from aigc_ray.serve.api import (
     UNSUPPORTED,
     ApiError,
@@ -221,7 +221,7 @@ def test_what_a_replica_raised_becomes_a_400_or_a_500_naming_the_cause():
     # Ray hands the ingress a replica's exception wrapped in a RayTaskError.
     from ray.exceptions import RayTaskError
 
-    from aigc_ray.decode import RequestError, RowFailed
+    from aigc_ray.decode.request import RequestError, RowFailed
     from aigc_ray.serve.ingress import replica_error
 
     def from_replica(exc):

@@ -7,7 +7,8 @@ import functools
 import pytest
 from transformers import AutoModelForCausalLM
 
-from aigc_ray.decode import GenerationRequest, decode_all
+from aigc_ray.decode.engine import decode_all
+from aigc_ray.decode.request import GenerationRequest
 from aigc_ray.serve.replica import Batcher
 from aigc_ray.tokenizer import load_tokenizer
 
@@ -116,7 +117,7 @@ def greedy(tokenizer, prompt: str, n: int = 12) -> GenerationRequest:
 
 def test_a_poisoned_request_fails_alone_and_the_plain_ones_get_their_solo_text(
         model_and_tokenizer, monkeypatch):
-    from aigc_ray.decode import RequestError, RowFailed
+    from aigc_ray.decode.request import RequestError, RowFailed
 
     model, tokenizer = model_and_tokenizer
     solo = [decode_all(model, tokenizer, [greedy(tokenizer, p)])[0]["text"] for p in PLAIN]
@@ -163,8 +164,8 @@ def metrics_seen(batcher: Batcher, name: str) -> list:
 def test_slot_admission_errors_fail_their_request_not_the_decode_thread(model_and_tokenizer):
     # SlotDecoder.add once raised inside the loop's admission, outside its error handling: the
     # decode thread died and every caller waited forever.
-    from aigc_ray.decode import RequestError
-    from aigc_ray.decode_graphs import StaticStep
+    from aigc_ray.decode.graphs import StaticStep
+    from aigc_ray.decode.request import RequestError
 
     model, tokenizer = model_and_tokenizer
     step = StaticStep(model, tokenizer, slots=4, graphs=False)

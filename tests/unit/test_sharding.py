@@ -10,8 +10,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from aigc_ray.checkpoint import resolve_checkpoint
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
-from aigc_ray.sharding import gradient_sync, lockstep, state_bytes
-from aigc_ray.train import decay_groups, freeze_bottom, strategy_note
+from aigc_ray.train.driver import strategy_note
+from aigc_ray.train.prepare import decay_groups, freeze_bottom
+from aigc_ray.train.sharding import gradient_sync, lockstep, state_bytes
 
 
 def small_model():

@@ -8,7 +8,7 @@ import torch
 
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
-from aigc_ray.step_profile import StepProfiler, busy_seconds
+from aigc_ray.train.profile import StepProfiler, busy_seconds
 
 
 def test_busy_time_is_the_union_of_overlapping_intervals():

@@ -12,19 +12,21 @@ import pytest
 import torch
 
 from aigc_ray.config import load_config
-from aigc_ray.data import IGNORE_INDEX, cache_budget, epochs_likely
+from aigc_ray.data.cache import cache_budget, epochs_likely
 from aigc_ray.errors import DataError, UserError
-from aigc_ray.metrics import Follower, append_jsonl, read_jsonl, truncate_after
-from aigc_ray.train import (
-    LoopState,
-    batch_collator,
-    compiled,
-    count_steps,
+from aigc_ray.tokenizer import IGNORE_INDEX
+from aigc_ray.train.driver import resource_warning
+from aigc_ray.train.feed import batch_collator, count_steps
+from aigc_ray.train.loop import LoopState, lr_factor
+from aigc_ray.train.metrics import (
+    Follower,
+    append_jsonl,
     flops_per_token,
-    lr_factor,
     peak_tflops,
-    resource_warning,
+    read_jsonl,
+    truncate_after,
 )
+from aigc_ray.train.prepare import compiled
 
 
 def test_lr_warms_up_linearly_then_decays_to_the_floor():
@@ -302,7 +304,7 @@ def test_flops_per_token_counts_no_backward_below_frozen_layers():
     """train.freeze_layers=1 of 3: the forward runs everywhere; input gradients flow from the
     head down to block 1 only; weight gradients exist for blocks 1-2 and ln_f (the tied head
     froze with the token table)."""
-    from aigc_ray.train import freeze_bottom
+    from aigc_ray.train.prepare import freeze_bottom
 
     model = gpt2(tie=True)
     freeze_bottom(model, 1)
@@ -335,7 +337,7 @@ def test_data_wait_counts_only_the_part_of_a_wait_the_gpu_was_idle():
     idle for the last ~100 ms of the wait, not 300."""
     import time
 
-    from aigc_ray.train import WaitClock
+    from aigc_ray.train.feed import WaitClock
 
     clock = WaitClock(torch.device("cuda"))
     torch.cuda._sleep(int(2e8))  # ~0.1-0.2 s of GPU time, by the clock rate

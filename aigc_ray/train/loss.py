@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from aigc_ray.data import IGNORE_INDEX
+from aigc_ray.tokenizer import IGNORE_INDEX
 
 PAD_MULTIPLE = 8  # trimmed lengths round up to this: tensor-core friendly, fewer distinct shapes
 

@@ -12,7 +12,9 @@ import json
 import threading
 from pathlib import Path
 
+from aigc_ray.errors import UserError
 from aigc_ray.run_folder import RunFolder
+from aigc_ray.train.prepare import transformer_blocks, unwrap
 
 METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "data_wait", "mfu", "val_loss",
                "val_perplexity")
@@ -209,3 +211,63 @@ def plot_trial_curves(trial_dirs: dict[str, Path], best: str | None, stopped: se
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+# ── model FLOPs utilization: the share of the GPU's peak the step used ──
+# bf16 dense TFLOPS of one accelerator by the words of its CUDA name; the first match wins.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
+               ("B200", 2250.0), ("A100", 312.0), ("L40S", 362.0), ("L4", 121.0),
+               ("A10", 125.0))
+
+
+def peak_tflops(device_name: str) -> float | None:
+    """The bf16 dense peak of a GPU named like `torch.cuda.get_device_name()`, if known. Names
+    match word by word ('NVIDIA A100-SXM4-80GB' is an A100; 'NVIDIA L40' is not an L4)."""
+    import re
+
+    words = re.split(r"[^A-Za-z0-9]+", device_name.upper())
+    for part, tflops in PEAK_TFLOPS:
+        wanted = part.upper().split()
+        if any(words[i:i + len(wanted)] == wanted for i in range(len(words))):
+            return tflops
+    return None
+
+
+def flops_per_token(model, seq_len: int) -> float:
+    """Training FLOPs per token that the step actually computes, by the PaLM estimate's terms:
+
+    - forward: 2 per matmul weight, and attention's 4 · width · context in every layer;
+    - backward, input gradients: 2 per matmul weight and attention's 8 · width · context, from
+      the head down to the lowest block that has something to train (below it nothing needs
+      a gradient);
+    - backward, weight gradients: 2 per trainable matmul weight.
+
+    Full fine-tuning gives 6N + 12 · layers · width · context; frozen layers and LoRA (whose
+    base weights need input gradients but no weight gradients) give less. Embedding lookups
+    cost no matmul; a tied output head does, so it counts once."""
+    import torch
+
+    config = unwrap(model).config
+    embeddings = [m for m in model.modules() if isinstance(m, torch.nn.Embedding)]
+    head = unwrap(model).get_output_embeddings()
+    tied = head is not None and any(head.weight is m.weight for m in embeddings)
+    lookups = {id(m.weight) for m in embeddings} - ({id(head.weight)} if tied else set())
+    matmul = [p for p in model.parameters() if id(p) not in lookups]  # a tied weight once
+    layers = getattr(config, "num_hidden_layers", 0)
+    width = getattr(config, "hidden_size", 0)
+    try:
+        blocks = list(transformer_blocks(model))
+    except UserError:  # blocks not found: count a backward through all of them
+        blocks = []
+    trains = [any(p.requires_grad for p in block.parameters()) for block in blocks]
+    below_trains = any(p.requires_grad for m in embeddings for p in m.parameters())
+    lowest = 0 if below_trains or not blocks else (trains.index(True) if any(trains)
+                                                    else len(blocks))
+    skipped = {id(p) for block in blocks[:lowest] for p in block.parameters()}
+    if lowest == len(blocks) and blocks and not any(p.requires_grad for p in matmul):
+        skipped = {id(p) for p in matmul}  # nothing trains: no backward at all
+    backward_params = sum(p.numel() for p in matmul if id(p) not in skipped)
+    trainable = sum(p.numel() for p in matmul if p.requires_grad)
+    backward_layers = layers - lowest if blocks else layers
+    return (2 * sum(p.numel() for p in matmul) + 2 * backward_params + 2 * trainable
+            + 4 * layers * width * seq_len + 8 * backward_layers * width * seq_len)
