@@ -42,7 +42,7 @@ if [ "$part" = decode ]; then
     --engines padded,slots,hf-cb --max-tokens 128 --refill 256 --out "$OUT/decode_gpu.json" \
     2>&1 | tail -17 || fail $?
   el captured graphs test
-  timeout 150 python3 -m pytest -q tests/unit/test_decode_graphs.py -k cuda 2>&1 | tail -3 || fail $?
+  timeout 150 python3 -m pytest -q tests/unit/decode/test_graphs.py -k cuda 2>&1 | tail -3 || fail $?
   el serving, 1/16/64 clients, graphs on
   timeout 230 python3 benchmarks/serve_throughput.py --gpu --graphs on \
     --out "$OUT/serve_gpu.json" 2>&1 | tail -10 || fail $?
@@ -52,7 +52,7 @@ elif [ "$part" = generate ]; then
     2>&1 | tail -6 || fail $?
 elif [ "$part" = train ]; then
   el gpu tests
-  timeout 150 python3 -m pytest -q -x tests/integration/test_train.py tests/unit/test_train.py \
+  timeout 150 python3 -m pytest -q -x tests/integration/test_train.py tests/unit/train/test_train.py \
     -k gpu 2>&1 | tail -3 || fail $?
   el train throughput, compiled
   timeout 240 python3 benchmarks/train_throughput.py --gpu --steps 100 --compile on \

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from aigc_ray.cli import build_parser
-from aigc_ray.config import shipped_configs
+from aigc_ray.config import shipped_configs, split_config_args
 from aigc_ray.errors import ConfigError
 from aigc_ray.jobs import (
     aigc_commands,
@@ -17,7 +17,6 @@ from aigc_ray.jobs import (
     job_command,
     load_job_spec,
     runtime_env,
-    split_config_args,
 )
 
 REPO = Path(__file__).resolve().parents[2]

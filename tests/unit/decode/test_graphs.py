@@ -195,7 +195,7 @@ def test_models_the_slots_cannot_hold_say_why(model_and_tokenizer, random_lm):
 
 
 def test_a_poisoned_row_fails_alone_in_the_slots_too(model_and_tokenizer):
-    # As in test_decode: poisons past every check fail their own row, and the rest decode
+    # As in decode/test_engine.py: poisons past every check fail their own row, and the rest decode
     # what the padded batch decodes for them; the broken prompt's prefill takes no slot.
     model, tokenizer = model_and_tokenizer
     vocab = model.config.vocab_size
