@@ -174,7 +174,9 @@ class BatchDecoder:
     def __init__(self, model, tokenizer, requests: list[GenerationRequest] = (),
                  max_rows: int | None = None):
         self.model = model
-        self.max_rows = max_rows  # rows decoding at once; more wait and join as rows finish
+        # Rows decoding at once (serve.max_batch_size, generate.batch_size); more wait and join
+        # as rows finish. Held by `room` and `_newcomers`, nowhere else.
+        self.max_rows = max_rows
         self.tokenizer = tokenizer
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None)
@@ -215,6 +217,13 @@ class BatchDecoder:
     def batch_size(self) -> int:
         """Rows the next forward pass decodes or prefills."""
         return len(self.active) + len(self.waiting)
+
+    @property
+    def room(self) -> int | None:
+        """Requests `add` can take before the rows decoding and waiting reach `max_rows` (None:
+        no cap). A caller that holds requests of its own (the serving replica's queue) adds
+        this many; one that adds more (`decode_all`) leaves the rest waiting here."""
+        return None if self.max_rows is None else max(0, self.max_rows - self.batch_size)
 
     @property
     def joinable(self) -> bool:
@@ -409,13 +418,13 @@ class BatchDecoder:
 
     def _newcomers(self) -> list[int]:
         """The waiting requests that join at this step (a prefix of `waiting`): as many as the
-        cache takes (`_room`) and `max_rows` leaves."""
-        room = self._room()
+        cache takes (`_cache_room`) and `max_rows` leaves. The one place the row cap holds."""
+        room = self._cache_room()
         if self.max_rows is not None:
             room = min(room, self.max_rows - len(self.active))
         return self.waiting[:max(0, room)]
 
-    def _room(self) -> int:
+    def _cache_room(self) -> int:
         """Newcomers the cache can take now."""
         return len(self.waiting) if self.joinable else 0
 

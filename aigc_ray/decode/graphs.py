@@ -223,7 +223,7 @@ class SlotDecoder(BatchDecoder):
         self.next_tokens: list[int] | None = None  # per running row, in `active` order
         super().__init__(model, tokenizer, requests, max_rows)
 
-    def _room(self) -> int:
+    def _cache_room(self) -> int:
         return len(self.free)
 
     def _keep(self, batch_rows: list[int]) -> None:
@@ -285,10 +285,10 @@ def new_decoder(model, tokenizer, step: StaticStep | None,
     return SlotDecoder(model, tokenizer, step, requests, max_rows)
 
 
-def static_step_for(model, tokenizer, slots: int, cuda_graphs: bool
+def static_step_for(model, tokenizer, max_rows: int, cuda_graphs: bool
                     ) -> tuple[StaticStep | None, str | None]:
-    """(the step a replica or generation actor decodes with, a note for its log): slots with
-    captured graphs on a GPU when `cuda_graphs` is on and the model allows it (the note gives
+    """(the step a replica or generation actor decodes with, a note for its log): a slot per
+    row of `max_rows` (fewer where GPU memory is short), with captured graphs on a GPU when `cuda_graphs` is on and the model allows it (the note gives
     their size and capture time); otherwise None (the padded `BatchDecoder`), with a note saying
     why when graphs were asked for but cannot run (the eager slots are no faster than the
     padded cache)."""
@@ -300,12 +300,12 @@ def static_step_for(model, tokenizer, slots: int, cuda_graphs: bool
     import time
 
     started = time.perf_counter()
-    step = StaticStep(model, tokenizer, slots)
+    step = StaticStep(model, tokenizer, max_rows)
     if step.graph_error:
         return None, f"decoding without CUDA graphs: capturing the step failed ({step.graph_error})"
     note = (f"decoding with CUDA graphs: {step.slots} rows × {step.width} tokens of KV cache "
             f"({step.cache_bytes / 2**30:.2f} GiB), {len(step.graphs)} graphs captured in "
             f"{time.perf_counter() - started:.1f} s")
-    if step.slots < slots:
-        note += f"; {step.slots} rows, not {slots}: what half the free GPU memory holds"
+    if step.slots < max_rows:
+        note += f"; {step.slots} rows, not {max_rows}: what half the free GPU memory holds"
     return step, note

@@ -1,11 +1,12 @@
 """The model deployment: one replica holds the model and decodes concurrent requests in batches.
 
-`Batcher` runs one `BatchDecoder` at a time (on a GPU with `serve.cuda_graphs` on, a
-`SlotDecoder` over the replica's captured CUDA graphs) in a decode thread of its own, so the
-replica keeps accepting requests while the model runs. Batching is continuous: a request that
-arrives while the batch decodes joins it at the next step (up to `serve.max_batch_size` rows)
-instead of waiting for the whole batch to finish, and a finished row leaves at once. When the
-decoder is idle, the first request waits up to `serve.batch_wait_timeout_s` for company.
+`Batcher` drives one `BatchDecoder` (on a GPU with `serve.cuda_graphs` on, a `SlotDecoder`
+over the replica's captured CUDA graphs) in a decode thread of its own, so the replica keeps
+accepting requests while the model runs. Batching is continuous: a request that arrives while
+the batch decodes joins it at the next step (up to `serve.max_batch_size` rows, which the
+decoder holds as its `max_rows`) instead of waiting for the whole batch to finish, and a
+finished row leaves at once. When the decoder is idle, the first request waits up to
+`serve.batch_wait_timeout_s` for company.
 
 Why not `serve.batch`: its loop forms the next batch as soon as the wait timeout passes, even
 while the previous one still decodes (ray/serve/batching.py `_process_batches`), so with one
@@ -57,11 +58,12 @@ class Batcher:
     steps per request cost more than the model itself on a small model.
     """
 
-    def __init__(self, model, tokenizer, max_batch_size: int, wait_s: float, metrics: dict,
+    def __init__(self, model, tokenizer, max_rows: int, wait_s: float, metrics: dict,
                  continuous: bool = True, step: StaticStep | None = None,
                  stall_s: float = STALL_S):
         self.model, self.tokenizer, self.step = model, tokenizer, step  # step: see new_decoder
-        self.max_batch_size, self.wait_s, self.metrics = max_batch_size, wait_s, metrics
+        self.max_rows = max_rows  # the decoder's row cap (serve.max_batch_size); it holds it
+        self.wait_s, self.metrics = wait_s, metrics
         self.continuous, self.stall_s = continuous, stall_s
         self.pending: queue.Queue = queue.Queue()
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -160,19 +162,19 @@ class Batcher:
             self.beat = time.monotonic()
             newcomers = []
             try:
-                idle = decoder is None or decoder.done
-                if idle:
-                    room = self.max_batch_size
-                else:
-                    room = self.max_batch_size - decoder.batch_size if self.continuous else 0
+                if decoder is None:  # the first, or the one after a batch failed
+                    decoder = new_decoder(self.model, self.tokenizer, self.step,
+                                          max_rows=self.max_rows)
+                idle = decoder.done
+                # Requests stay in the queue until the decoder has room for them (a batch that
+                # fails takes none of them down); without continuous batching only when idle.
+                room = decoder.room if idle or self.continuous else 0
                 if idle and self.observations:  # nothing steps until the next request: record
                     self._deliver([], after=lambda seen=self.observations: self._observe(seen))
                     self.observations = []
                 newcomers = self._take(room, wait=idle) if room > 0 else []
-                if idle:
-                    if not newcomers:
-                        continue
-                    decoder = new_decoder(self.model, self.tokenizer, self.step)
+                if idle and not newcomers:
+                    continue
                 if newcomers:
                     self._admit(decoder, entries, newcomers)
                     newcomers = []

@@ -370,6 +370,26 @@ def test_max_rows_keeps_that_many_decoding_and_starts_waiting_rows_as_others_fin
         == decode_all(model, tokenizer, requests)
 
 
+def test_room_is_what_max_rows_leaves_and_a_finished_decoder_takes_a_new_batch(
+        model_and_tokenizer):
+    """The serving replica adds only `room` requests and keeps one decoder from batch to batch."""
+    model, tokenizer = model_and_tokenizer
+    requests = [GenerationRequest(tokenizer(p)["input_ids"], 4, temperature=0, ignore_eos=True)
+                for p in PROMPTS]
+    assert BatchDecoder(model, tokenizer).room is None  # no cap
+    decoder = BatchDecoder(model, tokenizer, max_rows=2)
+    assert decoder.room == 2
+    decoder.add(requests[:1])
+    assert decoder.room == 1
+    decoder.add(requests[1:])  # more than the cap: they wait
+    assert decoder.room == 0
+    while not decoder.done:
+        decoder.step()
+    assert decoder.room == 2 and not decoder.rows  # finished rows leave nothing behind
+    assert decode_all(model, tokenizer, requests, decoder) == decode_all(model, tokenizer,
+                                                                         requests)
+
+
 # --- one request cannot fail its batch ------------------------------------------------------
 
 

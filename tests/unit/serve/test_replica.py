@@ -33,7 +33,7 @@ def model_and_tokenizer(tiny_model_dir):
 def test_a_stream_that_falls_behind_gets_the_queued_steps_as_one_chunk(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
     metrics = {name: Sink() for name in ("ttft", "tpot", "tokens", "batch_size")}
-    batcher = Batcher(model, tokenizer, max_batch_size=4, wait_s=0, metrics=metrics)
+    batcher = Batcher(model, tokenizer, max_rows=4, wait_s=0, metrics=metrics)
     ids = tokenizer("Customer: I want a refund for my Orbit Watch.\nAgent:")["input_ids"]
     want = decode_all(model, tokenizer, [GenerationRequest(ids, 24, temperature=0,
                                                            ignore_eos=True)])[0]
@@ -72,7 +72,7 @@ def test_tokens_decoded_before_a_failed_step_are_still_recorded(model_and_tokeni
 
     monkeypatch.setattr(model, "forward", failing_sixth_forward)
     metrics = {name: Sink() for name in ("ttft", "tpot", "tokens", "batch_size")}
-    batcher = Batcher(model, tokenizer, max_batch_size=4, wait_s=0, metrics=metrics)
+    batcher = Batcher(model, tokenizer, max_rows=4, wait_s=0, metrics=metrics)
     ids = tokenizer("Customer: where is my parcel?\nAgent:")["input_ids"]
 
     async def fail_then_wait():
@@ -96,7 +96,7 @@ def test_tokens_decoded_before_a_failed_step_are_still_recorded(model_and_tokeni
 def new_batcher(model, tokenizer, **settings) -> Batcher:
     metrics = {name: Sink() for name in ("ttft", "tpot", "tokens", "batch_size")}
     # A wide batch window: requests submitted together are admitted together.
-    return Batcher(model, tokenizer, **{"max_batch_size": 8, "wait_s": 0.2, "metrics": metrics,
+    return Batcher(model, tokenizer, **{"max_rows": 8, "wait_s": 0.2, "metrics": metrics,
                                         **settings})
 
 
@@ -169,7 +169,7 @@ def test_slot_admission_errors_fail_their_request_not_the_decode_thread(model_an
 
     model, tokenizer = model_and_tokenizer
     step = StaticStep(model, tokenizer, slots=4, graphs=False)
-    batcher = new_batcher(model, tokenizer, max_batch_size=4, step=step)
+    batcher = new_batcher(model, tokenizer, max_rows=4, step=step)
     solo = decode_all(model, tokenizer, [greedy(tokenizer, PLAIN[0])])[0]["text"]
 
     async def together():
