@@ -43,16 +43,14 @@ class LossSum:
     """Ray Data callable class: (summed next-token loss, target tokens) of each batch."""
 
     def __init__(self, model_path: str, generate: dict, trust_remote_code: bool = False):
-        import torch
-
         from aigc_ray.config import Generate
         from aigc_ray.model import load_for_inference
 
         gen = Generate.model_validate(generate)
-        torch.set_num_threads(max(1, int(gen.cpus_per_actor)))
         # float32 everywhere: perplexity is a comparison, and bf16 logits would blur it.
         self.model, _ = load_for_inference(model_path, gen.device, "float32",
-                                           trust_remote_code=trust_remote_code)
+                                           trust_remote_code=trust_remote_code,
+                                           threads=gen.cpus_per_actor)
         self.device = next(self.model.parameters()).device
 
     def __call__(self, batch: dict) -> dict:

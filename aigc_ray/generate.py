@@ -141,17 +141,14 @@ class Completer:
     def __init__(self, checkpoint: str, generate: dict, trust_remote_code: bool = False,
                  stats=None, prompt_column: str = "prompt", id_column: str = "id",
                  keep: dict[str, str] | None = None):
-        import torch
-
         from aigc_ray.decode.graphs import static_step_for
         from aigc_ray.decode.request import context_length
         from aigc_ray.model import load_for_inference
 
         self.gen = Generate.model_validate(generate)
-        # Ray gives the actor `cpus_per_actor` CPUs; more torch threads only fight the others.
-        torch.set_num_threads(max(1, int(self.gen.cpus_per_actor)))
         self.model, self.tokenizer = load_for_inference(
-            checkpoint, self.gen.device, self.gen.dtype, trust_remote_code=trust_remote_code)
+            checkpoint, self.gen.device, self.gen.dtype, trust_remote_code=trust_remote_code,
+            threads=self.gen.cpus_per_actor)
         self.context = context_length(self.model.config, self.tokenizer)  # None: no limit
         self.step, note = static_step_for(self.model, self.tokenizer, self.gen.batch_size,
                                           self.gen.cuda_graphs)

@@ -190,8 +190,15 @@ def resolve_dtype(dtype: str, device: str):
 
 
 def load_for_inference(checkpoint: str, device: str = "auto", dtype: str = "auto", *,
-                       trust_remote_code: bool = False):
-    """(model in eval mode on its device, tokenizer) for a HF causal-LM folder."""
+                       trust_remote_code: bool = False, threads: float | None = None):
+    """(model in eval mode on its device, tokenizer) for a HF causal-LM folder. `threads`: the
+    CPUs Ray gave this actor (serve.cpus_per_replica, generate.cpus_per_actor), which become
+    torch's thread count (at least 1): more threads than that only fight the other actors on
+    the node. None leaves torch's default."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, int(threads)))
     device = resolve_device(device)
     model = load_model(checkpoint, trust_remote_code, dtype=resolve_dtype(dtype, device))
     model = model.to(device).eval()

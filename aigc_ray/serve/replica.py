@@ -298,16 +298,12 @@ class Generator:
     """Holds the model; `complete` and `stream` go through the replica's one `Batcher`."""
 
     def __init__(self, checkpoint: str, serve_section: dict, trust_remote_code: bool = False):
-        import torch
-
         from aigc_ray.config import Serve
 
         cfg = Serve.model_validate(serve_section)
-        # Ray gives the replica `cpus_per_replica` logical CPUs; more torch threads than that
-        # only fight the other replicas on the same node.
-        torch.set_num_threads(max(1, int(cfg.cpus_per_replica)))
         self.model, self.tokenizer = load_for_inference(
-            checkpoint, cfg.device, cfg.dtype, trust_remote_code=trust_remote_code)
+            checkpoint, cfg.device, cfg.dtype, trust_remote_code=trust_remote_code,
+            threads=cfg.cpus_per_replica)
         step, note = static_step_for(self.model, self.tokenizer, cfg.max_batch_size,
                                      cfg.cuda_graphs)
         if note:
