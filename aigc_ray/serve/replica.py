@@ -28,7 +28,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 
 from ray import serve
 
@@ -48,6 +49,21 @@ BEAT_S = 1.0
 CHECK_S = 5.0
 # The longest the replica's metrics wait for a delivery of chunks to ride along with.
 METRICS_WAIT_S = 1.0
+
+
+@dataclass(eq=False)
+class PendingRequest:
+    """A request from `Batcher.submit` until its end: what the decode thread needs to serve it
+    and to hand its chunks back to its caller."""
+
+    request: GenerationRequest
+    stream: bool  # False: chunks are held back until the completion is whole
+    loop: asyncio.AbstractEventLoop  # the caller's: its chunks are put on `chunks` there
+    chunks: asyncio.Queue = field(default_factory=asyncio.Queue)  # chunks, errors, then _DONE
+    cancel: Callable[[], None] | None = None  # stops its row; set when the decoder admits it
+    cancelled: bool = False  # its caller is done or gone
+    held: list[Chunk] = field(default_factory=list)  # with stream False: the chunks so far
+    first_token_at: float | None = None  # wall clock, for time per output token
 
 
 class Batcher:
@@ -98,11 +114,9 @@ class Batcher:
         step's error (its batch failed), or RuntimeError once the loop stops beating."""
         self.start()
         self.loop = asyncio.get_running_loop()  # the replica's one serving loop
-        entry = {"request": request, "chunks": asyncio.Queue(), "cancel": None,
-                 "cancelled": False, "stream": stream, "held": [], "first_token_at": None,
-                 "loop": self.loop}
+        entry = PendingRequest(request, stream, self.loop)
         self.pending.put(entry)
-        chunks, after = entry["chunks"], None
+        chunks, after = entry.chunks, None
         try:
             while True:
                 item = after if after is not None else await self._next(chunks)
@@ -123,9 +137,9 @@ class Batcher:
                     held.append(item)
                 yield held[0] if len(held) == 1 else merge_chunks(held)
         finally:
-            entry["cancelled"] = True  # the caller is done or gone: stop paying for its row
-            if entry["cancel"] is not None:
-                entry["cancel"]()
+            entry.cancelled = True  # the caller is done or gone: stop paying for its row
+            if entry.cancel is not None:
+                entry.cancel()
 
     async def _next(self, chunks: asyncio.Queue):
         """The next item for a caller. A whole completion sends nothing until its end, so the
@@ -140,7 +154,7 @@ class Batcher:
                 if (why := self.trouble()) is not None:
                     raise RuntimeError(f"{why}; this request was given up") from None
 
-    def _take(self, room: int, wait: bool) -> list[dict]:
+    def _take(self, room: int, wait: bool) -> list[PendingRequest]:
         """Up to `room` queued requests. With `wait` (the decoder is idle) wait up to BEAT_S for
         the first and give company `wait_s` to arrive; otherwise only what has queued already."""
         try:
@@ -154,10 +168,10 @@ class Batcher:
                              if wait else self.pending.get_nowait())
             except queue.Empty:
                 break
-        return [entry for entry in batch if not entry["cancelled"]]
+        return [entry for entry in batch if not entry.cancelled]
 
     def _run(self) -> None:
-        decoder, entries = None, {}  # entries: decoder's request index → the caller's entry
+        decoder, entries = None, {}  # entries: the decoder's request index → its PendingRequest
         while True:
             self.beat = time.monotonic()
             newcomers = []
@@ -185,17 +199,17 @@ class Batcher:
                 self._deliver([(entry, item) for entry in failed for item in (exc, _DONE)])
                 decoder, entries = None, {}
 
-    def _deliver(self, items: list[tuple[dict, object]], after=None) -> None:
+    def _deliver(self, items: list[tuple[PendingRequest, object]], after=None) -> None:
         """Hand chunks to their callers' event loop: one wake-up per step, not per chunk."""
         def put_all(items):
             for entry, item in items:
-                entry["chunks"].put_nowait(item)
+                entry.chunks.put_nowait(item)
             if after is not None:
                 after()
 
         loops: dict = {}  # in a replica one loop; a test may run several one after another
         for entry, item in items:
-            loops.setdefault(entry["loop"], []).append((entry, item))
+            loops.setdefault(entry.loop, []).append((entry, item))
         if after is not None:
             loops.setdefault(self.loop, [])
         for loop, its_items in loops.items():
@@ -204,25 +218,26 @@ class Batcher:
             except RuntimeError:  # that loop has closed: nobody waits there any more
                 pass
 
-    def _admit(self, decoder: BatchDecoder, entries: dict, batch: list[dict]) -> None:
+    def _admit(self, decoder: BatchDecoder, entries: dict[int, PendingRequest],
+               batch: list[PendingRequest]) -> None:
         """Requests join the running batch (continuous batching): prefilled at the next step.
         One at a time, so a request the decoder refuses fails alone."""
         refused = []
         for entry in batch:
             try:
-                [index] = decoder.add([entry["request"]])
+                [index] = decoder.add([entry.request])
             except Exception as exc:
                 refused += [(entry, exc), (entry, _DONE)]
                 continue
             self.admitted += 1
             entries[index] = entry
-            entry["cancel"] = lambda index=index: decoder.cancel(index)
-            if entry["cancelled"]:  # gone before `cancel` was set
+            entry.cancel = lambda index=index: decoder.cancel(index)
+            if entry.cancelled:  # gone before `cancel` was set
                 decoder.cancel(index)
         self._deliver(refused)
         self.observations.append(("batch_size", decoder.batch_size))
 
-    def _step(self, decoder: BatchDecoder, entries: dict) -> None:
+    def _step(self, decoder: BatchDecoder, entries: dict[int, PendingRequest]) -> None:
         """One decoder step; chunks (and a request's end) go to their callers."""
         self.step_started = time.monotonic()
         try:
@@ -237,17 +252,17 @@ class Batcher:
             if chunk.finish_reason == "error":  # this request failed alone; its batch goes on
                 out += [(entry, RowFailed(chunk.error)), (entry, _DONE)]
                 continue
-            if entry["first_token_at"] is None:
-                entry["first_token_at"] = now
-                observations.append(("ttft", max(0.0, now - entry["request"].arrival_time)))
+            if entry.first_token_at is None:
+                entry.first_token_at = now
+                observations.append(("ttft", max(0.0, now - entry.request.arrival_time)))
             if chunk.finish_reason is not None and chunk.completion_tokens > 1:
-                per_token = (now - entry["first_token_at"]) / (chunk.completion_tokens - 1)
+                per_token = (now - entry.first_token_at) / (chunk.completion_tokens - 1)
                 observations.append(("tpot", per_token))
-            if not entry["stream"]:  # hold it back until the completion is whole
-                entry["held"].append(chunk)
+            if not entry.stream:  # hold it back until the completion is whole
+                entry.held.append(chunk)
                 if chunk.finish_reason is None:
                     continue
-                chunk = merge_chunks(entry["held"])
+                chunk = merge_chunks(entry.held)
             out.append((entry, chunk))
             if chunk.finish_reason is not None:
                 out.append((entry, _DONE))
