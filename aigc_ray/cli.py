@@ -12,14 +12,20 @@ import sys
 import threading
 from typing import Callable, NamedTuple
 
-from aigc_ray.config import DEFAULT_CONFIG, Config, load_config, shipped_configs, to_yaml
+from aigc_ray.config import (
+    DEFAULT_CONFIG,
+    Config,
+    load_config,
+    shipped_configs,
+    split_config_args,
+    to_yaml,
+)
 from aigc_ray.errors import ConfigError, user_error
 from aigc_ray.jobs import (
     JOB_ACTIONS,
     follow,
     job_command,
     load_job_spec,
-    split_config_args,
     submit,
 )
 

@@ -481,7 +481,7 @@ class Config(Section):
                     set_key(patched, key.split("."), value)
                     Config.model_validate(patched)
                 except ValidationError as exc:
-                    raise ValueError(f"tune.search_space {key}: {_describe(exc.errors()[0])}"
+                    raise ValueError(f"tune.search_space {key}: {describe_error(exc.errors()[0])}"
                                      ) from None
         if self.tune.scheduler == "pbt":
             self._pbt_fits()
@@ -596,6 +596,16 @@ def parse_overrides(overrides: list[str]) -> list[tuple[list[str], Any]]:
     return parsed
 
 
+def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
+    """`[CONFIG] [key=value ...]` (the arguments of train, tune, config, data) → (config or None,
+    overrides); only the first argument may name a config."""
+    name, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
+    bad = [item for item in overrides if "=" not in item]
+    if bad:
+        raise ConfigError(f"{bad[0]!r} is not key=value; only the first argument may name a config")
+    return name, overrides
+
+
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     """Patch a raw config dict with `key=value` overrides."""
     for keys, value in parse_overrides(overrides):
@@ -620,7 +630,7 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(error: dict) -> str:
+def describe_error(error: dict) -> str:
     loc = tuple(error["loc"])
     key = ".".join(str(p) for p in loc) or "config"
     kind, ctx, got = error["type"], error.get("ctx", {}), error.get("input")
@@ -661,7 +671,7 @@ def validate(raw: dict) -> Config:
     except ValidationError as exc:
         errors = exc.errors()
         more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-        raise ConfigError(_describe(errors[0]) + more) from None
+        raise ConfigError(describe_error(errors[0]) + more) from None
 
 
 def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:

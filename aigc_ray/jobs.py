@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from aigc_ray.config import _describe, load_config, shipped_configs
+from aigc_ray.config import describe_error, load_config, shipped_configs, split_config_args
 from aigc_ray.errors import ConfigError
 
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -74,16 +74,6 @@ class JobSpec(BaseModel):
     metadata: dict[str, str] = {}
 
 
-def split_config_args(args: list[str]) -> tuple[str | None, list[str]]:
-    """`[CONFIG] [key=value ...]` (the arguments of train, tune, config, data) → (config or None,
-    overrides); only the first argument may name a config."""
-    name, overrides = (args[0], args[1:]) if args and "=" not in args[0] else (None, args)
-    bad = [item for item in overrides if "=" not in item]
-    if bad:
-        raise ConfigError(f"{bad[0]!r} is not key=value; only the first argument may name a config")
-    return name, overrides
-
-
 def load_job_spec(path: str, overrides: list[str] | None = None, *,
                   parser: argparse.ArgumentParser) -> JobSpec:
     """Read and check a job spec; `overrides` (key=value) are appended to the entrypoint, and its
@@ -114,7 +104,7 @@ def _spec_error(error: dict) -> str:
     job spec's keys (config's own list is the training config's)."""
     loc = [str(part) for part in error["loc"]]
     if error["type"] != "extra_forbidden":
-        return _describe(error)
+        return describe_error(error)
     model = RuntimeEnv if loc[0] == "runtime_env" and len(loc) > 1 else JobSpec
     known = list(model.model_fields)
     close = difflib.get_close_matches(loc[-1], known, n=1)
