@@ -498,13 +498,12 @@ def run_tune(cfg: Config, resume: bool = False) -> TuneSummary:
     from ray import tune
 
     from aigc_ray.cluster import start_ray
-    from aigc_ray.data.pipeline import check_config
-    from aigc_ray.model import check_model_path, resolve_model_path
+    from aigc_ray.model import resolve_model_path
+    from aigc_ray.train.driver import preflight
     from aigc_ray.train.metrics import plot_trial_curves
 
-    check_model_path(cfg)
-    check_config(cfg)  # files exist
-    check_tune_config(cfg, resume)  # before Ray starts
+    preflight(cfg)  # the checks `aigc-ray train` makes before Ray starts
+    check_tune_config(cfg, resume)
     start_ray(ray_logs=cfg.run.ray_logs)
     run_dir = cfg.run.dir
     run = RunFolder(run_dir)

@@ -64,8 +64,8 @@ def feed_loop(loop_config: dict) -> None:
     epochs = []
 
     # 2. Epochs: the real loop's grouping and bookkeeping, timing every batch's arrival.
-    source = EpochFeed(training_passes(loop_config, cfg, device, rank, world_size), device, 0,
-                       cfg.train.epochs)
+    passes = training_passes(loop_config["cached_blocks"], cfg, device, rank, world_size)
+    source = EpochFeed(passes, device, 0, cfg.train.epochs)
     for _ in range(cfg.train.epochs):
         batches = source.epoch()
         start = time.perf_counter()

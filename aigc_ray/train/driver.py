@@ -15,7 +15,7 @@ from aigc_ray.errors import ConfigError, DataError, user_error
 from aigc_ray.run_folder import RunFolder
 from aigc_ray.train.export import export_checkpoint
 from aigc_ray.train.feed import TOO_FEW_BLOCKS, count_steps
-from aigc_ray.train.loop import train_loop_per_worker
+from aigc_ray.train.loop import LoopConfig, train_loop_per_worker
 from aigc_ray.train.metrics import (
     Follower,
     plot_loss_curve,
@@ -90,7 +90,7 @@ def strategy_note(cfg: Config) -> str | None:
     return None
 
 
-def resource_warning(cfg: Config, cluster: dict) -> str | None:
+def training_resource_warning(cfg: Config, cluster: dict) -> str | None:
     """A warning when the cluster (as it is now) cannot hold the workers and the data pipeline
     together: Ray Train then waits for an autoscaler, which on a fixed cluster means forever."""
     need_cpus = (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
@@ -122,17 +122,15 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import redacted_dump, to_yaml
     from aigc_ray.data.cache import training_split
-    from aigc_ray.data.pipeline import build_datasets, check_config
+    from aigc_ray.data.pipeline import build_datasets
     from aigc_ray.data.read import corpus_source, create_stats
-    from aigc_ray.model import check_model_path, resolve_model_path
+    from aigc_ray.model import resolve_model_path
 
-    check_model_path(cfg)  # fail before Ray starts
-    check_trackers(cfg)
-    files = check_config(cfg)  # files exist
+    files = preflight(cfg)
     start_ray(ray_logs=cfg.run.ray_logs)
     import ray
 
-    for warning in (strategy_note(cfg), resource_warning(cfg, ray.cluster_resources())):
+    for warning in (strategy_note(cfg), training_resource_warning(cfg, ray.cluster_resources())):
         if warning:
             print(warning, flush=True)
     run_dir = cfg.run.dir
@@ -165,14 +163,15 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if cfg.scaling.use_gpu:
         resources["GPU"] = cfg.scaling.gpus_per_worker
+    loop = LoopConfig(
+        # Workers never serve: the API key stays out of Ray (its dashboard shows these).
+        config=Config.model_validate(redacted_dump(cfg)), model_path=model_path,
+        run_dir=run_dir, total_steps=total_steps, epochs_bound=epochs_bound,
+        has_val="val" in datasets, cached_blocks=cached_blocks, sample_prompts=sample_prompts,
+        start_from=start_from)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        # Workers never serve: the API key stays out of Ray (its dashboard shows these).
-        train_loop_config={"config": redacted_dump(cfg), "model_path": model_path,
-                           "run_dir": str(run_dir), "total_steps": total_steps,
-                           "epochs_bound": epochs_bound, "has_val": "val" in datasets,
-                           "cached_blocks": cached_blocks, "sample_prompts": sample_prompts,
-                           "start_from": start_from},
+        train_loop_config=loop.as_train_loop_config(),
         scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
                                      use_gpu=cfg.scaling.use_gpu,
                                      resources_per_worker=resources,
@@ -216,6 +215,19 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
         val_perplexity_after=min(after, default=None),
         samples=_last_samples(run.samples), start_model=model_path,
     )
+
+
+def preflight(cfg: Config) -> list[str]:
+    """Everything `aigc-ray train` and `aigc-ray tune` can check before Ray starts: the model's
+    config loads, each tracker's library is installed, the data files exist (returned). A check
+    added here applies to both; those that need the resolved model (the built-in one is built
+    with Ray) are in `check_model_settings`, which every run makes."""
+    from aigc_ray.data.pipeline import check_config
+    from aigc_ray.model import check_model_path
+
+    check_model_path(cfg)
+    check_trackers(cfg)
+    return check_config(cfg)
 
 
 def check_model_settings(cfg: Config, model_path: str) -> None:

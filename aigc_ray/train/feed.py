@@ -187,15 +187,16 @@ class EpochFeed:
         self.stop.set()
 
 
-def training_passes(loop_config: dict, cfg: Config, device, rank: int, world_size: int):
-    """`passes(epoch)` for the `EpochFeed`: the cached split permuted per epoch, or this rank's
-    Ray Data shard, mixed through a local buffer when `data.shuffle` is true (a global shuffle
-    already happened in the dataset; see run_train)."""
+def training_passes(cached_blocks: list | None, cfg: Config, device, rank: int,
+                    world_size: int):
+    """`passes(epoch)` for the `EpochFeed`: the cached split (`cached_blocks`, its object refs)
+    permuted per epoch, or else this rank's Ray Data shard, mixed through a local buffer when
+    `data.shuffle` is true (a global shuffle already happened in the dataset; see run_train)."""
     import ray.train
 
     batch_size = cfg.train.batch_size
-    if loop_config["cached_blocks"] is not None:
-        cached = CachedBlocks(loop_config["cached_blocks"], rank, world_size, cfg.train.seed,
+    if cached_blocks is not None:
+        cached = CachedBlocks(cached_blocks, rank, world_size, cfg.train.seed,
                               cfg.data.shuffle is True)
         collate = batch_collator(device.type == "cuda")
         return lambda epoch: cached.batches(epoch, batch_size, collate)

@@ -1,4 +1,5 @@
-"""The training loop that runs on every Ray Train worker (DDP or FSDP2).
+"""The training loop that runs on every Ray Train worker (DDP or FSDP2): a `TrainingLoop`
+(setup → train → cleanup) built from the driver's `LoopConfig` by `train_loop_per_worker`.
 
 The loss is the mean over every target token of the global batch (all workers, all
 accumulation micro-steps), so 1 worker and N workers follow the same curve for the same global
@@ -140,80 +141,146 @@ class LoopState:
         self.evals_without_gain = 0 if improved else self.evals_without_gain + 1
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """One Ray Train worker: set up → loop → evaluate → report/checkpoint.
+@dataclass
+class LoopConfig:
+    """What the driver (`run_train`, for `aigc-ray train` and each Tune trial) hands every worker.
+
+    Ray Train takes it as a plain dict (`as_train_loop_config`): Ray 2.60's run state declares
+    `train_loop_config: Optional[Dict]` and turns anything else into a string, which then fails
+    that declaration (`ray/train/v2/_internal/state/schema.py`, `RunSettings`).
+    """
+
+    config: Config  # redacted: workers never serve, and Ray's dashboard shows this
+    model_path: str  # the folder or hub id to start from (the built-in model's folder)
+    run_dir: Path
+    total_steps: int
+    epochs_bound: bool  # the run ends with train.epochs (else at train.max_steps)
+    has_val: bool  # a "val" dataset shard exists
+    cached_blocks: list | None  # the cached training split's object refs; None: a Ray Data shard
+    sample_prompts: list[str]  # replied to at each evaluation, for the log
+    start_from: str | None = None  # a checkpoint folder when the run has none (Tune's PBT)
+
+    def as_train_loop_config(self) -> dict:
+        # Shallow: the Config and the object refs travel as they are.
+        return {field.name: getattr(self, field.name) for field in dataclasses.fields(self)}
+
+
+class TrainingLoop:
+    """One Ray Train worker: `setup()` (model, optimizer, data), `train()` (evaluate the start,
+    then step, evaluating and checkpointing every train.eval_every steps), `cleanup()`.
 
     Rank 0 writes the run folder's `metrics.jsonl`, `samples.jsonl` and checkpoints; every rank
-    notes its start in `workers/rank-N.jsonl`; the driver prints from those files.
+    notes its start in `workers/rank-N.jsonl`; the driver prints from those files. `state` is
+    what a checkpoint restores; the rest is rebuilt from the config on every start.
     """
-    import ray.train
-    import ray.train.torch
-    import torch
 
-    from aigc_ray.model import load_model
-    from aigc_ray.tokenizer import IGNORE_INDEX, load_tokenizer
-    from aigc_ray.train.loss import check_packed_attention, token_loss_sum
+    def __init__(self, loop: LoopConfig):
+        self.loop, self.cfg = loop, loop.config
+        self.run = RunFolder(loop.run_dir)
+        self.state = LoopState()
+        self.trackers = self.epochs = self.profiler = None  # for cleanup() after a failed setup
 
-    # 1. Set up: config, device, model (from the latest checkpoint when resuming), optimizer.
-    cfg = Config.model_validate(loop_config["config"])
-    run_dir, model_path = Path(loop_config["run_dir"]), loop_config["model_path"]
-    run = RunFolder(run_dir)
-    total_steps, sample_prompts = loop_config["total_steps"], loop_config["sample_prompts"]
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
-    torch.manual_seed(cfg.train.seed)
-    use_bf16 = cfg.train.mixed_precision == "bf16" or (
-        cfg.train.mixed_precision == "auto" and device.type == "cuda")
+    def setup(self) -> None:
+        """Device, model (from the latest checkpoint when resuming), optimizer, logs, data."""
+        import ray.train
+        import ray.train.torch
+        import torch
 
-    sharded = is_sharded(cfg)
-    checkpoint = ray.train.get_checkpoint()  # this run's own, after a failure or a rerun
-    if checkpoint is None and loop_config.get("start_from"):  # Tune's PBT: another trial's
-        checkpoint = ray.train.Checkpoint.from_directory(loop_config["start_from"])
-    restoring = contextlib.ExitStack()  # holds a downloaded checkpoint until it is loaded
-    saved, restore_dir = None, None
-    if checkpoint:  # read in place when local; a remote one is downloaded once per node
-        restore_dir = Path(restoring.enter_context(checkpoint.as_directory()))
-        saved = torch.load(CheckpointFolder(restore_dir).training_state, weights_only=True)
-    tokenizer = load_tokenizer(model_path, cfg.model.trust_remote_code)
-    lora = cfg.train.lora.enabled
-    # Full fine-tuning with ddp resumes from the checkpoint's own weights; LoRA from the base
-    # model plus the saved adapters; fsdp from the base model, then its shards (below).
-    model = load_model(restore_dir if restore_dir and not lora and not sharded else model_path,
-                       cfg.model.trust_remote_code)
-    if cfg.train.freeze_layers:
-        freeze_bottom(model, cfg.train.freeze_layers)
-    if lora:
-        model = add_lora(model, cfg, str(CheckpointFolder(restore_dir).adapter)
-                         if restore_dir and not sharded else None)
-    if cfg.train.gradient_checkpointing:
-        unwrap(model).gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False})
-    flops = flops_per_token(model, cfg.data.block_size)  # of the whole model, before sharding
-    # `model` stays the module itself (sharded in place with fsdp): evaluation, samples and
-    # checkpoints use it; `step_model` is what the training step calls.
-    if sharded:
-        shard_model(model, transformer_blocks(model, "scaling.strategy=ddp"), device, use_bf16,
-                    cfg.scaling.cpu_offload)
-    else:
-        model.to(device)
-    if cfg.data.packing:
-        check_packed_attention(model, device)
-    step_model, warning = model, None
-    if cfg.train.compile:
-        step_model, warning = compiled(model, device)
-    if not sharded:
-        step_model = ray.train.torch.prepare_model(step_model)  # DDP when world_size > 1
-    optimizer = torch.optim.AdamW(decay_groups(model, cfg.train.weight_decay), lr=cfg.train.lr,
-                                  betas=(0.9, 0.95),
-                                  fused=device.type == "cuda" and not cfg.scaling.cpu_offload)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(
-        step, total_steps, cfg.train.warmup_steps, cfg.train.lr_schedule, cfg.train.min_lr_ratio))
+        cfg = self.cfg
+        context = ray.train.get_context()
+        self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.device = device = ray.train.torch.get_device()
+        torch.manual_seed(cfg.train.seed)
+        use_bf16 = cfg.train.mixed_precision == "bf16" or (
+            cfg.train.mixed_precision == "auto" and device.type == "cuda")
+        self.autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+        self.peak = cfg.scaling.peak_tflops or (
+            peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+        self.sharded = is_sharded(cfg)
+        with contextlib.ExitStack() as restoring:  # holds a downloaded checkpoint until loaded
+            restore_dir = self._checkpoint_dir(restoring)
+            saved = (torch.load(CheckpointFolder(restore_dir).training_state, weights_only=True)
+                     if restore_dir else None)
+            warning = self._setup_model(restore_dir, use_bf16)
+            self._setup_optimizer()
+            if saved:
+                self._restore(saved, restore_dir)
+        self._setup_logs(bool(saved), warning)
+        self._setup_data()
 
-    state = LoopState()
-    if saved:
+    def _checkpoint_dir(self, restoring: contextlib.ExitStack) -> Path | None:
+        """The checkpoint to resume from: this run's own (after a failure or a rerun), else
+        `start_from` (Tune's PBT: another trial's), read in place when local; a remote one is
+        downloaded once per node."""
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and self.loop.start_from:
+            checkpoint = ray.train.Checkpoint.from_directory(self.loop.start_from)
+        return Path(restoring.enter_context(checkpoint.as_directory())) if checkpoint else None
+
+    def _setup_model(self, restore_dir: Path | None, use_bf16: bool) -> str | None:
+        """Tokenizer and model, frozen, adapted, sharded or wrapped as the config says; returns
+        what compiling had to say."""
+        import ray.train.torch
+
+        from aigc_ray.model import load_model
+        from aigc_ray.tokenizer import load_tokenizer
+        from aigc_ray.train.loss import check_packed_attention
+
+        cfg, device, sharded = self.cfg, self.device, self.sharded
+        self.tokenizer = load_tokenizer(self.loop.model_path, cfg.model.trust_remote_code)
+        lora = cfg.train.lora.enabled
+        # Full fine-tuning with ddp resumes from the checkpoint's own weights; LoRA from the base
+        # model plus the saved adapters; fsdp from the base model, then its shards (`_restore`).
+        model = load_model(restore_dir if restore_dir and not lora and not sharded
+                           else self.loop.model_path, cfg.model.trust_remote_code)
+        if cfg.train.freeze_layers:
+            freeze_bottom(model, cfg.train.freeze_layers)
+        if lora:
+            model = add_lora(model, cfg, str(CheckpointFolder(restore_dir).adapter)
+                             if restore_dir and not sharded else None)
+        if cfg.train.gradient_checkpointing:
+            unwrap(model).gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.flops = flops_per_token(model, cfg.data.block_size)  # the whole model, unsharded
+        # `model` stays the module itself (sharded in place with fsdp): evaluation, samples and
+        # checkpoints use it; `step_model` is what the training step calls.
         if sharded:
-            load_sharded(model, optimizer, CheckpointFolder(restore_dir).sharded)
+            shard_model(model, transformer_blocks(model, "scaling.strategy=ddp"), device,
+                        use_bf16, cfg.scaling.cpu_offload)
+        else:
+            model.to(device)
+        if cfg.data.packing:
+            check_packed_attention(model, device)
+        step_model, warning = model, None
+        if cfg.train.compile:
+            step_model, warning = compiled(model, device)
+        if not sharded:
+            step_model = ray.train.torch.prepare_model(step_model)  # DDP when world_size > 1
+        self.model, self.step_model = model, step_model
+        return warning
+
+    def _setup_optimizer(self) -> None:
+        """AdamW with weight decay on matrices only; warmup, then the configured decay."""
+        import torch
+
+        cfg, total_steps = self.cfg, self.loop.total_steps
+        self.optimizer = torch.optim.AdamW(
+            decay_groups(self.model, cfg.train.weight_decay), lr=cfg.train.lr, betas=(0.9, 0.95),
+            fused=self.device.type == "cuda" and not cfg.scaling.cpu_offload)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(
+            step, total_steps, cfg.train.warmup_steps, cfg.train.lr_schedule,
+            cfg.train.min_lr_ratio))
+
+    def _restore(self, saved: dict, restore_dir: Path) -> None:
+        """Optimizer, scheduler, loop state and RNG from `training_state.pt` (fsdp: the
+        optimizer from the shards)."""
+        import torch
+
+        cfg, optimizer, scheduler = self.cfg, self.optimizer, self.scheduler
+        if self.sharded:
+            load_sharded(self.model, optimizer, CheckpointFolder(restore_dir).sharded)
         else:
             optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
@@ -221,45 +288,188 @@ def train_loop_per_worker(loop_config: dict) -> None:
         # a trial from another's checkpoint with perturbed values (a plain resume changes nothing).
         scheduler.base_lrs = [cfg.train.lr] * len(optimizer.param_groups)
         for group, fresh in zip(optimizer.param_groups,
-                                decay_groups(model, cfg.train.weight_decay)):
+                                decay_groups(self.model, cfg.train.weight_decay)):
             group.update(weight_decay=fresh["weight_decay"], initial_lr=cfg.train.lr,
                          lr=cfg.train.lr * lr_factor(
-                             scheduler.last_epoch, total_steps, cfg.train.warmup_steps,
+                             scheduler.last_epoch, self.loop.total_steps, cfg.train.warmup_steps,
                              cfg.train.lr_schedule, cfg.train.min_lr_ratio))
-        state.load_state_dict(saved.get("loop", saved))  # runs saved before LoopState: flat keys
+        self.state.load_state_dict(saved.get("loop", saved))  # runs before LoopState: flat keys
         torch.set_rng_state(saved["rng"])
-    restoring.close()
-    if rank == 0:  # keep what the checkpoint had seen; a fresh start keeps nothing
-        for path in (run.metrics, run.samples):
-            truncate_after(path, state.step if saved else -1)
-    note_start(run_dir, rank, world_size, device, state.step, total_steps,
-               global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * world_size,
-               strategy=cfg.scaling.strategy)
-    if warning and rank == 0:
-        note_console(run_dir, state.step, warning)
 
-    trackers = open_trackers(cfg, run_dir, state.step) if rank == 0 else None
-    val_shard = ray.train.get_dataset_shard("val") if loop_config["has_val"] else None
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-    peak = cfg.scaling.peak_tflops or (
-        peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None)
+    def _setup_logs(self, resumed: bool, warning: str | None) -> None:
+        """Trim the run's logs to what the checkpoint had seen, note this worker's start, open
+        the trackers (rank 0)."""
+        cfg, state, run_dir = self.cfg, self.state, self.loop.run_dir
+        if self.rank == 0:  # a fresh start keeps nothing
+            for path in (self.run.metrics, self.run.samples):
+                truncate_after(path, state.step if resumed else -1)
+        note_start(run_dir, self.rank, self.world_size, self.device, state.step,
+                   self.loop.total_steps,
+                   global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * self.world_size,
+                   strategy=cfg.scaling.strategy)
+        if warning and self.rank == 0:
+            note_console(run_dir, state.step, warning)
+        self.trackers = open_trackers(cfg, run_dir, state.step) if self.rank == 0 else None
 
-    def filler_batch() -> dict:  # one short row without targets
-        ids = torch.zeros((1, 8), dtype=torch.long, device=device)
-        return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
+    def _setup_data(self) -> None:
+        """This worker's validation shard. The training feed starts in `train()`, after the
+        evaluation of the starting model: its reader thread would compete with that."""
+        import ray.train
 
-    def evaluate() -> dict | None:
-        if val_shard is None:
+        self.val_shard = ray.train.get_dataset_shard("val") if self.loop.has_val else None
+
+    def _start_feed(self) -> None:
+        """The training epochs (read ahead by a background thread), the clock that times the
+        waits for them, and the profiler."""
+        cfg, state = self.cfg, self.state
+        self.clock = WaitClock(self.device)
+        passes = training_passes(self.loop.cached_blocks, cfg, self.device, self.rank,
+                                 self.world_size)
+        self.epochs = EpochFeed(passes, self.device, state.epoch,
+                                cfg.train.epochs - state.epoch if self.loop.epochs_bound else None)
+        self.profiler = StepProfiler(self.run.profile, self.rank, self.device,
+                                     cfg.train.profile_from, cfg.train.profile_steps
+                                     ) if cfg.train.profile_steps else None
+
+    def train(self) -> None:
+        """The perplexity before training (a fresh run), then epochs of steps until
+        `total_steps`, the last epoch, or early stopping."""
+        import torch
+
+        cfg, state = self.cfg, self.state
+        if state.step == 0:  # so the end of the run can say how much it gained
+            before = self.evaluate()
+            if before:
+                self._write_metrics({"step": 0, "epoch": 0, "lr": 0.0, **before})
+        self.model.train()
+        self.interval_loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.interval_targets = self.interval_tokens = 0
+        self.measured = False  # this rank's memory, noted after its first optimizer step
+        self._start_feed()
+        finished = state.step >= self.loop.total_steps
+        while not finished:
+            finished = self._train_epoch(self.epochs.epoch())
+            if not finished:
+                if state.batches_in_epoch == 0:  # a whole epoch without one step: it never will
+                    raise DataError(too_few_blocks(cfg, None, self.world_size))
+                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                finished = self.loop.epochs_bound and state.epoch >= cfg.train.epochs
+        if self.trackers and math.isfinite(state.best_val_loss):
+            self.trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
+
+    def _train_epoch(self, batches) -> bool:
+        """Steps through one epoch's batches; True when the run is finished, False when the
+        epoch ended first. Nothing in a step reads a device tensor: counts come from the host
+        side of the batch, the loss sum stays on the device until a logging interval ends."""
+        state, train = self.state, self.cfg.train
+        for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was consumed
+            next(batches, None)
+        while True:
+            if self.profiler:
+                self.profiler.before(state.step)
+            micro = self._next_micro_batches(batches)
+            if micro is None:
+                return False
+            self._train_step(micro)
+            evaluating = state.step % train.eval_every == 0 or state.step == self.loop.total_steps
+            if evaluating or state.step % train.log_every == 0:
+                self._end_interval(evaluating)
+            patience = train.early_stopping_patience
+            if state.step >= self.loop.total_steps or (
+                    patience and state.evals_without_gain >= patience):
+                return True
+
+    def _next_micro_batches(self, batches) -> list[dict] | None:
+        """The next train.grad_accum_steps batches, or None when the epoch ends before them."""
+        micro = []
+        for _ in range(self.cfg.train.grad_accum_steps):
+            batch = self.clock.next(batches)
+            if batch is None:
+                break
+            micro.append(batch)
+        return micro if len(micro) == self.cfg.train.grad_accum_steps else None
+
+    def _train_step(self, micro: list[dict]) -> None:
+        """One optimizer step: accumulate the micro-batches' gradients, normalized by the global
+        target-token count (see `loss_scale`), clip, step."""
+        import torch
+
+        from aigc_ray.train.loss import token_loss_sum
+
+        scale = loss_scale(micro, self.world_size)
+        for position, micro_batch in enumerate(micro):
+            last = position == len(micro) - 1
+            with gradient_sync(self.step_model, self.model if self.sharded else None, last,
+                               self.world_size):
+                with self.autocast:
+                    loss_sum, _ = token_loss_sum(self.step_model, micro_batch)
+                (loss_sum * scale).backward()
+            self.interval_loss += loss_sum.detach()
+            self.interval_targets += micro_batch["targets"]
+            self.interval_tokens += micro_batch["tokens"]
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.max_grad_norm)
+        self.optimizer.step()
+        state = self.state
+        if not self.measured:  # what this rank holds, once its optimizer state exists
+            note_memory(self.loop.run_dir, self.rank, state.step + 1,
+                        state_bytes(self.model, self.optimizer))
+            self.measured = True
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.clock.mark_step()
+        state.step += 1
+        state.batches_in_epoch += len(micro)
+        if self.profiler and self.profiler.after(state.step) and self.rank == 0:
+            note_console(self.loop.run_dir, state.step, self.profiler.console_line())
+
+    def _end_interval(self, evaluating: bool) -> None:
+        """A metrics row for the steps since the last one (loss, rate, data wait, MFU); when
+        `evaluating`, with the validation loss, samples and a checkpoint."""
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # the interval ends when its steps have run
+        share, seconds = self.clock.share()
+        loss_all, targets_all, seen_all, waited = all_reduce_sum(
+            self.interval_loss, self.interval_targets, self.interval_tokens, share,
+            device=self.device)
+        world_size, state = self.world_size, self.state
+        data_wait, rate = waited / world_size, seen_all / max(seconds, 1e-9)
+        row = {"step": state.step, "epoch": state.epoch,
+               "loss": loss_all / max(targets_all, 1), "lr": self.scheduler.get_last_lr()[0],
+               "tokens_per_second": rate, "data_wait": data_wait,
+               "mfu": self.flops * rate / (self.peak * 1e12 * world_size) if self.peak else None}
+        self.interval_loss.zero_()
+        self.interval_targets = self.interval_tokens = 0
+        if evaluating:
+            row.update(self.evaluate() or {})
+            if "val_loss" in row:
+                state.note_eval(row["val_loss"])
+            self._write_samples()
+        self._write_metrics(row)
+        if evaluating:
+            self.save_checkpoint(row)
+        self.clock.pause()  # evaluation time is not training time
+
+    def evaluate(self) -> dict | None:
+        """Loss and perplexity over up to train.eval_batches batches of every worker's
+        validation shard (None without a validation split)."""
+        import torch
+
+        from aigc_ray.train.loss import token_loss_sum
+
+        if self.val_shard is None:
             return None
+        model, device = self.model, self.device
         model.eval()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         tokens = torch.zeros((), dtype=torch.float64, device=device)
-        batches = itertools.islice(feed(val_shard, cfg.train.batch_size, device, 1),
-                                   cfg.train.eval_batches)
+        batches = itertools.islice(feed(self.val_shard, self.cfg.train.batch_size, device, 1),
+                                   self.cfg.train.eval_batches)
         # fsdp: every rank runs as many forwards as the largest shard needs (fillers count 0).
-        batches = (lockstep(list(batches), filler_batch, device) if sharded
+        batches = (lockstep(list(batches), self._filler_batch, device) if self.sharded
                    else ((batch, True) for batch in batches))
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), self.autocast:
             for batch, real in batches:
                 batch_loss, batch_tokens = token_loss_sum(model, batch)
                 if real:
@@ -269,9 +479,46 @@ def train_loop_per_worker(loop_config: dict) -> None:
         val_loss = loss_sum / max(tokens, 1)
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
 
-    def save_and_report(metrics: dict) -> None:
-        """Rank 0 writes the checkpoint (ddp), or every rank its own shard of it (fsdp); Ray
-        Train gathers what each rank reports into one checkpoint folder."""
+    def _filler_batch(self) -> dict:
+        """One short row without targets (see `lockstep`)."""
+        import torch
+
+        from aigc_ray.tokenizer import IGNORE_INDEX
+
+        ids = torch.zeros((1, 8), dtype=torch.long, device=self.device)
+        return {"input_ids": ids, "labels": torch.full_like(ids, IGNORE_INDEX)}
+
+    def _write_samples(self) -> None:
+        """Greedy replies to the sample prompts, into `samples.jsonl` and the trackers (rank 0;
+        with fsdp every rank generates, since each step gathers parameters from all)."""
+        prompts, rank, sharded = self.loop.sample_prompts, self.rank, self.sharded
+        if not prompts or not (rank == 0 or sharded):
+            return
+        replies = generate_samples(self.model, self.tokenizer, prompts, self.device,
+                                   chat=self.cfg.data.chat,
+                                   synced=sharded and self.world_size > 1)
+        if rank != 0:
+            return
+        samples = [{"step": self.state.step, "prompt": prompt, "reply": reply}
+                   for prompt, reply in zip(prompts, replies)]
+        for sample in samples:
+            append_jsonl(self.run.samples, sample)
+        if self.trackers:
+            self.trackers.samples(self.state.step, samples)
+
+    def _write_metrics(self, row: dict) -> None:
+        if self.rank == 0:
+            append_jsonl(self.run.metrics, {key: row.get(key) for key in METRIC_KEYS})
+        if self.trackers:
+            self.trackers.metrics(row)
+
+    def save_checkpoint(self, metrics: dict) -> None:
+        """Report `metrics` with a checkpoint: rank 0 writes it (ddp), or every rank its own
+        shard of it (fsdp); Ray Train gathers what each rank reports into one folder."""
+        import ray.train
+        import torch
+
+        model, optimizer, rank, sharded = self.model, self.optimizer, self.rank, self.sharded
         if rank != 0 and not sharded:
             ray.train.report(metrics)
             return
@@ -282,134 +529,39 @@ def train_loop_per_worker(loop_config: dict) -> None:
             if rank == 0:
                 if sharded:  # the model's config and tokenizer, for the export of final/
                     unwrap(model).config.save_pretrained(out.path)
-                    tokenizer.save_pretrained(out.path)
+                    self.tokenizer.save_pretrained(out.path)
                 else:
-                    export_model(model, tokenizer, out.path)
-                    if lora:
+                    export_model(model, self.tokenizer, out.path)
+                    if self.cfg.train.lora.enabled:
                         model.save_pretrained(out.adapter)
-                torch.save({"scheduler": scheduler.state_dict(), "loop": state.state_dict(),
-                            "rng": torch.get_rng_state(),
+                torch.save({"scheduler": self.scheduler.state_dict(),
+                            "loop": self.state.state_dict(), "rng": torch.get_rng_state(),
                             **({} if sharded else {"optimizer": optimizer.state_dict()})},
                            out.training_state)
-                shutil.copy(run.config, out.config)
+                shutil.copy(self.run.config, out.config)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
-    def write_metrics(row: dict) -> None:
-        if rank == 0:
-            append_jsonl(run.metrics, {key: row.get(key) for key in METRIC_KEYS})
-        if trackers:
-            trackers.metrics(row)
+    def cleanup(self) -> None:
+        """Stop the feed's reader thread (a run may end mid-epoch), write the profile window a
+        run cut short (or say it never reached it), close the trackers."""
+        if self.epochs is not None:
+            self.epochs.close()
+        profiler, step = self.profiler, self.state.step
+        if profiler and (profiler.close(step) or not profiler.summary) and self.rank == 0:
+            note_console(self.loop.run_dir, step, profiler.console_line())
+        if self.trackers:
+            self.trackers.close()
 
-    # 2. The perplexity before training, so the end of the run can say how much it gained.
-    if state.step == 0:
-        before = evaluate()
-        if before:
-            write_metrics({"step": 0, "epoch": 0, "lr": 0.0, **before})
 
-    # 3. The loop: accumulate micro-batches, normalize by the global target-token count, step.
-    #    Nothing in a step reads a device tensor: counts come from the host side of the batch,
-    #    the loss sum stays on the device until a logging interval ends.
-    model.train()
-    interval_loss = torch.zeros((), dtype=torch.float64, device=device)
-    interval_targets = interval_tokens = 0
-    clock = WaitClock(device)
-    finished, measured = state.step >= total_steps, False
-    epochs = EpochFeed(training_passes(loop_config, cfg, device, rank, world_size), device,
-                       state.epoch,
-                       cfg.train.epochs - state.epoch if loop_config["epochs_bound"] else None)
-    profiler = StepProfiler(run.profile, rank, device, cfg.train.profile_from,
-                            cfg.train.profile_steps) if cfg.train.profile_steps else None
+def train_loop_per_worker(loop_config: dict) -> None:
+    """What Ray Train runs on every worker (`loop_config`: `LoopConfig.as_train_loop_config()`):
+    set up, train, clean up."""
+    loop = TrainingLoop(LoopConfig(**loop_config))
     try:
-        while not finished:
-            batches = epochs.epoch()
-            for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was consumed
-                next(batches, None)
-            while not finished:
-                if profiler:
-                    profiler.before(state.step)
-                micro = []
-                for _ in range(cfg.train.grad_accum_steps):
-                    batch = clock.next(batches)
-                    if batch is None:
-                        break
-                    micro.append(batch)
-                if len(micro) < cfg.train.grad_accum_steps:
-                    break  # the epoch ended
-                scale = loss_scale(micro, world_size)
-                for position, micro_batch in enumerate(micro):
-                    last = position == len(micro) - 1
-                    with gradient_sync(step_model, model if sharded else None, last,
-                                       world_size):
-                        with autocast:
-                            loss_sum, _ = token_loss_sum(step_model, micro_batch)
-                        (loss_sum * scale).backward()
-                    interval_loss += loss_sum.detach()
-                    interval_targets += micro_batch["targets"]
-                    interval_tokens += micro_batch["tokens"]
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
-                optimizer.step()
-                if not measured:  # what this rank holds, once its optimizer state exists
-                    note_memory(run_dir, rank, state.step + 1, state_bytes(model, optimizer))
-                    measured = True
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                clock.mark_step()
-                state.step += 1
-                state.batches_in_epoch += len(micro)
-                if profiler and profiler.after(state.step) and rank == 0:
-                    note_console(run_dir, state.step, profiler.console_line())
-
-                evaluating = state.step % cfg.train.eval_every == 0 or state.step == total_steps
-                if evaluating or state.step % cfg.train.log_every == 0:
-                    if device.type == "cuda":
-                        torch.cuda.synchronize(device)  # the interval ends when its steps have run
-                    share, seconds = clock.share()
-                    loss_all, targets_all, seen_all, waited = all_reduce_sum(
-                        interval_loss, interval_targets, interval_tokens, share,
-                        device=device)
-                    data_wait, rate = waited / world_size, seen_all / max(seconds, 1e-9)
-                    row = {"step": state.step, "epoch": state.epoch,
-                           "loss": loss_all / max(targets_all, 1), "lr": scheduler.get_last_lr()[0],
-                           "tokens_per_second": rate, "data_wait": data_wait,
-                           "mfu": flops * rate / (peak * 1e12 * world_size) if peak else None}
-                    interval_loss.zero_()
-                    interval_targets = interval_tokens = 0
-                    if evaluating:
-                        row.update(evaluate() or {})
-                        if "val_loss" in row:
-                            state.note_eval(row["val_loss"])
-                        if sample_prompts and (rank == 0 or sharded):
-                            replies = generate_samples(model, tokenizer, sample_prompts,
-                                                       device, chat=cfg.data.chat,
-                                                       synced=sharded and world_size > 1)
-                        if sample_prompts and rank == 0:
-                            samples = [{"step": state.step, "prompt": prompt, "reply": reply}
-                                       for prompt, reply in zip(sample_prompts, replies)]
-                            for sample in samples:
-                                append_jsonl(run.samples, sample)
-                            if trackers:
-                                trackers.samples(state.step, samples)
-                    write_metrics(row)
-                    if evaluating:
-                        save_and_report(row)
-                    clock.pause()  # evaluation time is not training time
-                patience = cfg.train.early_stopping_patience
-                finished = state.step >= total_steps or bool(
-                    patience and state.evals_without_gain >= patience)
-            if not finished:
-                if state.batches_in_epoch == 0:  # a whole epoch without one step: it never will
-                    raise DataError(too_few_blocks(cfg, None, world_size))
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
-                finished = loop_config["epochs_bound"] and state.epoch >= cfg.train.epochs
-        if trackers and math.isfinite(state.best_val_loss):
-            trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
+        loop.setup()
+        loop.train()
     finally:
-        epochs.close()  # a run that ends mid-epoch stops the reader thread
-        # A window the run cut short is written now; one it never reached is said so.
-        if profiler and (profiler.close(state.step) or not profiler.summary) and rank == 0:
-            note_console(run_dir, state.step, profiler.console_line())
-        if trackers:
-            trackers.close()
+        loop.cleanup()
 
 
 def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: int,

@@ -15,7 +15,7 @@ from aigc_ray.config import load_config
 from aigc_ray.data.cache import cache_budget, epochs_likely
 from aigc_ray.errors import DataError, UserError
 from aigc_ray.tokenizer import IGNORE_INDEX
-from aigc_ray.train.driver import resource_warning
+from aigc_ray.train.driver import training_resource_warning
 from aigc_ray.train.feed import batch_collator, count_steps
 from aigc_ray.train.loop import LoopState, lr_factor
 from aigc_ray.train.metrics import (
@@ -38,10 +38,10 @@ def test_lr_warms_up_linearly_then_decays_to_the_floor():
     assert lr_factor(99, 100, 10, "constant", 0.1) == 1.0
 
 
-def test_resource_warning_names_the_keys_to_change():
-    assert resource_warning(load_config("tiny_cpu"), {"CPU": 2.0}) is None
-    message = resource_warning(load_config("tiny_cpu", ["scaling.cpus_per_worker=1"]),
-                               {"CPU": 2.0})
+def test_training_resource_warning_names_the_keys_to_change():
+    assert training_resource_warning(load_config("tiny_cpu"), {"CPU": 2.0}) is None
+    message = training_resource_warning(
+        load_config("tiny_cpu", ["scaling.cpus_per_worker=1"]), {"CPU": 2.0})
     assert "need 2.5 CPUs" in message and "the cluster has 2 now" in message
     assert "scaling.cpus_per_worker" in message
 
