@@ -3,7 +3,7 @@
 No Ray and no HTTP: what serving replicas and `aigc-ray generate` actors run per step. For each
 batch size, B requests of the same prompt length decode exactly `--max-tokens` tokens each
 (`ignore_eos`, greedy) through each engine: `padded` (`BatchDecoder`, a left-padded cache that
-grows a column a step) and `slots` (`decode_graphs.SlotDecoder`: fixed slots of a preallocated
+grows a column a step) and `slots` (`decode.graphs.SlotDecoder`: fixed slots of a preallocated
 cache, the step replayed as a CUDA graph on a GPU, eager on CPU), and optionally `hf-cb`
 (transformers' own continuous batching, `model.generate_batch` with a persistent manager, warmed
 up first: paged cache, its own CUDA graphs; tokens/s only). The baseline is one
@@ -24,87 +24,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-sys.path.insert(0, str(Path(__file__).parent))
-from serve_throughput import prompts  # noqa: E402  (the same prompts as the serving benchmark)
-
-SHAPES = {"tiny": {"n_layer": 2, "n_embd": 64, "n_head": 4, "vocab_size": 512},
-          "gpt2": {"n_layer": 12, "n_embd": 768, "n_head": 12, "vocab_size": 8192}}
-
-
-def build(shape: str, device: str):
-    """(model in eval mode on `device`, tokenizer): random weights of `shape`, a byte-level BPE
-    trained on the sample corpus."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from aigc_ray.tokenizer import build_tokenizer
-
-    size = SHAPES[shape]
-    tokenizer = build_tokenizer(prompts(2000), size["vocab_size"])
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=max(size["vocab_size"], len(tokenizer)), n_positions=1024,
-                        n_layer=size["n_layer"], n_embd=size["n_embd"], n_head=size["n_head"],
-                        eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id,
-                        pad_token_id=tokenizer.pad_token_id)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    return GPT2LMHeadModel(config).to(device=device, dtype=dtype).eval(), tokenizer
-
-
-def save_checkpoint(shape: str, folder: Path) -> str:
-    """`build`'s model and tokenizer as an HF folder (float32; serving picks bf16 on a GPU) for
-    the benchmarks that load a checkpoint (serving, batch generation)."""
-    model, tokenizer = build(shape, "cpu")
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
-def checkpoint_and_baselines(shape: str, folder: Path, prompts_needed: int, sizes,
-                             max_tokens: int) -> tuple[str, str, list[str], dict]:
-    """What the serving and generation benchmarks' GPU modes share: (device, checkpoint folder
-    of `shape`'s model, `prompts_needed` prompts as text, static-batch `generate` tokens/s per
-    batch size, best of 2). On CPU, one torch thread, as a model replica or actor has. The
-    model is freed before returning: the benchmark's own replica or actor loads its copy."""
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cpu":
-        torch.set_num_threads(1)
-    checkpoint = save_checkpoint(shape, folder)
-    model, tokenizer = build(shape, device)  # the same weights: the same seed
-    ids = same_length_prompts(tokenizer, max(prompts_needed, max(sizes)))
-    static_generate(model, tokenizer, ids[:2], 4, device)  # warm-up
-    baselines = {size: max(static_generate(model, tokenizer, ids[:size], max_tokens, device)
-                           ["tokens_per_second"] for _ in range(2)) for size in sizes}
-    texts = [tokenizer.decode(prompt) for prompt in ids[:prompts_needed]]
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
-    return device, checkpoint, texts, baselines
-
-
-def same_length_prompts(tokenizer, count: int, length: int = 16) -> list[list[int]]:
-    """`count` prompts cut to `length` tokens, so both sides decode the same shapes."""
-    out = []
-    for text in prompts(4 * count):
-        ids = tokenizer(text)["input_ids"]
-        if len(ids) >= length:
-            out.append(ids[:length])
-        if len(out) == count:
-            return out
-    raise RuntimeError("not enough long prompts")
-
-
-def sync(device: str) -> None:
-    if device == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
+from common import (  # noqa: E402  (after the environment is set)
+    SHAPES,
+    build,
+    same_length_prompts,
+    static_generate,
+    sync,
+)
 
 
 def ours(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str,
@@ -180,22 +110,6 @@ def refill(model, tokenizer, ids: list[list[int]], batch: int, max_tokens: int, 
         out[mode] = sum(lengths) / (time.perf_counter() - start)
     out["ratio"] = out["refill"] / out["batches"]
     return out
-
-
-def static_generate(model, tokenizer, ids: list[list[int]], max_tokens: int, device: str) -> dict:
-    import torch
-
-    batch = torch.tensor(ids, device=device)  # same length: no padding needed
-    sync(device)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        out = model.generate(input_ids=batch, attention_mask=torch.ones_like(batch),
-                             max_new_tokens=max_tokens, min_new_tokens=max_tokens,
-                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
-    sync(device)
-    seconds = time.perf_counter() - start
-    produced = (out.shape[1] - batch.shape[1]) * len(ids)
-    return {"tokens_per_second": produced / seconds}
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ GPU mode (`--gpu`, the default when CUDA is present; it also runs on CPU, to che
 
     python3 benchmarks/generate_throughput.py --gpu [--shape gpt2] [--max-tokens 128]
 
-The GPT-2-124M shape (random weights, `decode_engine.build`), one model actor on one GPU,
+The GPT-2-124M shape (random weights, `common.build`), one model actor on one GPU,
 `generate.batch_size` 1, 16 and 64 over `--batches` batches each, every completion exactly
 `--max-tokens` tokens (`ignore_eos`, greedy). Per batch size: tokens/s while decoding (the
 run's completion tokens over the time its actor spent in the decode engine, `decode_seconds`
@@ -34,8 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from serve_throughput import build_checkpoint, prompts  # noqa: E402  (the same model and prompts)
+from common import build_checkpoint, prompts  # the serving benchmark's model and prompts
 
 
 def baseline(checkpoint: str, texts: list[str], max_tokens: int) -> tuple[float, list[str]]:
@@ -103,7 +102,7 @@ def gpu_run(checkpoint: str, texts: list[str], batch: int, max_tokens: int, devi
 
 def gpu_mode(args) -> None:
     import torch
-    from decode_engine import checkpoint_and_baselines
+    from common import checkpoint_and_baselines
 
     from aigc_ray.cluster import start_ray
 
@@ -145,7 +144,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", default=None,
                         help="the GPU protocol (default when CUDA is present; see above)")
     parser.add_argument("--shape", choices=["tiny", "gpt2"], default="gpt2",
-                        help="--gpu: the model shape (decode_engine.SHAPES)")
+                        help="--gpu: the model shape (common.SHAPES)")
     parser.add_argument("--batches", type=int, default=4, help="--gpu: batches per batch size")
     parser.add_argument("--out", help="--gpu: write the figures as JSON here")
     args = parser.parse_args()

@@ -22,7 +22,7 @@ GPU mode (`--gpu`, the default when CUDA is present; it also runs on CPU, to che
     python3 benchmarks/serve_throughput.py --gpu [--shape gpt2] [--max-tokens 128]
         [--graphs both|on|off]
 
-The GPT-2-124M shape (random weights, `decode_engine.build`), one replica on one GPU
+The GPT-2-124M shape (random weights, `common.build`), one replica on one GPU
 (`serve.max_batch_size=64`), requests of exactly `--max-tokens` tokens (`ignore_eos`, greedy)
 from 1, 16 and 64 clients, streamed and whole; per level: output tokens/s, and streamed, time to
 first token and time per output token (p50), against Hugging Face `generate` with a static
@@ -44,6 +44,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import build_checkpoint, prompts
+
 LEVELS = {1: 16, 8: 64, 32: 160}  # concurrency → requests measured
 MIXED = (0.25, 0.5, 1, 2)  # --mixed: request i asks for max_tokens × MIXED[i % 4]
 
@@ -52,30 +54,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def build_checkpoint(folder: Path) -> str:
-    """The built-in tiny model of the default config (GPT-2 architecture, ~2.6M parameters),
-    its tokenizer trained on the sample corpus; untrained weights cost the same to run."""
-    from aigc_ray.config import load_config
-    from aigc_ray.data.read import document_text
-    from aigc_ray.data.sample import write_sample_corpus
-    from aigc_ray.model import materialize_builtin
-
-    corpus = write_sample_corpus(folder / "sample", num_pairs=2000)
-    cfg = load_config("tiny_cpu", [f"data.path={corpus['jsonl']}", f"run.output_dir={folder}"])
-    with open(corpus["jsonl"], encoding="utf-8") as f:
-        texts = [document_text(json.loads(line), cfg.data) for line in f]
-    return str(materialize_builtin(cfg, texts))
-
-
-def prompts(count: int) -> list[str]:
-    from aigc_ray.data.sample import write_sample_corpus
-
-    with tempfile.TemporaryDirectory() as tmp:
-        corpus = write_sample_corpus(tmp, num_pairs=count, seed=1)
-        with open(corpus["jsonl"], encoding="utf-8") as f:
-            return [json.loads(line)["prompt"] for line in f]
 
 
 # --- the baseline server: run as `serve_throughput.py --baseline-server PORT CHECKPOINT` -------
@@ -229,7 +207,7 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", default=None,
                         help="the GPU protocol (default when CUDA is present; see above)")
     parser.add_argument("--shape", choices=["tiny", "gpt2"], default="gpt2",
-                        help="--gpu: the model shape (decode_engine.SHAPES)")
+                        help="--gpu: the model shape (common.SHAPES)")
     parser.add_argument("--graphs", choices=["both", "on", "off"], default="both",
                         help="--gpu: serve.cuda_graphs settings to measure")
     parser.add_argument("--out", help="--gpu: write the figures as JSON here")
@@ -353,7 +331,7 @@ async def _nothing():
 def gpu_mode(args) -> None:
     import ray
     import torch
-    from decode_engine import checkpoint_and_baselines
+    from common import checkpoint_and_baselines
 
     with tempfile.TemporaryDirectory() as tmp:
         device, checkpoint, texts, baselines = checkpoint_and_baselines(
