@@ -16,6 +16,7 @@ import pytest
 
 from aigc_ray.cli import COMMANDS, main
 from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
 
 REPO = Path(__file__).resolve().parents[2]
 AIGC_RAY = Path(sys.executable).parent / "aigc-ray"
@@ -63,7 +64,8 @@ BAD_INPUTS = [
       "generate.batch_size=0"], "generate.batch_size must be >= 1, got 0"),
     (["eval"], "the following arguments are required: CHECKPOINT"),
     (["eval", "/nonexistent/final"], "checkpoint /nonexistent/final does not exist"),
-    (["eval", "{checkpoint}"], "has no config.yaml naming the data it was trained on"),
+    (["eval", "{checkpoint}"],
+     f"has no {CheckpointFolder(Path()).config.name} naming the data it was trained on"),
     (["eval", "{not_a_model}"], "its config.json names no model_type"),
     (["eval", "{checkpoint}", "--data", "/nonexistent/rows.jsonl"],
      "data.path /nonexistent/rows.jsonl does not exist"),
@@ -102,12 +104,12 @@ BAD_INPUTS = [
 @pytest.fixture
 def places(tmp_path) -> dict[str, str]:
     """What the {placeholders} in BAD_INPUTS name, made fresh for each case."""
-    checkpoint = tmp_path / "final"  # enough for the checks that run before the model loads
-    checkpoint.mkdir()
-    (checkpoint / "config.json").write_text('{"model_type": "gpt2"}')
+    checkpoint = CheckpointFolder(RunFolder(tmp_path).final)
+    checkpoint.path.mkdir()  # enough for the checks that run before the model loads
+    checkpoint.model_config.write_text('{"model_type": "gpt2"}')
     not_a_model = tmp_path / "not_a_model"
     not_a_model.mkdir()
-    (not_a_model / "config.json").write_text("{}")
+    CheckpointFolder(not_a_model).model_config.write_text("{}")
     (tmp_path / "prompts.jsonl").write_text('{"prompt": "Hello"}\n')
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
     (tmp_path / "bad.yaml").write_text("train: {lr: [1\n")
@@ -115,7 +117,8 @@ def places(tmp_path) -> dict[str, str]:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
-    return {"tmp": str(tmp_path), "checkpoint": str(checkpoint), "not_a_model": str(not_a_model),
+    return {"tmp": str(tmp_path), "checkpoint": str(checkpoint.path),
+            "not_a_model": str(not_a_model),
             "prompts": str(tmp_path / "prompts.jsonl"), "file": str(tmp_path / "file.txt"),
             "bad_yaml": str(tmp_path / "bad.yaml"), "typo_spec": str(tmp_path / "typo.yaml"),
             "closed": closed}

@@ -8,6 +8,7 @@ from aigc_ray.cli import main
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
 from aigc_ray.evaluate import eval_data, evaluate_after_training, format_report
+from aigc_ray.run_folder import RunFolder
 from aigc_ray.train.driver import TrainSummary
 
 
@@ -37,7 +38,8 @@ def test_report_table_shows_both_models_and_the_difference():
 
 def test_evaluation_after_training_scores_final_against_the_start_into_the_run_folder(
         tmp_path, monkeypatch, capsys):
-    summary = TrainSummary(run_dir=tmp_path, final_dir=tmp_path / "final", steps=10,
+    run = RunFolder(tmp_path)
+    summary = TrainSummary(run_dir=run.path, final_dir=run.final, steps=10,
                            total_steps=10, val_perplexity_before=9.0, val_perplexity_after=2.0,
                            samples=[], start_model="/models/start")
     calls = []
@@ -49,8 +51,8 @@ def test_evaluation_after_training_scores_final_against_the_start_into_the_run_f
 
     cfg = load_config()
     assert evaluate_after_training(cfg, summary) == {"model": {}}
-    assert calls == [((str(tmp_path / "final"), cfg), {"baseline": "/models/start",
-                                                       "output": tmp_path / "eval.json"})]
+    assert calls == [((str(run.final), cfg), {"baseline": "/models/start",
+                                              "output": run.eval_report})]
     assert capsys.readouterr().out == ("[aigc-ray] evaluating final/ against the starting model "
                                        "on the validation split\n")
 

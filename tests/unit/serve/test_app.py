@@ -9,6 +9,7 @@ import yaml
 from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.cli import main
 from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
 from aigc_ray.serve import app_builder, load_serve_config, model_name_for, write_serve_config
 from aigc_ray.serve.app import SERVE_KEYS
 
@@ -16,18 +17,18 @@ from aigc_ray.serve.app import SERVE_KEYS
 @pytest.fixture
 def run_dir(tiny_model_dir, tmp_path):
     """A run folder whose final/ holds the tiny model and a config.yaml like train writes."""
-    final = tmp_path / "my-run" / "final"
-    shutil.copytree(tiny_model_dir, final)
-    (final / "config.yaml").write_text(yaml.safe_dump({
+    run = RunFolder(tmp_path / "my-run")
+    shutil.copytree(tiny_model_dir, run.final)
+    CheckpointFolder(run.final).config.write_text(yaml.safe_dump({
         "train": {"lr": 0.001},
         "serve": {"max_batch_size": 4, "min_replicas": 1,  # min_replicas: an older key
                   "autoscaling": {"max_replicas": 3}}}))
-    return tmp_path / "my-run"
+    return run.path
 
 
 def test_checkpoint_config_is_the_base_and_overrides_win(run_dir):
     path, cfg = load_serve_config(str(run_dir), ["serve.max_batch_size=12", "serve.port=8100"])
-    assert path == (run_dir / "final").resolve()  # a run folder means its final/
+    assert path == RunFolder(run_dir).final.resolve()  # a run folder means its final/
     assert cfg.serve.max_batch_size == 12 and cfg.serve.port == 8100
     assert cfg.serve.autoscaling.max_replicas == 3  # from the checkpoint's config.yaml
     assert model_name_for(path, cfg) == "my-run/final"
@@ -49,7 +50,7 @@ def test_bad_overrides_fail_with_one_line(run_dir, overrides, words):
 def test_a_checkpoint_saved_with_serve_quantize_still_loads(run_dir):
     # Older versions wrote serve.quantize into config.yaml; the key is gone, and a saved config's
     # unknown keys describe that version, so they are dropped rather than refused.
-    saved = run_dir / "final" / "config.yaml"
+    saved = CheckpointFolder(RunFolder(run_dir).final).config
     saved.write_text(yaml.safe_dump({"serve": {"quantize": "int8", "device": "cpu",
                                                "max_batch_size": 4}}))
     path, cfg = load_serve_config(str(run_dir))

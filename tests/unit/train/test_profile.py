@@ -8,6 +8,7 @@ import torch
 
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import RunFolder
 from aigc_ray.train.profile import StepProfiler, busy_seconds
 
 
@@ -35,13 +36,14 @@ def run_steps(profiler: StepProfiler, steps: int) -> int:
 
 
 def test_the_window_is_profiled_and_written_as_a_trace_and_a_table(tmp_path):
-    profiler = StepProfiler(tmp_path / "profile", 3, torch.device("cpu"), first=2, count=3)
+    folder = RunFolder(tmp_path).profile
+    profiler = StepProfiler(folder, 3, torch.device("cpu"), first=2, count=3)
     run_steps(profiler, 6)
-    text = (tmp_path / "profile" / "rank-3.txt").read_text()
+    text = (folder / "rank-3.txt").read_text()
     assert text.startswith("steps 2-4 on cpu: ") and " ms a step" in text.splitlines()[0]
     assert profiler.summary == text.splitlines()[0]
     assert "aten::addmm" in text  # the op table, by self CPU time
-    with gzip.open(tmp_path / "profile" / "rank-3.trace.json.gz") as f:
+    with gzip.open(folder / "rank-3.trace.json.gz") as f:
         trace = json.load(f)  # what Perfetto and chrome://tracing open
     names = {event.get("name") for event in trace["traceEvents"]}
     assert "aten::addmm" in names and "Optimizer.step#SGD.step" in names

@@ -10,6 +10,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from aigc_ray.checkpoint import resolve_checkpoint
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import CheckpointFolder
 from aigc_ray.train.driver import strategy_note
 from aigc_ray.train.prepare import decay_groups, freeze_bottom
 from aigc_ray.train.sharding import gradient_sync, lockstep, state_bytes
@@ -74,7 +75,7 @@ def test_fsdp_with_one_worker_is_allowed_and_says_it_shards_nothing():
 
 def test_a_sharded_checkpoint_is_not_served_directly(tmp_path):
     small_model().config.save_pretrained(tmp_path)
-    (tmp_path / "sharded").mkdir()
+    CheckpointFolder(tmp_path).sharded.mkdir()
     with pytest.raises(ConfigError, match="holds FSDP shards .* pass the run folder or its "
                                           "final/ folder"):
         resolve_checkpoint(str(tmp_path))
