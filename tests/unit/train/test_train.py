@@ -1,7 +1,7 @@
 """The pieces of training that need no Ray cluster: the schedule, the resource check, the step
-count, the batch collation, the loop state a checkpoint keeps, the MFU arithmetic, the object
-store budget for tokenized blocks, and the console lines the driver prints from a run folder
-(real files, written as the workers write them)."""
+count, the batch collation, the loop state a checkpoint keeps, the object store budget for
+tokenized blocks, the data-wait clock and the compile fallback. The run folder's metrics, the
+console lines and the MFU arithmetic are in test_metrics.py."""
 
 from __future__ import annotations
 
@@ -14,18 +14,11 @@ import torch
 from aigc_ray.config import load_config
 from aigc_ray.data.cache import cache_budget, epochs_likely
 from aigc_ray.errors import DataError, UserError
+from aigc_ray.run_folder import CheckpointFolder
 from aigc_ray.tokenizer import IGNORE_INDEX
 from aigc_ray.train.driver import training_resource_warning
 from aigc_ray.train.feed import batch_collator, count_steps
 from aigc_ray.train.loop import LoopState, lr_factor
-from aigc_ray.train.metrics import (
-    Follower,
-    append_jsonl,
-    flops_per_token,
-    peak_tflops,
-    read_jsonl,
-    truncate_after,
-)
 from aigc_ray.train.prepare import compiled
 
 
@@ -44,59 +37,6 @@ def test_training_resource_warning_names_the_keys_to_change():
         load_config("tiny_cpu", ["scaling.cpus_per_worker=1"]), {"CPU": 2.0})
     assert "need 2.5 CPUs" in message and "the cluster has 2 now" in message
     assert "scaling.cpus_per_worker" in message
-
-
-def test_follower_prints_each_new_line_once_in_step_order(tmp_path):
-    printed: list[str] = []
-    with Follower(tmp_path, total_steps=20, interval_s=0.05, out=printed.append) as follower:
-        append_jsonl(tmp_path / "workers" / "rank-0.jsonl", {
-            "rank": 0, "start_step": 0, "world_size": 2, "num_nodes": 1, "device": "cpu",
-            "total_steps": 20, "global_batch": 16, "strategy": "fsdp", "time": 1.0})
-        append_jsonl(tmp_path / "workers" / "rank-0.jsonl", {  # not a start: not printed
-            "rank": 0, "memory_at_step": 1, "parameter_bytes": 100, "time": 1.5})
-        append_jsonl(tmp_path / "metrics.jsonl", {"step": 0, "epoch": 0, "loss": None, "lr": 0.0,
-                                                  "tokens_per_second": None, "val_loss": 6.0,
-                                                  "val_perplexity": 403.4})
-        follower.poll()
-        append_jsonl(tmp_path / "samples.jsonl", {"step": 10, "prompt": "Hi", "reply": "Hello"})
-        append_jsonl(tmp_path / "metrics.jsonl", {"step": 10, "epoch": 0, "loss": 5.0,
-                                                  "lr": 1e-3, "tokens_per_second": 1234.5,
-                                                  "val_loss": 4.5, "val_perplexity": 90.0})
-        for rank in (1, 0):  # a worker's note for the console: rank 0's only, after its step
-            append_jsonl(tmp_path / "workers" / f"rank-{rank}.jsonl", {
-                "rank": rank, "note": f"[aigc-ray] profile: rank {rank}", "at_step": 10,
-                "time": 2.0})
-    assert printed == [
-        "[aigc-ray] starting: 2 worker(s) on 1 node(s), cpu, fsdp, 20 steps, global batch 16 "
-        "sequences",
-        "[aigc-ray] before training | val_loss 6.0000 | val_perplexity 403.40",
-        "[aigc-ray] step 10/20 | epoch 0 | loss 5.0000 | lr 1.00e-03 | 1,234 tokens/s | "
-        "val_loss 4.5000 | val_perplexity 90.00",
-        "[aigc-ray] sample at step 10 | 'Hi' → 'Hello'",
-        "[aigc-ray] profile: rank 0",
-    ]
-
-
-def test_follower_skips_what_the_folder_held_before_a_resumed_run(tmp_path):
-    append_jsonl(tmp_path / "metrics.jsonl", {"step": 0, "epoch": 0, "loss": None, "lr": 0.0,
-                                              "tokens_per_second": None, "val_loss": 6.0,
-                                              "val_perplexity": 403.4})
-    printed: list[str] = []
-    with Follower(tmp_path, total_steps=20, interval_s=0.05, out=printed.append):
-        pass
-    assert printed == []
-
-
-def test_truncate_keeps_steps_up_to_the_checkpoint(tmp_path):
-    path = tmp_path / "metrics.jsonl"
-    for step in (0, 10, 20, 30):
-        append_jsonl(path, {"step": step})
-    with path.open("a") as f:
-        f.write('{"step": 4')  # a line cut off by a killed worker
-    truncate_after(path, 20)
-    assert [row["step"] for row in read_jsonl(path)] == [0, 10, 20]
-    truncate_after(path, -1)  # a fresh start keeps nothing
-    assert read_jsonl(path) == []
 
 
 # ── how many steps a run takes ──────────────────────────────────────────────────────────────
@@ -222,9 +162,10 @@ def test_loop_state_round_trips_through_a_checkpoint_file(tmp_path):
     state = LoopState(step=130, epoch=2, batches_in_epoch=17)
     state.note_eval(2.5)
     state.note_eval(2.7)  # no gain
-    torch.save({"loop": state.state_dict()}, tmp_path / "training_state.pt")
+    saved = CheckpointFolder(tmp_path).training_state
+    torch.save({"loop": state.state_dict()}, saved)
     restored = LoopState()
-    restored.load_state_dict(torch.load(tmp_path / "training_state.pt", weights_only=True)["loop"])
+    restored.load_state_dict(torch.load(saved, weights_only=True)["loop"])
     assert restored == state
     assert (restored.best_val_loss, restored.evals_without_gain) == (2.5, 1)
     # Before any evaluation the best loss is infinite: it survives the file too.
@@ -241,94 +182,16 @@ def test_loop_state_loads_a_checkpoint_saved_before_it_existed(tmp_path):
     old = {"optimizer": optimizer.state_dict(), "scheduler": {"last_epoch": 40},
            "step": 40, "epoch": 1, "batches_in_epoch": 4, "best_val_loss": 3.25,
            "evals_without_gain": 2, "rng": torch.get_rng_state()}
-    torch.save(old, tmp_path / "training_state.pt")
-    saved = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    path = CheckpointFolder(tmp_path).training_state
+    torch.save(old, path)
+    saved = torch.load(path, weights_only=True)
     state = LoopState()
     state.load_state_dict(saved.get("loop", saved))  # as train_loop_per_worker reads it
     assert state == LoopState(step=40, epoch=1, batches_in_epoch=4, best_val_loss=3.25,
                               evals_without_gain=2)
 
 
-# ── model FLOPs utilisation ─────────────────────────────────────────────────────────────────
-
-
-def test_peak_tflops_tells_apart_gpus_whose_names_overlap():
-    assert peak_tflops("NVIDIA H100 PCIe") == 756.0
-    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0  # the SXM part
-    assert peak_tflops("NVIDIA L4") == 121.0
-    assert peak_tflops("NVIDIA L40S") == 362.0
-    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
-    assert peak_tflops("NVIDIA A10") == 125.0
-    assert peak_tflops("NVIDIA GeForce RTX 3060") is None
-    assert peak_tflops("") is None
-
-
-def test_peak_tflops_never_lends_one_gpu_the_peak_of_another():
-    # Neither is in the table: an unknown GPU must give None (mfu then needs
-    # scaling.peak_tflops), not the number of a different chip.
-    assert peak_tflops("NVIDIA L40") in (None, 181.0)
-    assert peak_tflops("NVIDIA RTX A1000 Laptop GPU") is None
-
-
-def gpt2(tie: bool):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=100, n_positions=64, n_embd=16, n_layer=3,
-                                      n_head=2, bos_token_id=0, eos_token_id=0,
-                                      tie_word_embeddings=tie))
-
-
-def gpt2_flops_by_hand(vocab: int, width: int, layers: int, context: int) -> int:
-    """nanoGPT's estimate: 6 FLOPs per parameter that a token passes through a matmul with
-    (the position table is a lookup; the tied token table is the output head's matmul), plus
-    attention's 12 · layers · width · context. Biases and norms are in nanoGPT's count too."""
-    d = width
-    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 2 * 2 * d
-    params = layers * block + 2 * d + vocab * d  # blocks, ln_f, the output head
-    return 6 * params + 12 * layers * d * context
-
-
-def test_flops_per_token_of_a_tied_gpt2_matches_the_count_by_hand():
-    assert flops_per_token(gpt2(tie=True), 64) == gpt2_flops_by_hand(100, 16, 3, 64)
-    assert (flops_per_token(gpt2(tie=True), 128) - flops_per_token(gpt2(tie=True), 64)
-            == 12 * 3 * 16 * 64)
-
-
-def test_flops_per_token_counts_an_untied_output_head_once():
-    # Untied, the same model has the same matmuls: only the head's weight is its own tensor.
-    assert flops_per_token(gpt2(tie=False), 64) == gpt2_flops_by_hand(100, 16, 3, 64)
-
-
-def test_flops_per_token_counts_no_backward_below_frozen_layers():
-    """train.freeze_layers=1 of 3: the forward runs everywhere; input gradients flow from the
-    head down to block 1 only; weight gradients exist for blocks 1-2 and ln_f (the tied head
-    froze with the token table)."""
-    from aigc_ray.train.prepare import freeze_bottom
-
-    model = gpt2(tie=True)
-    freeze_bottom(model, 1)
-    d, context, vocab = 16, 64, 100
-    block = (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d) + 2 * 2 * d
-    everything = 3 * block + 2 * d + vocab * d  # blocks, ln_f, the tied head's matmul
-    above = 2 * block + 2 * d + vocab * d  # blocks 1-2, ln_f, the head
-    trained = 2 * block + 2 * d
-    assert flops_per_token(model, context) == (2 * everything + 2 * above + 2 * trained
-                                               + 4 * 3 * d * context + 8 * 2 * d * context)
-    assert flops_per_token(model, context) < gpt2_flops_by_hand(vocab, d, 3, context)
-
-
-def test_flops_per_token_with_lora_takes_weight_gradients_of_the_adapters_only():
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(gpt2(tie=True), LoraConfig(r=2, target_modules=["c_attn"],
-                                                      task_type="CAUSAL_LM"))
-    d, context, vocab = 16, 64, 100
-    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    assert adapters == 3 * (2 * d + 2 * 3 * d)  # A: r x d, B: 3d x r, in each of 3 blocks
-    whole = gpt2_flops_by_hand(vocab, d, 3, context) // 6 - 12 * 3 * d * context // 6
-    assert flops_per_token(model, context) == (4 * (whole + adapters) + 2 * adapters
-                                               + 12 * 3 * d * context)
+# ── waiting for data ──────────────────────────────────────────────────────────────────────────────
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -362,7 +225,7 @@ def test_data_wait_counts_only_the_part_of_a_wait_the_gpu_was_idle():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where CUDA fails")
 def test_compile_falls_back_with_one_line_where_the_device_cannot_compile():
-    model = gpt2(tie=True)
+    model = torch.nn.Linear(2, 2)
     same, warning = compiled(model, torch.device("cuda"))  # a CPU-only torch cannot run it
     assert same is model
     assert warning is not None and "\n" not in warning
