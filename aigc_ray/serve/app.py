@@ -1,9 +1,9 @@
-"""The Serve application: an `OpenAIIngress` bound to autoscaled `Generator` replicas.
+"""The Serve application: an `OpenAIIngress` bound to autoscaled `GenerationReplica`s.
 
     HTTP ─► OpenAIIngress (FastAPI: auth, body checks, tokenize, SSE; `aigc_ray.serve.ingress`)
                 │  DeploymentHandle: max_queued_requests waits here, then 503
                 ▼
-            Generator × autoscaled replicas (model + batched decode; `aigc_ray.serve.replica`)
+            GenerationReplica × autoscaled (model + batched decode; `aigc_ray.serve.replica`)
 
 `run_serve` deploys from the CLI, `app_builder` serves `serve run` and `serve deploy` configs,
 `write_serve_config` writes such a config file (`aigc-ray serve --build`).
@@ -22,7 +22,7 @@ from aigc_ray.config import Config
 from aigc_ray.errors import ConfigError
 from aigc_ray.run_folder import BEST_DIR, FINAL_DIR
 from aigc_ray.serve.ingress import API_KEY_ENV, INGRESS_MAX_ONGOING, OpenAIIngress, key_digest
-from aigc_ray.serve.replica import Generator
+from aigc_ray.serve.replica import GenerationReplica
 
 # Keys a served checkpoint may override; the rest of its config describes how it was trained.
 SERVE_KEYS = ("serve", "model.trust_remote_code")
@@ -50,7 +50,8 @@ def model_name_for(path: Path, cfg: Config) -> str:
 
 
 def build_app(checkpoint: str | Path, cfg: Config):
-    """The Serve application (ingress bound to an autoscaled Generator) for a model folder.
+    """The Serve application (the ingress bound to autoscaled GenerationReplicas) for a model
+    folder.
 
     The API key (serve.api_key, serve.api_key_file or AIGC_RAY_API_KEY where this runs; see
     Serve.resolve_api_key) reaches no deployment: their arguments, config and runtime env show
@@ -63,7 +64,7 @@ def build_app(checkpoint: str | Path, cfg: Config):
     cuda = s.device == "cuda"
     actor = {"num_cpus": s.cpus_per_replica, **({"num_gpus": s.gpus_per_replica} if cuda else {})}
     scaling = s.autoscaling
-    generator = Generator.options(
+    replicas = GenerationReplica.options(
         autoscaling_config={
             "min_replicas": scaling.min_replicas, "max_replicas": scaling.max_replicas,
             "initial_replicas": scaling.initial_replicas,
@@ -80,7 +81,7 @@ def build_app(checkpoint: str | Path, cfg: Config):
     return OpenAIIngress.options(
         num_replicas=s.ingress_replicas, max_ongoing_requests=INGRESS_MAX_ONGOING,
         ray_actor_options={"num_cpus": 0},
-    ).bind(generator, str(path), section, model_name_for(path, cfg),
+    ).bind(replicas, str(path), section, model_name_for(path, cfg),
            cfg.model.trust_remote_code, None if key is None else key_digest(key))
 
 

@@ -1,6 +1,6 @@
 """The HTTP face of the Serve app: a FastAPI ingress deployment that checks the API key and the
-request body, tokenizes, fans the choices out to `Generator` replicas (`aigc_ray.serve.replica`)
-and streams their chunks back as server-sent events.
+request body, tokenizes, fans the choices out to the `GenerationReplica` deployment
+(`aigc_ray.serve.replica`) and streams their chunks back as server-sent events.
 
 It is light and runs on 0 CPUs; the replicas hold the cores and scale with load. Between the two
 a DeploymentHandle queues up to `serve.max_queued_requests`; past that a request gets a 503.
@@ -105,9 +105,9 @@ def overloaded(retry_after_s: int) -> ApiError:
 @serve.deployment(name="OpenAIIngress")
 @serve.ingress(fastapi_app)
 class OpenAIIngress:
-    """The HTTP face: checks and tokenizes requests, fans choices out to `Generator` replicas."""
+    """The HTTP face: checks and tokenizes requests, fans choices out to `GenerationReplica`s."""
 
-    def __init__(self, generator, checkpoint: str, serve_section: dict, model_name: str,
+    def __init__(self, replicas, checkpoint: str, serve_section: dict, model_name: str,
                  trust_remote_code: bool = False, api_key_sha256: str | None = None):
         from transformers import AutoConfig
 
@@ -115,7 +115,7 @@ class OpenAIIngress:
         from aigc_ray.tokenizer import load_tokenizer
 
         self.cfg = Serve.model_validate(serve_section)
-        self.generator = generator
+        self.replicas = replicas  # a DeploymentHandle to the GenerationReplica deployment
         self.model_name = model_name
         self.tokenizer = load_tokenizer(checkpoint, trust_remote_code)
         self.token_strings = TokenStrings(self.tokenizer)  # tokens as logprobs show them
@@ -128,9 +128,9 @@ class OpenAIIngress:
     async def healthz(self) -> dict:
         """Ready when a replica's decode loop beats. Anyone may call this as often as they
         like, so it generates nothing: the replica answers from its loop's heartbeat
-        (`Generator.health`), and nothing about the process (no pid) goes out."""
+        (`GenerationReplica.health`), and nothing about the process (no pid) goes out."""
         async def health():
-            return await self.generator.health.remote()
+            return await self.replicas.health.remote()
 
         retry = {"Retry-After": str(self.cfg.retry_after_s)}
         try:
@@ -233,12 +233,12 @@ class OpenAIIngress:
                 raise replica_error(exc) from None
 
     async def _complete_one(self, work):
-        return await self._retry_once(lambda: self.generator.complete.remote(work))
+        return await self._retry_once(lambda: self.replicas.complete.remote(work))
 
     async def _first_chunk(self, work):
         """Open a stream and read its first chunk, so overload still becomes a 503 status."""
         async def open_stream():
-            stream = self.generator.options(stream=True).stream.remote(work)
+            stream = self.replicas.options(stream=True).stream.remote(work)
             return stream, await stream.__anext__()
 
         return await self._retry_once(open_stream)

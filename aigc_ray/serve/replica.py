@@ -308,8 +308,8 @@ def _metrics():
     }
 
 
-@serve.deployment(name="Generator")
-class Generator:
+@serve.deployment(name="GenerationReplica")
+class GenerationReplica:
     """Holds the model; `complete` and `stream` go through the replica's one `Batcher`."""
 
     def __init__(self, checkpoint: str, serve_section: dict, trust_remote_code: bool = False):

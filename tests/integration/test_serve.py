@@ -357,7 +357,7 @@ class Load:
 def running_replicas(app_name: str) -> int:
     from ray import serve
 
-    deployment = serve.status().applications[app_name].deployments["Generator"]
+    deployment = serve.status().applications[app_name].deployments["GenerationReplica"]
     return deployment.replica_states.get("RUNNING", 0)
 
 
@@ -399,7 +399,7 @@ def test_killing_a_replica_under_load_recovers(serve_port, chat_model_dir):
 
     app = deploy("kill", chat_model_dir, serve_port, "serve.autoscaling.min_replicas=2",
                  "serve.autoscaling.max_replicas=2")
-    handle = serve.get_deployment_handle("Generator", "kill")
+    handle = serve.get_deployment_handle("GenerationReplica", "kill")
     try:
         pids = set()
         assert wait_for(lambda: pids.add(handle.pid.remote().result()) or len(pids) == 2, 30, 0)
@@ -689,7 +689,7 @@ def test_healthz_answers_from_the_heartbeat_without_generating_and_shows_no_pid(
 
     app = deploy("health", chat_model_dir, serve_port, "serve.autoscaling.max_replicas=1")
     try:
-        _healthz_generates_nothing(app, serve.get_deployment_handle("Generator", "health"))
+        _healthz_generates_nothing(app, serve.get_deployment_handle("GenerationReplica", "health"))
     finally:
         serve.delete("health")
 
