@@ -31,6 +31,7 @@ from aigc_ray.config import Config, Data, Generate
 from aigc_ray.data.chat import chat_ids, messages_of
 from aigc_ray.data.files import format_of, resolve_files
 from aigc_ray.data.read import (
+    ROWS_PER_BLOCK,
     SKIP_REASONS,
     create_stats,
     field_text,
@@ -41,8 +42,6 @@ from aigc_ray.data.read import (
 from aigc_ray.errors import ConfigError, DataError
 from aigc_ray.tokenizer import clean
 
-OUTPUT_COLUMNS = ("id", "prompt", "completion", "prompt_tokens", "completion_tokens",
-                  "finish_reason")
 SUMMARY_FILE = "_summary.json"  # a leading "_": parquet and Ray Data readers skip it
 SKIPPED_FILE = "_skipped.jsonl"
 GENERATE_KEYS = ("generate", "model.trust_remote_code")
@@ -98,13 +97,15 @@ def read_prompts(f, path: str, data: Data, gen: Generate, stats) -> Iterator[pa.
                 skipped.append({"id": row_id, "file": path, "line": number, "reason": prompt})
         else:
             rows.append({"id": row_id, "prompt": prompt, CHAT_COLUMN: chat})
-        if len(rows) >= 4096:
-            yield from _flush(rows, counts, skipped, stats, f"read:{path}:{first}")
+        if len(rows) >= ROWS_PER_BLOCK:
+            yield from _prompt_block(rows, counts, skipped, stats, f"read:{path}:{first}")
             rows, counts, skipped, first = [], Counter(), [], number + 1
-    yield from _flush(rows, counts, skipped, stats, f"read:{path}:{first}")
+    yield from _prompt_block(rows, counts, skipped, stats, f"read:{path}:{first}")
 
 
-def _flush(rows, counts, skipped, stats, key) -> Iterator[pa.Table]:
+def _prompt_block(rows, counts, skipped, stats, key) -> Iterator[pa.Table]:
+    """The block of prompts read so far (none when every row was skipped), once its counts and
+    skipped rows are recorded in `stats` under `key`."""
     if counts:
         ray_get(stats.record.remote(key, dict(counts), skipped))
     if rows:
@@ -312,7 +313,7 @@ def check_generate(input_path: str, output: str, cfg: Config) -> list[str]:
     return files
 
 
-def resource_warning(cfg: Config, cluster: dict) -> str | None:
+def cpu_shortage_warning(cfg: Config, cluster: dict) -> str | None:
     """A warning when the model actors leave no CPU for reading and writing: the pipeline
     then stalls until an autoscaler adds a node, which on a fixed cluster means forever."""
     gen = cfg.generate
@@ -372,10 +373,12 @@ class Progress:
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
             totals = ray_get(self.stats.totals.remote())
-            self.out(progress_line(totals, self.total, time.perf_counter() - self.started))
+            self.out(generation_progress_line(totals, self.total,
+                                              time.perf_counter() - self.started))
 
 
-def progress_line(totals: dict, total: int | None, seconds: float) -> str:
+def generation_progress_line(totals: dict, total: int | None, seconds: float) -> str:
+    """`Progress`'s line: rows generated (of the input's total when known), skipped, rate."""
     done = int(totals.get("generated", 0))
     skipped = sum(int(n) for key, n in totals.items() if key.startswith("skipped."))
     rate = done / seconds if seconds else 0.0
@@ -410,7 +413,7 @@ def run_generate(checkpoint: str, input_path: str, output: str, cfg: Config,
 
     files = files or check_generate(input_path, output, cfg)
     start_ray(ray_logs=cfg.run.ray_logs)
-    warning = resource_warning(cfg, ray.cluster_resources())
+    warning = cpu_shortage_warning(cfg, ray.cluster_resources())
     if warning:
         print(warning, flush=True)
     started = time.perf_counter()

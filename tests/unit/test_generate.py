@@ -11,9 +11,9 @@ from aigc_ray.generate import (
     GENERATE_KEYS,
     check_generate,
     count_input_rows,
+    cpu_shortage_warning,
+    generation_progress_line,
     input_format,
-    progress_line,
-    resource_warning,
     row_seed,
 )
 
@@ -54,10 +54,11 @@ def test_generate_overrides_are_generate_keys_only(tiny_model_dir):
 
 def test_a_cluster_too_small_for_the_actors_and_the_io_warns():
     two = load_config(None, ["generate.concurrency=2"])
-    assert "generate.concurrency 2" in resource_warning(two, {"CPU": 2})
-    assert resource_warning(load_config(), {"CPU": 2}) is None  # the default: one actor
-    assert resource_warning(load_config(None, ["generate.concurrency=2",
-                                               "generate.cpus_per_actor=0.75"]), {"CPU": 2}) is None
+    assert "generate.concurrency 2" in cpu_shortage_warning(two, {"CPU": 2})
+    assert cpu_shortage_warning(load_config(), {"CPU": 2}) is None  # the default: one actor
+    assert cpu_shortage_warning(load_config(None, ["generate.concurrency=2",
+                                                   "generate.cpus_per_actor=0.75"]),
+                                {"CPU": 2}) is None
 
 
 def test_row_seed_depends_on_seed_and_id_only():
@@ -69,10 +70,11 @@ def test_progress_line_counts_rows_against_the_input_total(tmp_path):
     source.write_text("a\n\nb\nc")  # four rows: the blank one is skipped, the last has no \n
     assert count_input_rows([str(source)], "text") == 4
     assert count_input_rows(["s3://bucket/p.txt"], "text") is None
-    line = progress_line({"generated": 30, "skipped.empty_text": 10}, 100, 10.0)
+    line = generation_progress_line({"generated": 30, "skipped.empty_text": 10}, 100, 10.0)
     assert line == ("[aigc-ray] generated 30/100 rows (40%, about 20 s left) | 10 skipped | "
                     "3.0 completions/s")
-    assert "generated 5 rows | 0 skipped" in progress_line({"generated": 5}, None, 1.0)
+    assert "generated 5 rows | 0 skipped" in generation_progress_line({"generated": 5}, None,
+                                                                      1.0)
 
 
 def test_actors_get_several_decode_batches_per_call_only_with_cuda_graphs_on_a_gpu():
