@@ -40,7 +40,7 @@ from aigc_ray.data.read import (
     stream_datasource,
 )
 from aigc_ray.errors import ConfigError, DataError
-from aigc_ray.tokenizer import clean
+from aigc_ray.tokenizer import clean, context_length
 
 SUMMARY_FILE = "_summary.json"  # a leading "_": parquet and Ray Data readers skip it
 SKIPPED_FILE = "_skipped.jsonl"
@@ -143,7 +143,6 @@ class Completer:
                  stats=None, prompt_column: str = "prompt", id_column: str = "id",
                  keep: dict[str, str] | None = None):
         from aigc_ray.decode.graphs import static_step_for
-        from aigc_ray.decode.request import context_length
         from aigc_ray.model import load_for_inference
 
         self.gen = Generate.model_validate(generate)

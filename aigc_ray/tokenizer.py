@@ -1,8 +1,8 @@
-"""Tokenizers: load one as every job uses it, train the built-in model's, and describe one for
-Ray Data's tokenizer actors.
+"""Tokenizers: load one as every job uses it, train the built-in model's, describe one for
+Ray Data's tokenizer actors, and the context length a model and its tokenizer state.
 
 Below both data (whose actors tokenize) and model (which trains the built-in tokenizer and
-loads tokenizers beside models): this module needs neither.
+loads tokenizers beside models): this module needs neither, nor torch.
 """
 
 from __future__ import annotations
@@ -28,6 +28,19 @@ TINY_CHAT_TEMPLATE = (
 def clean(text: str) -> str:
     """Normalize Unicode (NFC) and line endings; strip NULs that confuse tokenizers."""
     return unicodedata.normalize("NFC", text).replace("\r\n", "\n").replace("\x00", "")
+
+
+def context_length(model_config, tokenizer=None) -> int | None:
+    """Tokens the model attends over: its position table, else the tokenizer's stated limit;
+    None when neither states one. Training checks data.block_size against it, serving and batch
+    generation size prompts by it."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    limit = getattr(tokenizer, "model_max_length", None)
+    # Tokenizers that state no limit report a huge sentinel (int(1e30)), not None.
+    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):

@@ -21,7 +21,6 @@ from aigc_ray.decode.request import (
     RowFailed,
     TokenLogprob,
     check_request,
-    context_length,
     failure,
     merge_chunks,
 )
@@ -31,6 +30,7 @@ from aigc_ray.decode.sampling import (
     sample_batch,
     token_logprob,
 )
+from aigc_ray.tokenizer import context_length
 
 
 class _Row:

@@ -29,7 +29,8 @@ import functools
 import torch
 
 from aigc_ray.decode.engine import BatchDecoder, cache_argument, new_cache, plain_kv_cache
-from aigc_ray.decode.request import GenerationRequest, context_length
+from aigc_ray.decode.request import GenerationRequest
+from aigc_ray.tokenizer import context_length
 
 # Attention implementations that take an additive 4D mask as it is (flash-attention kernels take
 # none): the step's mask is how a row sees only its own slot's filled columns.

@@ -1,6 +1,6 @@
 """The contract between the HTTP side and the decode engine: what a request asks for
 (`GenerationRequest`), what comes back (`Chunk`, `TokenLogprob`), the checks every request
-passes before it joins a batch, and the model's context length.
+passes before it joins a batch, and the model's context length (`aigc_ray.tokenizer`'s).
 
 No torch here: the serving ingress imports this module, and it runs without a model.
 """
@@ -10,6 +10,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+
+# Handed on as part of the contract (prompts are checked against it); it lives in tokenizer.py,
+# below the decode and train wings alike, since training checks data.block_size against it.
+from aigc_ray.tokenizer import context_length as context_length
 
 # Temperatures below this sample greedily, as vLLM's do (its _SAMPLING_EPS). Below it sampling is
 # greedy anyway (a logit gap of 0.001 becomes 100 nats), and a temperature that float32 holds
@@ -24,18 +28,6 @@ class RequestError(ValueError):
 
 class RowFailed(RuntimeError):
     """A step failed for one request alone; the rest of its batch decodes on (a 500)."""
-
-
-def context_length(model_config, tokenizer) -> int | None:
-    """Tokens the model attends over: its position table, else the tokenizer's stated limit;
-    None when neither states one. Serving and batch generation both size prompts by this."""
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(model_config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    limit = getattr(tokenizer, "model_max_length", None)
-    # Tokenizers that state no limit report a huge sentinel (int(1e30)), not None.
-    return limit if isinstance(limit, int) and 0 < limit < 1_000_000 else None
 
 
 @dataclass

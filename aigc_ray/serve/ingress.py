@@ -23,7 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from aigc_ray.data.chat import chat_ids
-from aigc_ray.decode.request import RequestError, RowFailed, context_length
+from aigc_ray.decode.request import RequestError, RowFailed
 from aigc_ray.serve.api import (
     MAX_CHOICES,
     ApiError,
@@ -41,6 +41,7 @@ from aigc_ray.serve.api import (
     stream_chunk,
     usage_chunk,
 )
+from aigc_ray.tokenizer import context_length
 
 API_KEY_ENV = "AIGC_RAY_API_KEY"
 # Requests the ingress holds at once: it only awaits replicas, so far more than they batch.

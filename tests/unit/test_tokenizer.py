@@ -8,7 +8,7 @@ import pytest
 import transformers
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
 
-from aigc_ray.tokenizer import encoder, tokenizer_spec
+from aigc_ray.tokenizer import context_length, encoder, tokenizer_spec
 
 TEXTS = ["hello world", "<|user|> reset<sep>my password </s>", "<s> twice <s>",
          "ünïcode 😀 text\nnew line", "   leading spaces", ""]
@@ -69,3 +69,17 @@ def test_a_spec_without_a_backend_loads_the_tokenizer_by_path(tmp_path):
     spec = {key: value for key, value in tokenizer_spec(folder).items() if key != "backend"}
     reference = transformers.AutoTokenizer.from_pretrained(folder)
     assert encoder(spec)(TEXTS, True) == reference(TEXTS)["input_ids"]
+
+
+def test_context_length_needs_no_tokenizer_and_has_one_home():
+    """Training checks data.block_size with the model's config alone; the decode wing's
+    contract hands on the same function rather than a copy."""
+    from types import SimpleNamespace
+
+    from aigc_ray.decode import request
+
+    assert context_length(SimpleNamespace(max_position_embeddings=2048)) == 2048
+    assert context_length(SimpleNamespace(n_positions=1024),
+                          SimpleNamespace(model_max_length=512)) == 1024  # the model's first
+    assert context_length(SimpleNamespace()) is None
+    assert request.context_length is context_length
