@@ -1,11 +1,14 @@
 """Shared fixtures: a real local Ray cluster, the sample corpus and the built-in tiny model.
 
 All three are session-scoped and reusable by any test (data, training, serving): Ray starts once
-per test session, the corpus is written once and the tiny model folder is built once.
+per test session, the corpus is written once and the tiny model folder is built once. So is one
+short `aigc-ray train` that more than one module reads (test_eval, test_trackers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -84,6 +87,26 @@ def tiny_chat_model_dir(tmp_path_factory, sample_corpus) -> str:
         texts = [document_text(validate_record(json.loads(line), cfg.data), cfg.data)
                  for line in f]
     return str(materialize_builtin(cfg, texts))
+
+
+@pytest.fixture(scope="session")
+def tracked_train_run(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory) -> dict:
+    """`aigc-ray train` as the CLI runs it: 4 steps on one worker, an evaluation every 2, every
+    tracker on (TensorBoard, MLflow in its default store beside the run folder, W&B offline)
+    and the evaluation after training. test_eval reads what it printed, test_trackers what
+    each tracker holds: {'out': output folder, 'dir': run folder, 'stdout': what it printed}."""
+    from aigc_ray.cli import main
+
+    out = tmp_path_factory.mktemp("tracked")
+    printed = io.StringIO()  # what capsys would hold: sys.stdout while it ran, Ray's echoes too
+    with contextlib.redirect_stdout(printed):
+        code = main(["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
+                     f"data.path={sample_corpus['jsonl']}", "train.seed=0", "train.max_steps=4",
+                     "train.eval_every=2", "train.log_every=2", "scaling.num_workers=1",
+                     "run.trackers=[tensorboard, mlflow, wandb]", f"run.output_dir={out}",
+                     "run.name=tracked", "eval.generate_rows=4", "eval.max_tokens=4"])
+    assert code == 0, printed.getvalue()[-3000:]
+    return {"out": out, "dir": out / "tracked", "stdout": printed.getvalue()}
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.cli import main
 from aigc_ray.data.pipeline import check_config
 from aigc_ray.evaluate import EVAL_KEYS, eval_data, perplexity
+from aigc_ray.run_folder import EVAL_FILE, RunFolder
 
 pytestmark = pytest.mark.slow
 
@@ -67,7 +68,7 @@ def test_perplexity_matches_a_direct_transformers_computation(ray_cluster, tiny_
 
 def test_cli_writes_eval_json_with_a_baseline_side_by_side(ray_cluster, tiny_model_dir,
                                                            held_out, tmp_path, capsys):
-    report_path = tmp_path / "eval.json"
+    report_path = tmp_path / EVAL_FILE
     assert main(["eval", tiny_model_dir, *PAIRS, "eval.generate_rows=6", "eval.max_tokens=6",
                  "--data", str(held_out), "--baseline", tiny_model_dir,
                  "--output", str(report_path)]) == 0
@@ -87,28 +88,25 @@ def test_cli_without_data_needs_a_saved_config(tiny_model_dir, capsys):
     assert err.startswith("error: ") and "--data" in err
 
 
-def test_cli_train_ends_with_the_evaluation_of_final_against_its_start(
-        ray_cluster, sample_corpus, tiny_model_dir, tmp_path, capsys):
+def test_cli_train_ends_with_the_evaluation_of_final_against_its_start(tracked_train_run,
+                                                                       tiny_model_dir):
     """`aigc-ray train` evaluates after training (eval.after_training): the line announcing it,
-    then the sample replies, the table and the summary line last; eval.json in the run folder."""
-    assert main(["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
-                 f"data.path={sample_corpus['jsonl']}", "train.seed=0", "train.max_steps=4",
-                 "train.eval_every=4", "train.log_every=4", "scaling.num_workers=1",
-                 f"run.output_dir={tmp_path}", "run.name=cli", "eval.generate_rows=4",
-                 "eval.max_tokens=4"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    run_dir = tmp_path / "cli"
+    then the sample replies, the table and the summary line last; eval.json in the run folder.
+    (conftest's tracked_train_run: 4 steps on one worker with trackers on, which test_trackers
+    reads too.)"""
+    lines = tracked_train_run["stdout"].splitlines()
+    run = RunFolder(tracked_train_run["dir"])
 
     def first(prefix: str) -> int:
         return next(i for i, line in enumerate(lines) if line.startswith(prefix))
 
     assert (first("[aigc-ray] evaluating final/ against the starting model on the validation "
                   "split") < first("sample reply") < first("eval on ") < first("written to")
-            == len(lines) - 2)
+            == len(lines) - 2), lines[-30:]
     assert lines[-1].startswith("val_perplexity ")
-    assert lines[-1].endswith(f"final model in {run_dir / 'final'}")
-    assert lines[-2] == f"written to {run_dir / 'eval.json'}"
-    report = json.loads((run_dir / "eval.json").read_text())
-    assert report["model"]["model"] == str(run_dir / "final") and report["data"]["split"] == "val"
+    assert lines[-1].endswith(f"final model in {run.final}")
+    assert lines[-2] == f"written to {run.eval_report}"
+    report = json.loads(run.eval_report.read_text())
+    assert report["model"]["model"] == str(run.final) and report["data"]["split"] == "val"
     assert report["baseline"]["model"] == str(Path(tiny_model_dir).resolve())
     assert report["model"]["generated"] == report["baseline"]["generated"] == 4

@@ -1,7 +1,7 @@
-"""run.trackers with the real libraries: one short `aigc-ray train` (the evaluation at its end
-included) logs to TensorBoard, MLflow and W&B (offline) at once, and each is read back through
-its own reader: every metrics.jsonl row at its step, the config as parameters, the samples, the
-loss curve and the final evaluation."""
+"""run.trackers with the real libraries: one short `aigc-ray train` (conftest's
+tracked_train_run, the evaluation at its end included) logs to TensorBoard, MLflow and W&B
+(offline) at once, and each is read back through its own reader: every metrics.jsonl row at its
+step, the config as parameters, the samples, the loss curve and the final evaluation."""
 
 from __future__ import annotations
 
@@ -10,21 +10,17 @@ import json
 import pytest
 
 from aigc_ray.cli import main
+from aigc_ray.run_folder import EVAL_FILE, RunFolder
 from aigc_ray.train.metrics import read_jsonl
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def tracked_run(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory):
-    out = tmp_path_factory.mktemp("tracked")
-    assert main(["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
-                 f"data.path={sample_corpus['jsonl']}", "train.max_steps=4",
-                 "train.eval_every=2", "train.log_every=2", "scaling.num_workers=1",
-                 "run.trackers=[tensorboard, mlflow, wandb]", f"run.output_dir={out}",
-                 "run.name=tracked", "eval.generate_rows=2", "eval.max_tokens=4"]) == 0
-    run_dir = out / "tracked"
-    return {"out": out, "dir": run_dir, "rows": read_jsonl(run_dir / "metrics.jsonl"),
+def tracked_run(tracked_train_run):
+    """conftest's run with every tracker on, and what it wrote beside them."""
+    run_dir = tracked_train_run["dir"]
+    return {**tracked_train_run, "rows": read_jsonl(RunFolder(run_dir).metrics),
             "ids": json.loads((run_dir / "trackers.json").read_text())}
 
 
@@ -41,7 +37,7 @@ def test_mlflow_has_every_row_the_config_and_the_artifacts(tracked_run):
     assert run.data.params["train.max_steps"] == "4" and run.data.params["data.block_size"] == "128"
     assert run.data.metrics["eval/model/perplexity"] > 0 and "best_val_loss" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"loss_curve.png", "eval.json", "samples"} <= artifacts
+    assert {RunFolder(tracked_run["dir"]).loss_curve.name, EVAL_FILE, "samples"} <= artifacts
 
 
 def test_tensorboard_event_files_hold_the_curves(tracked_run):
@@ -129,10 +125,10 @@ def test_an_mlflow_uri_naming_a_folder_holds_a_sqlite_store_inside_it(tmp_path, 
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
     cfg.run.dir.mkdir(parents=True)
-    (cfg.run.dir / "eval.json").write_text('{"perplexity": 9.5}\n')
+    RunFolder(cfg.run.dir).eval_report.write_text('{"perplexity": 9.5}\n')
     trackers = open_trackers(cfg, cfg.run.dir)
     trackers.metrics({"step": 3, "loss": 1.5})
-    trackers.files(cfg.run.dir / "eval.json")
+    trackers.files(RunFolder(cfg.run.dir).eval_report)
     trackers.close()
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/tracking/mlflow.db")
@@ -141,6 +137,6 @@ def test_an_mlflow_uri_naming_a_folder_holds_a_sqlite_store_inside_it(tmp_path, 
     assert [(m.step, m.value) for m in client.get_metric_history(run.info.run_id, "loss")] \
         == [(3, 1.5)]
     # Artifacts beside the store, not in whatever folder the worker ran in.
-    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["eval.json"]
-    assert list((tmp_path / "tracking" / "mlartifacts").rglob("eval.json"))
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == [EVAL_FILE]
+    assert list((tmp_path / "tracking" / "mlartifacts").rglob(EVAL_FILE))
     assert list(elsewhere.iterdir()) == []
