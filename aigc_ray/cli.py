@@ -208,10 +208,9 @@ def add_generate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(ns: argparse.Namespace) -> int:
-    from aigc_ray.checkpoint import checkpoint_config
-    from aigc_ray.generate import GENERATE_KEYS, check_generate, run_generate
+    from aigc_ray.generate import check_generate, load_generate_config, run_generate
 
-    path, cfg = checkpoint_config(ns.checkpoint, ns.overrides, GENERATE_KEYS, "generate")
+    path, cfg = load_generate_config(ns.checkpoint, ns.overrides)
     files = check_generate(ns.input, ns.output, cfg)  # before Ray starts
     print(run_generate(str(path), ns.input, ns.output, cfg, files).line())
     return 0
@@ -232,11 +231,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_eval(ns: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from aigc_ray.checkpoint import checkpoint_config, resolve_checkpoint
-    from aigc_ray.evaluate import EVAL_KEYS, eval_data, format_report, run_eval
+    from aigc_ray.checkpoint import resolve_checkpoint
+    from aigc_ray.evaluate import eval_data, format_report, load_eval_config, run_eval
     from aigc_ray.run_folder import CheckpointFolder
 
-    path, cfg = checkpoint_config(ns.checkpoint, ns.overrides, EVAL_KEYS, "eval")
+    path, cfg = load_eval_config(ns.checkpoint, ns.overrides)
     baseline = ns.baseline
     if baseline and Path(baseline).expanduser().exists():
         baseline = str(resolve_checkpoint(baseline))

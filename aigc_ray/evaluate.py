@@ -20,6 +20,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.config import Config
 from aigc_ray.data.files import format_of
 from aigc_ray.data.pack import tokenize
@@ -37,6 +38,13 @@ if TYPE_CHECKING:
 EVAL_KEYS = ("eval", "data", "generate", "model.trust_remote_code")
 METRICS = (("perplexity", "lower is better"), ("rouge_l", "higher is better"),
            ("bleu", "higher is better"))
+
+
+def load_eval_config(checkpoint: str, overrides: list[str] | None = None
+                     ) -> tuple[Path, Config]:
+    """(model folder, Config) for evaluation: the folder's config.yaml eval, data and generate
+    sections (if any), then `key=value` overrides of those. Raises a one-line ConfigError."""
+    return checkpoint_config(checkpoint, overrides, EVAL_KEYS, "eval")
 
 
 class LossSum:

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.config import Config, Data, Generate
 from aigc_ray.data.chat import chat_ids, messages_of
 from aigc_ray.data.files import format_of, resolve_files
@@ -47,6 +48,13 @@ SKIPPED_FILE = "_skipped.jsonl"
 GENERATE_KEYS = ("generate", "model.trust_remote_code")
 CHAT_COLUMN = "_chat"  # true where the prompt is a conversation (messages as JSON)
 MAX_LISTED_SKIPS = 10_000  # rows named in _skipped.jsonl per run; the counts are always whole
+
+
+def load_generate_config(checkpoint: str, overrides: list[str] | None = None
+                         ) -> tuple[Path, Config]:
+    """(model folder, Config) for batch generation: the folder's config.yaml generate section
+    (if any), then `generate.key=value` overrides. Raises a one-line ConfigError."""
+    return checkpoint_config(checkpoint, overrides, GENERATE_KEYS, "generate")
 
 
 def input_format(files: list[str], chosen: str) -> str:

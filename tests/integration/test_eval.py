@@ -13,10 +13,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.cli import main
 from aigc_ray.data.pipeline import check_config
-from aigc_ray.evaluate import EVAL_KEYS, eval_data, perplexity
+from aigc_ray.evaluate import eval_data, load_eval_config, perplexity
 from aigc_ray.run_folder import EVAL_FILE, RunFolder
 
 pytestmark = pytest.mark.slow
@@ -54,7 +53,7 @@ def direct_perplexity(model_dir: str, pairs: list[dict]) -> float:
 
 def test_perplexity_matches_a_direct_transformers_computation(ray_cluster, tiny_model_dir,
                                                               held_out):
-    path, cfg = checkpoint_config(tiny_model_dir, PAIRS, EVAL_KEYS, "eval")
+    path, cfg = load_eval_config(tiny_model_dir, PAIRS)
     cfg, split = eval_data(cfg, str(held_out))
     ours = perplexity(str(path), cfg, split, check_config(cfg))
     pairs = [json.loads(line) for line in held_out.read_text().splitlines()]

@@ -10,9 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.cli import main
-from aigc_ray.generate import GENERATE_KEYS, SKIPPED_FILE, SUMMARY_FILE, run_generate
+from aigc_ray.generate import SKIPPED_FILE, SUMMARY_FILE, load_generate_config, run_generate
 
 pytestmark = pytest.mark.slow
 
@@ -45,9 +44,8 @@ def direct_greedy(model_dir: str, prompt: str, max_new_tokens: int) -> str:
 def test_every_input_row_is_written_or_skipped_and_greedy_equals_generate(
         ray_cluster, tiny_model_dir, prompts_file, tmp_path):
     out = tmp_path / "out"
-    path, cfg = checkpoint_config(tiny_model_dir, ["generate.max_tokens=12",
-                                                   "generate.batch_size=8"], GENERATE_KEYS,
-                                  "generate")
+    path, cfg = load_generate_config(tiny_model_dir, ["generate.max_tokens=12",
+                                                      "generate.batch_size=8"])
     summary = run_generate(str(path), str(prompts_file), str(out), cfg)
 
     rows = pads.dataset(str(out), format="parquet").to_table().to_pylist()
@@ -106,9 +104,8 @@ def test_parquet_in_and_out_through_uris(ray_cluster, tiny_model_dir, tmp_path):
     pq.write_table(pa.table({"sku": [7, 8, 9], "prompt": ["Customer: A\nAgent:", None,
                                                            "Customer: B\nAgent:"]}),
                    tmp_path / "prompts.parquet")
-    path, cfg = checkpoint_config(tiny_model_dir, ["generate.id_field=sku",
-                                                   "generate.max_tokens=4"], GENERATE_KEYS,
-                                  "generate")
+    path, cfg = load_generate_config(tiny_model_dir, ["generate.id_field=sku",
+                                                      "generate.max_tokens=4"])
     summary = run_generate(str(path), f"file://{tmp_path}/prompts.parquet",
                            f"file://{tmp_path}/out", cfg)
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
@@ -129,9 +126,8 @@ def test_a_list_of_messages_is_rendered_by_the_chat_template(ray_cluster, tiny_c
     lines = [json.dumps({"id": f"c{i}", "messages": m}) for i, m in enumerate(chats)]
     lines.append(json.dumps({"id": "bad", "messages": [{"role": "robot", "content": "hi"}]}))
     (tmp_path / "chats.jsonl").write_text("\n".join(lines) + "\n")
-    path, cfg = checkpoint_config(tiny_chat_model_dir, ["generate.prompt_field=messages",
-                                                        "generate.max_tokens=10"],
-                                  GENERATE_KEYS, "generate")
+    path, cfg = load_generate_config(tiny_chat_model_dir, ["generate.prompt_field=messages",
+                                                           "generate.max_tokens=10"])
     summary = run_generate(str(path), str(tmp_path / "chats.jsonl"), str(tmp_path / "out"), cfg)
     assert summary.skipped == {"unknown_role": 1}
     rows = {r["id"]: r for r in pads.dataset(str(tmp_path / "out"),
@@ -154,10 +150,10 @@ def test_ignore_eos_holds_every_completion_to_max_tokens(ray_cluster, tiny_model
     """generate.* takes the serving API's controls: with ignore_eos every row is exactly
     max_tokens long (what a benchmark of decode speed needs)."""
     (tmp_path / "p.txt").write_text("Customer: Hi\nAgent:\nCustomer: Where is my order?\n")
-    path, cfg = checkpoint_config(tiny_model_dir, ["generate.max_tokens=7",
-                                                   "generate.ignore_eos=true",
-                                                   "generate.repetition_penalty=1.3",
-                                                   "generate.top_k=5"], GENERATE_KEYS, "generate")
+    path, cfg = load_generate_config(tiny_model_dir, ["generate.max_tokens=7",
+                                                      "generate.ignore_eos=true",
+                                                      "generate.repetition_penalty=1.3",
+                                                      "generate.top_k=5"])
     run_generate(str(path), str(tmp_path / "p.txt"), str(tmp_path / "out"), cfg)
     rows = pads.dataset(str(tmp_path / "out"), format="parquet").to_table().to_pylist()
     assert len(rows) == 3 and all(r["completion_tokens"] == 7 for r in rows)

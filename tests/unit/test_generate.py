@@ -4,16 +4,15 @@ resource warning, row seeds, the progress line."""
 
 import pytest
 
-from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
 from aigc_ray.generate import (
-    GENERATE_KEYS,
     check_generate,
     count_input_rows,
     cpu_shortage_warning,
     generation_progress_line,
     input_format,
+    load_generate_config,
     row_seed,
 )
 
@@ -42,14 +41,13 @@ def test_generate_refuses_a_missing_input_and_a_used_output(tmp_path):
 
 
 def test_generate_overrides_are_generate_keys_only(tiny_model_dir):
-    path, cfg = checkpoint_config(tiny_model_dir, ["generate.batch_size=4"], GENERATE_KEYS,
-                                  "generate")
+    path, cfg = load_generate_config(tiny_model_dir, ["generate.batch_size=4"])
     assert cfg.generate.batch_size == 4 and cfg.generate.temperature == 0.0
     for bad, words in [(["train.lr=1"], "generate.key=value"),
                        (["generate.temprature=1"], "did you mean generate.temperature"),
                        (["generate.top_p=0"], "generate.top_p must be > 0")]:
         with pytest.raises(ConfigError, match=words):
-            checkpoint_config(tiny_model_dir, bad, GENERATE_KEYS, "generate")
+            load_generate_config(tiny_model_dir, bad)
 
 
 def test_a_cluster_too_small_for_the_actors_and_the_io_warns():
