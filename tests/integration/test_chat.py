@@ -15,6 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from aigc_ray.cli import main
 from aigc_ray.data.chat import chat_ids
+from aigc_ray.run_folder import RunFolder
 from aigc_ray.tokenizer import load_tokenizer
 
 pytestmark = pytest.mark.slow
@@ -34,15 +35,15 @@ def chat_run(ray_cluster, sample_corpus, tiny_chat_model_dir, tmp_path_factory):
 
 
 def test_chat_training_packs_learns_and_is_evaluated_on_replies(chat_run):
-    rows = [json.loads(line) for line in (chat_run / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in RunFolder(chat_run).metrics.read_text().splitlines()]
     losses = [row["loss"] for row in rows if row.get("loss") is not None]
     assert losses[-1] < losses[0]
-    record = json.loads((chat_run / "data.json").read_text())
+    record = json.loads(RunFolder(chat_run).data_record.read_text())
     counts = record["counts"]
     assert counts["chat_format.openai"] > 0 and counts.get("skipped.unknown_role", 0) == 0
     # Packing: a small share of each block is padding; unpacked, most of it would be.
     assert counts["padding.train"] < 0.5 * counts["padding_unpacked.train"]
-    report = json.loads((chat_run / "eval.json").read_text())
+    report = json.loads(RunFolder(chat_run).eval_report.read_text())
     assert report["data"]["chat_format"] == "openai"
     for side in ("model", "baseline"):  # ROUGE-L of the last reply, from the same rendering
         assert report[side]["generated"] == 4 and report[side]["rouge_l"] is not None
@@ -62,7 +63,7 @@ def test_chat_endpoint_answers_what_generate_answers_on_the_rendered_prompt(
 
     from aigc_ray.serve import build_app, load_serve_config
 
-    final = chat_run / "final"
+    final = RunFolder(chat_run).final
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     try:

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -127,8 +129,8 @@ def test_tiny_training_spec_runs_to_success_and_writes_final(ray_head, tmp_path)
     job_id = done.stdout.splitlines()[0]
     assert job_id.startswith("train-tiny-cpu-")
     assert "step 10/10" in done.stdout and f"job {job_id} SUCCEEDED" in done.stderr
-    final = runs / "job-tiny" / "final"
-    assert (final / "model.safetensors").is_file() and (final / "config.yaml").is_file()
+    final = CheckpointFolder(RunFolder(runs / "job-tiny").final)
+    assert (final.path / "model.safetensors").is_file() and final.config.is_file()
 
     # --address wins over RAY_ADDRESS (Ray's own client would try the dead RAY_ADDRESS).
     dead = {**env, "RAY_ADDRESS": "http://127.0.0.1:1"}

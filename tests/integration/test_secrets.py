@@ -17,6 +17,7 @@ import pytest
 from aigc_ray.cli import main
 from aigc_ray.config import REDACTED
 from aigc_ray.errors import ConfigError
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
 from aigc_ray.serve import build_app, load_serve_config
 
 pytestmark = pytest.mark.slow
@@ -36,7 +37,7 @@ def trained(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory, monkey
     # What the driver's trackers see as the command line, as when run from a shell.
     monkeypatch_module.setattr(sys, "argv", ["aigc-ray", *argv])
     assert main(argv) == 0
-    return {"out": out, "final": out / "keyed" / "final"}
+    return {"out": out, "final": RunFolder(out / "keyed").final}
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_serving_a_run_trained_with_a_key_asks_for_it_and_no_file_holds_it(train
     out, final = trained["out"], trained["final"]
     # The saved config says a key was set, without the key: serving it asks for the key again
     # rather than serving without one.
-    assert f"api_key: {REDACTED}" in (final / "config.yaml").read_text()
+    assert f"api_key: {REDACTED}" in CheckpointFolder(final).config.read_text()
     with pytest.raises(ConfigError, match="AIGC_RAY_API_KEY=KEY or serve.api_key_file=FILE"):
         build_app(*load_serve_config(str(final)))
 

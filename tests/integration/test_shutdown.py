@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from aigc_ray.run_folder import RunFolder
+
 # What Ray printed before: its C++ handler's stack dump ("*** SIGTERM received ... ***", then
 # the shell's "Aborted"), a traceback, and Serve's controller reported as a failed task.
 ALARMING = ("SIGTERM received", "Aborted", "Traceback", "graceful_shutdown failed",
@@ -148,4 +150,4 @@ def test_sigterm_stops_training_resumably(sample_corpus, tiny_model_dir, tmp_pat
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     resumed = [line for line in again.stdout.splitlines() if "resuming at step" in line]
     assert resumed and f"resuming at step {last}" in resumed[0], again.stdout[-3000:]
-    assert (run_dir / "final" / "model.safetensors").exists()
+    assert (RunFolder(run_dir).final / "model.safetensors").exists()
