@@ -25,6 +25,7 @@ from aigc_ray.config import load_config
 from aigc_ray.data.read import document_text, split_of
 from aigc_ray.errors import DataError
 from aigc_ray.evaluate import evaluate_after_training
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
 from aigc_ray.train.driver import run_train
 from aigc_ray.train.metrics import (
     METRIC_KEYS,
@@ -40,9 +41,11 @@ pytestmark = pytest.mark.slow
 
 
 def base_args(sample_corpus: dict, tiny_model_dir: str, output_dir: Path) -> list[str]:
+    """No sample replies at evaluations (drawing their prompts is a Ray Data read of its own):
+    only the first test reads them, and asks for them again."""
     return [f"model.name_or_path={tiny_model_dir}", f"data.path={sample_corpus['jsonl']}",
             "train.seed=0", "train.log_every=5", f"run.output_dir={output_dir}",
-            "eval.after_training=false"]
+            "eval.after_training=false", "train.sample_prompts=[]"]
 
 
 @pytest.fixture
@@ -53,7 +56,7 @@ def train_args(sample_corpus, tiny_model_dir, tmp_path):
 
 
 def metrics_of(run_dir: Path) -> list[dict]:
-    return read_jsonl(run_dir / "metrics.jsonl")
+    return read_jsonl(RunFolder(run_dir).metrics)
 
 
 def weights(folder) -> dict[str, torch.Tensor]:
@@ -92,7 +95,7 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
                                    "train.warmup_steps=5", "train.lr=8e-3",
                                    "run.name=t2", "eval.after_training=true",
                                    "eval.generate_rows=24", "train.profile_steps=2",
-                                   "train.profile_from=12"])
+                                   "train.profile_from=12", "train.sample_prompts=null"])
     summary = run_train(cfg)
     evaluation = evaluate_after_training(cfg, summary)  # what `aigc-ray train` runs next
 
@@ -103,10 +106,11 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
     assert val[-1] < val[0] - 1.0, val  # more than a nat per token: a clear margin, not noise
     assert summary.val_perplexity_after < summary.val_perplexity_before
     assert "before training" in summary.line() and str(summary.final_dir) in summary.line()
-    assert (summary.run_dir / "loss_curve.png").stat().st_size > 1000
+    run = RunFolder(summary.run_dir)
+    assert run.loss_curve.stat().st_size > 1000
     # Replies at each evaluation to two prompts of the run's own validation split (the shipped
     # config names none), never the sample corpus's fixed question.
-    samples = read_jsonl(summary.run_dir / "samples.jsonl")
+    samples = read_jsonl(run.samples)
     assert [s["step"] for s in samples] == [20, 20, 40, 40]
     rows = [json.loads(line) for line in open(cfg.data.paths[0], encoding="utf-8")]
     val_prompts = {row["prompt"] for row in rows
@@ -117,15 +121,15 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
     assert sorted(s["rank"] for s in starts) == [0, 1]
     assert all(s["start_step"] == 0 and s["global_batch"] == 16 for s in starts)
     for rank in (0, 1):  # train.profile_steps: each rank profiled the same window of DDP steps
-        table = (summary.run_dir / "profile" / f"rank-{rank}.txt").read_text()
+        table = (run.profile / f"rank-{rank}.txt").read_text()
         assert table.startswith("steps 12-13 on cpu: ") and "aten::" in table, table[:300]
-        assert (summary.run_dir / "profile" / f"rank-{rank}.trace.json.gz").stat().st_size > 0
+        assert (run.profile / f"rank-{rank}.trace.json.gz").stat().st_size > 0
     assert [note["note"].split(":")[:2] for note in worker_notes(summary.run_dir)] == [
         ["[aigc-ray] profile", " steps 12-13 on cpu"]]  # rank 0's line for the console
 
     final = summary.final_dir
-    assert not (final / "training_state.pt").exists()
-    assert (final / "config.yaml").exists()  # serve/generate/eval need only this folder
+    assert not CheckpointFolder(final).training_state.exists()
+    assert CheckpointFolder(final).config.exists()  # serve/generate/eval need only this folder
     model = AutoModelForCausalLM.from_pretrained(final)
     tokenizer = AutoTokenizer.from_pretrained(final)
     ids = tokenizer("Customer: I want a refund for my Orbit Watch.\nAgent:", return_tensors="pt")
@@ -133,7 +137,7 @@ def test_two_worker_run_lowers_val_loss_exports_final_and_beats_its_start(ray_cl
     assert out.shape[1] > ids["input_ids"].shape[1]
 
     # The evaluation at the end: final/ against the model it started from, same val rows.
-    report = json.loads((summary.run_dir / "eval.json").read_text())
+    report = json.loads(run.eval_report.read_text())
     assert report == {k: v for k, v in evaluation.items() if k != "written_to"}
     tuned, start = report["model"], report["baseline"]
     assert tuned["model"] == str(final) and report["data"]["split"] == "val"
@@ -236,7 +240,8 @@ def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster,
                                    f"scaling.strategy={strategy}", f"run.name=lora-{strategy}"])
     summary = run_train(cfg)
     final = summary.final_dir
-    assert not (final / "adapter_config.json").exists() and not (final / "adapter").exists()
+    assert not (final / "adapter_config.json").exists()
+    assert not CheckpointFolder(final).adapter.exists()
     before, after = weights(tiny_model_dir), weights(final)
     assert set(after) == set(before)  # plain GPT-2 names: no lora_A/lora_B left over
     # peft's default for GPT-2 adapts the attention projection `c_attn`; LoRA changes its weight
@@ -321,11 +326,12 @@ def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tiny_model_
     steps = [r["step"] for r in metrics_of(run_dir)]
     assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 40
     checkpoints = [path for path in run_dir.glob("checkpoint_*") if path.is_dir()]
-    assert checkpoints and all((c / "sharded" / ".metadata").exists() for c in checkpoints)
-    assert all(len(list((c / "sharded").glob("*.distcp"))) == 2 for c in checkpoints)
-    assert not (run_dir / "final" / "sharded").exists()
+    sharded = [CheckpointFolder(c).sharded for c in checkpoints]
+    assert checkpoints and all((shards / ".metadata").exists() for shards in sharded)
+    assert all(len(list(shards.glob("*.distcp"))) == 2 for shards in sharded)
+    assert not CheckpointFolder(RunFolder(run_dir).final).sharded.exists()
     # The export loads in plain transformers and holds the trained weights, not the start's.
-    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    model = AutoModelForCausalLM.from_pretrained(RunFolder(run_dir).final)
     start = weights(tiny_model_dir)
     trained = dict(model.named_parameters())
     assert all(not torch.equal(start[k], trained[k].detach()) for k in start if k in trained)
@@ -352,7 +358,7 @@ def test_two_node_cluster_spreads_the_workers(train_args, tmp_path):
     assert sorted(s["rank"] for s in starts) == [0, 1]
     assert {s["node_id"] for s in starts} == node_ids  # one worker on each of the two nodes
     assert "2 worker(s) on 2 node(s)" in done.stdout
-    assert (tmp_path / "two-node" / "final" / "model.safetensors").exists()
+    assert (RunFolder(tmp_path / "two-node").final / "model.safetensors").exists()
 
 
 # ── several epochs: tokenize once, feed from the object store ───────────────────────────────
@@ -372,7 +378,7 @@ def losses(run_dir: Path) -> dict[int, float]:
 
 
 def data_record(run_dir: Path) -> dict:
-    return json.loads((run_dir / "data.json").read_text())
+    return json.loads(RunFolder(run_dir).data_record.read_text())
 
 
 def assert_same_curve(curve: dict[int, float], reference: dict[int, float]) -> None:
@@ -464,7 +470,9 @@ def test_resuming_mid_epoch_from_a_cached_split_continues_the_same_curve(
     # This max_steps needs more tokens than the corpus holds: cached too, by the size estimate.
     first = run_train(load_config("tiny_cpu", [*args, f"train.max_steps={stop}"]))
     assert data_record(first.run_dir)["training_split"] == "cached"
-    (state_file,) = first.run_dir.glob("checkpoint_*/training_state.pt")
+    (state_file,) = [state for state in (CheckpointFolder(path).training_state
+                                         for path in first.run_dir.glob("checkpoint_*"))
+                     if state.exists()]
     loop = torch.load(state_file, weights_only=True)["loop"]
     assert (loop["step"], loop["epoch"], loop["batches_in_epoch"]) == (stop, 1, 3)
 
