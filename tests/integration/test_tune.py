@@ -9,57 +9,72 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.config import load_config
+from aigc_ray.run_folder import CheckpointFolder, RunFolder
 from aigc_ray.train.driver import run_train
 from aigc_ray.train.metrics import read_jsonl, worker_starts
-from aigc_ray.tune import run_tune
+from aigc_ray.tune import PBT_STAGING, run_tune
 
 pytestmark = pytest.mark.slow
 
 
+def args_for(sample_corpus: dict, tiny_model_dir: str, output_dir) -> list[str]:
+    """The shipped tiny_tune config pointed at the test corpus, tiny model and a folder. No
+    sample replies at evaluations: no test here reads them (test_train's first test does)."""
+    return [f"model.name_or_path={tiny_model_dir}", f"data.path={sample_corpus['jsonl']}",
+            f"run.output_dir={output_dir}", "train.eval_batches=4", "train.sample_prompts=[]"]
+
+
 @pytest.fixture
 def tune_args(sample_corpus, tiny_model_dir, tmp_path):
-    """The shipped tiny_tune config pointed at the test corpus, tiny model and a temp folder."""
-    return [f"model.name_or_path={tiny_model_dir}", f"data.path={sample_corpus['jsonl']}",
-            f"run.output_dir={tmp_path}", "train.eval_batches=4"]
+    return args_for(sample_corpus, tiny_model_dir, tmp_path)
 
 
-def results_of(run_dir: Path) -> list[dict]:
-    with (run_dir / "results.csv").open() as f:
+def results_of(run: RunFolder) -> list[dict]:
+    with run.results.open() as f:
         return list(csv.DictReader(f))
 
 
-def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args, tmp_path):
-    cfg = load_config("tiny_tune", [*tune_args, "train.max_steps=30", "train.eval_every=10",
-                                    "tune.num_samples=4", "run.name=asha"])
+def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args):
+    """Two trials, one at a time, in grid order: a learning rate that learns (3e-3), then one
+    too small to (1e-5). The second is behind the first at the first rung (measured: val_loss
+    6.25 against 5.29 at step 10; 1e-5 barely moves it), so ASHA stops it there; the first
+    runs to the end and is the best, exported to best/. The warmup is drawn, so
+    best_config.yaml holds a sampled value too."""
+    cfg = load_config("tiny_tune", [
+        *tune_args, "train.max_steps=30", "train.eval_every=10", "tune.num_samples=1",
+        "tune.max_concurrent_trials=1", "run.name=asha",
+        "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-5]}, "
+        "train.warmup_steps: {randint: [0, 10]}}"])
     summary = run_tune(cfg)
+    run = RunFolder(summary.run_dir)
 
-    rows = results_of(summary.run_dir)
-    assert len(rows) == 4 and all(row["status"] == "done" for row in rows)
-    assert any(row["stopped_early"] == "True" for row in rows)  # ASHA cut at least one
-    assert all(int(row["steps"]) in (10, 20, 30) for row in rows)
-    lowest = min(rows, key=lambda row: float(row["best_val_loss"]))
-    assert summary.best.trial == lowest["trial"]
-    assert summary.best.best == pytest.approx(float(lowest["best_val_loss"]))
-    assert (summary.run_dir / "tune_curves.png").stat().st_size > 1000
+    rows = results_of(run)
+    assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
+    learns, stalls = sorted(rows, key=lambda row: -float(row["train.lr"]))
+    assert (learns["stopped_early"], int(learns["steps"])) == ("False", 30), rows
+    assert (stalls["stopped_early"], int(stalls["steps"])) == ("True", 10), rows  # ASHA cut it
+    assert summary.best.trial == learns["trial"]
+    assert summary.best.best == pytest.approx(float(learns["best_val_loss"]))
+    assert summary.best.best < float(stalls["best_val_loss"])
+    assert run.tune_curves.stat().st_size > 1000
 
-    best = summary.run_dir / "best"
-    assert not (best / "training_state.pt").exists()
-    model = AutoModelForCausalLM.from_pretrained(best)
-    tokenizer = AutoTokenizer.from_pretrained(best)
+    best = CheckpointFolder(run.best)
+    assert not best.training_state.exists()
+    model = AutoModelForCausalLM.from_pretrained(best.path)
+    tokenizer = AutoTokenizer.from_pretrained(best.path)
     ids = tokenizer("Customer: Where is my order?\nAgent:", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] > ids[
         "input_ids"].shape[1]
 
     # best_config.yaml is a complete config that `aigc-ray train` takes as it is.
-    again = load_config(str(summary.run_dir / "best_config.yaml"), ["train.max_steps=10"])
-    assert again.train.lr == pytest.approx(float(lowest["train.lr"]))
-    assert again.train.warmup_steps == int(lowest["train.warmup_steps"])
+    again = load_config(str(run.best_config), ["train.max_steps=10"])
+    assert again.train.lr == pytest.approx(float(learns["train.lr"]))
+    assert again.train.warmup_steps == int(learns["train.warmup_steps"])
     assert again.run.name == "asha-best"
     assert run_train(again).final_dir.joinpath("model.safetensors").exists()
 
@@ -75,8 +90,9 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
         # however far apart they start.
         "scaling.cpus_per_worker=0.25"])
     summary = run_tune(cfg)
+    run = RunFolder(summary.run_dir)
 
-    rows = results_of(summary.run_dir)
+    rows = results_of(run)
     assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
     exploited = [row for row in rows if row["exploited"] != "-"]
     assert exploited, rows
@@ -84,23 +100,23 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
         donor, step = row["exploited"].split(", ")[0].split("@")
         step = int(step)
         assert donor in {r["trial"] for r in rows} - {row["trial"]} and step > 0
-        trial = summary.run_dir / "trials" / row["trial"]
+        trial = run.trial(row["trial"])
         # Rank 0 started again from the donor's step, and the metrics carry on from there.
-        assert step in [start["start_step"] for start in worker_starts(trial)]
-        metrics = [r for r in read_jsonl(trial / "metrics.jsonl") if r["val_loss"] is not None]
+        assert step in [start["start_step"] for start in worker_starts(trial.path)]
+        metrics = [r for r in read_jsonl(trial.metrics) if r["val_loss"] is not None]
         steps = [r["step"] for r in metrics]
         assert steps == sorted(set(steps)) and steps[-1] == 65
         before = [r["val_loss"] for r in metrics if 0 < r["step"] <= step]
         after = [r["val_loss"] for r in metrics if r["step"] > step]
         assert after and after[0] < before[-1]  # the donor's weights, not its own
     for row in rows:  # the learning rate the trial ended with is the one its optimizer used
-        last = read_jsonl(summary.run_dir / "trials" / row["trial"] / "metrics.jsonl")[-1]
+        last = read_jsonl(run.trial(row["trial"]).metrics)[-1]
         assert last["lr"] == pytest.approx(0.1 * float(row["train.lr"]))  # cosine to 10%
-        assert not (summary.run_dir / "trials" / row["trial"] / "pbt_staging").exists()
-        assert not list((summary.run_dir / row["trial"]).glob("checkpoint_*"))  # Tune's copies
+        assert not (run.trial(row["trial"]).path / PBT_STAGING).exists()
+        assert not list((run.path / row["trial"]).glob("checkpoint_*"))  # Tune's copies
     assert summary.table().splitlines()[0].rstrip().endswith("exploited (trial@step)")
-    assert (summary.run_dir / "tune_curves.png").stat().st_size > 1000
-    model = AutoModelForCausalLM.from_pretrained(summary.run_dir / "best")
+    assert run.tune_curves.stat().st_size > 1000
+    model = AutoModelForCausalLM.from_pretrained(run.best)
     assert model.config.n_layer == 2
 
 
@@ -113,7 +129,7 @@ def test_grid_runs_exactly_its_points_each_an_mlflow_run_under_the_search(ray_cl
                                     "tune.search_space={train.lr: {grid: [0.001, 0.004]}}",
                                     "run.trackers=[mlflow]"])
     run_tune(cfg)
-    rows = results_of(cfg.run.dir)
+    rows = results_of(RunFolder(cfg.run.dir))
     assert sorted(float(row["train.lr"]) for row in rows) == [0.001, 0.004]
     # Each trial is its own MLflow run, grouped under the search's name, in the store beside it.
     client = MlflowClient(tracking_uri=f"sqlite:///{cfg.run.dir.parent}/mlflow.db")
@@ -137,7 +153,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
             "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, "
             "train.warmup_steps: {randint: [0, 40]}, train.batch_size: {choice: [4, 8]}}"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
-    run_dir, trials = tmp_path / "resume", tmp_path / "resume" / "trials"
+    run = RunFolder(tmp_path / "resume")
     first = subprocess.Popen([sys.executable, "-m", "aigc_ray", "tune", *args], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -159,7 +175,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     second = subprocess.run([sys.executable, "-m", "aigc_ray", "tune", *args, "--resume"],
                             env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
-    rows = results_of(run_dir)
+    rows = results_of(run)
     assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
     for row in rows:  # what the sampler drew follows the search space
         assert SPACE["train.lr"][0] <= float(row["train.lr"]) <= SPACE["train.lr"][1]
@@ -168,9 +184,9 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
         assert int(row["train.batch_size"]) in SPACE["train.batch_size"]
     assert len({row["train.lr"] for row in rows}) == 3  # three draws, not one trial thrice
     for trial in finished:  # trained once: one start per rank, never restarted
-        assert len(worker_starts(trials / trial)) == 1
-        assert [r["step"] for r in read_jsonl(trials / trial / "metrics.jsonl")] == [0, 10]
-    assert (run_dir / "best" / "model.safetensors").exists()
+        assert len(worker_starts(run.trial(trial).path)) == 1
+        assert [r["step"] for r in read_jsonl(run.trial(trial).metrics)] == [0, 10]
+    assert (run.best / "model.safetensors").exists()
 
 
 def test_a_finished_search_needs_resume_or_a_new_name(tune_args, tmp_path):
