@@ -22,6 +22,12 @@ from aigc_ray.model import materialize_builtin
 
 # Workers inherit this; forked tokenizers with threads on 2 cores only slow each other down.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Ray Train's controller polls its workers every 2 s, and a run is over (or a report reaches
+# Tune, or a checkpoint is registered) only at a poll: every training run waited ~1 s for it at
+# its end. Polls are a few milliseconds; a missed one is only counted (dead after 10 minutes).
+# The controller reads this from the driver (Ray Train hands it on); the raylet started by
+# `ray_cluster`, subprocesses and their clusters inherit it.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 TINY_MODEL = {"vocab_size": 512, "n_embd": 64, "n_layer": 2, "n_head": 4, "tokenizer_docs": 400}
 
