@@ -31,6 +31,7 @@ from aigc_ray.checkpoint import checkpoint_config
 from aigc_ray.config import Config, Data, Generate
 from aigc_ray.data.chat import chat_ids, messages_of
 from aigc_ray.data.files import format_of, resolve_files
+from aigc_ray.data.pipeline import pipeline_cpus
 from aigc_ray.data.read import (
     ROWS_PER_BLOCK,
     SKIP_REASONS,
@@ -324,7 +325,8 @@ def cpu_shortage_warning(cfg: Config, cluster: dict) -> str | None:
     """A warning when the model actors leave no CPU for reading and writing: the pipeline
     then stalls until an autoscaler adds a node, which on a fixed cluster means forever."""
     gen = cfg.generate
-    need = gen.concurrency * gen.cpus_per_actor + 2 * cfg.data.cpus_per_task
+    need = (gen.concurrency * gen.cpus_per_actor
+            + pipeline_cpus(cfg.data, tokenizing=False, writing=True))
     have = cluster.get("CPU", 0)
     if need <= have:
         return None

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from aigc_ray.config import Config, pbt_mutations, redacted_dump, set_key, to_yaml
 from aigc_ray.data.files import GLOB_CHARS
+from aigc_ray.data.pipeline import pipeline_cpus
 from aigc_ray.errors import ConfigError, user_error
 from aigc_ray.run_folder import RunFolder
 
@@ -292,7 +293,7 @@ def concurrent_trials(cfg: Config) -> int:
         return cfg.tune.max_concurrent_trials
     resources = ray.cluster_resources()
     per_trial = (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-                 + (1 + cfg.data.tokenizer_actors) * cfg.data.cpus_per_task + TRIAL_DRIVER_CPUS)
+                 + pipeline_cpus(cfg.data) + TRIAL_DRIVER_CPUS)
     # Keep one read task's CPUs free: a trial whose workers started but whose data pipeline
     # cannot get a CPU waits forever, and so do the trials queued behind it.
     fit = int((resources.get("CPU", 1) - cfg.data.cpus_per_task) // per_trial)

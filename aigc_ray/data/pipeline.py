@@ -1,15 +1,24 @@
 """The data pipeline as the commands see it: the train and validation datasets from a config,
-`aigc-ray data`'s checks and statistics.
+`aigc-ray data`'s checks and statistics, and the CPUs the pipeline takes from a cluster.
 """
 
 from __future__ import annotations
 
-from aigc_ray.config import Config
+from aigc_ray.config import Config, Data
 from aigc_ray.data.files import resolve_files
 from aigc_ray.data.pack import tokenize
 from aigc_ray.data.read import SKIP_REASONS, corpus_source, create_stats, read_corpus
 from aigc_ray.errors import ConfigError, DataError
 from aigc_ray.tokenizer import tokenizer_spec
+
+
+def pipeline_cpus(data: Data, tokenizing: bool = True, writing: bool = False) -> float:
+    """CPUs a command's Ray Data pipeline holds while it runs: one read task, the tokenizer
+    actors when it tokenizes (training, tune's trials), a write task when it writes (batch
+    generation). Each takes `data.cpus_per_task`. Train, tune and generate size their resource
+    checks by this one count."""
+    tasks = 1 + (data.tokenizer_actors if tokenizing else 0) + (1 if writing else 0)
+    return tasks * data.cpus_per_task
 
 
 def build_datasets(cfg: Config, tokenizer_path: str, stats=None, files=None) -> dict:

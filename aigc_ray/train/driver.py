@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aigc_ray.config import Config
+from aigc_ray.data.pipeline import pipeline_cpus
 from aigc_ray.errors import ConfigError, DataError, user_error
 from aigc_ray.run_folder import RunFolder
+from aigc_ray.tokenizer import context_length
 from aigc_ray.train.export import export_checkpoint
 from aigc_ray.train.feed import TOO_FEW_BLOCKS, count_steps
 from aigc_ray.train.loop import LoopConfig, train_loop_per_worker
@@ -93,8 +95,7 @@ def strategy_note(cfg: Config) -> str | None:
 def training_resource_warning(cfg: Config, cluster: dict) -> str | None:
     """A warning when the cluster (as it is now) cannot hold the workers and the data pipeline
     together: Ray Train then waits for an autoscaler, which on a fixed cluster means forever."""
-    need_cpus = (cfg.scaling.num_workers * cfg.scaling.cpus_per_worker
-                 + (1 + cfg.data.tokenizer_actors) * cfg.data.cpus_per_task)
+    need_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + pipeline_cpus(cfg.data)
     need_gpus = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0
     have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     if need_cpus <= have_cpus and need_gpus <= have_gpus:
@@ -239,7 +240,7 @@ def check_model_settings(cfg: Config, model_path: str) -> None:
     if depth is not None and cfg.train.freeze_layers > depth:
         raise ConfigError(f"train.freeze_layers is {cfg.train.freeze_layers} but the model has "
                           f"{depth} blocks; set it to at most {depth}")
-    positions = getattr(config, "max_position_embeddings", None)
+    positions = context_length(config)
     if positions is not None and cfg.data.block_size > positions:
         raise ConfigError(f"data.block_size is {cfg.data.block_size} but the model takes at most "
                           f"{positions} positions; set data.block_size to at most {positions}")

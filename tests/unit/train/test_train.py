@@ -13,7 +13,7 @@ import torch
 
 from aigc_ray.config import load_config
 from aigc_ray.data.cache import cache_budget, epochs_likely
-from aigc_ray.errors import DataError, UserError
+from aigc_ray.errors import ConfigError, DataError, UserError
 from aigc_ray.run_folder import CheckpointFolder
 from aigc_ray.tokenizer import IGNORE_INDEX
 from aigc_ray.train.driver import training_resource_warning
@@ -230,3 +230,16 @@ def test_compile_falls_back_with_one_line_where_the_device_cannot_compile():
     assert same is model
     assert warning is not None and "\n" not in warning
     assert "train.compile" in warning and "training without it" in warning
+
+
+def test_a_block_longer_than_the_models_context_fails_before_any_worker(tmp_path):
+    """The context length is read by the one function serving uses (tokenizer.context_length),
+    so a GPT-2 config's `n_positions` counts as Llama's `max_position_embeddings` does."""
+    from transformers import GPT2Config
+
+    from aigc_ray.train.driver import check_model_settings
+
+    GPT2Config(n_positions=64, n_layer=2).save_pretrained(tmp_path)
+    check_model_settings(load_config(None, ["data.block_size=64"]), str(tmp_path))
+    with pytest.raises(ConfigError, match="data.block_size is 128 but the model takes at most 64"):
+        check_model_settings(load_config(None, ["data.block_size=128"]), str(tmp_path))
