@@ -109,6 +109,52 @@ def training_resource_warning(cfg: Config, cluster: dict) -> str | None:
             "scaling.num_workers or scaling.cpus_per_worker")
 
 
+def torch_trainer(cfg: Config, loop: LoopConfig, datasets: dict, callbacks: list | None):
+    """The `TorchTrainer` of a run: its workers, their resources, failures, checkpoints kept."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if cfg.scaling.use_gpu:
+        resources["GPU"] = cfg.scaling.gpus_per_worker
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop.as_train_loop_config(),
+        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                     use_gpu=cfg.scaling.use_gpu,
+                                     resources_per_worker=resources,
+                                     placement_strategy=cfg.scaling.placement_strategy),
+        run_config=RunConfig(
+            name=cfg.run.name, storage_path=str(loop.run_dir.parent), callbacks=callbacks,
+            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute="val_loss" if "val" in datasets else "step",
+                checkpoint_score_order="min" if "val" in datasets else "max"),
+        ),
+        datasets=datasets,
+        dataset_config=exact_validation_config(),
+    )
+
+
+def finish_run(cfg: Config, run: RunFolder, final_dir: Path, total_steps: int,
+               model_path: str) -> TrainSummary:
+    """After the export: the loss curve (also to the trackers) and the run's summary."""
+    rows = read_jsonl(run.metrics)
+    plot_loss_curve(rows, run.loss_curve)
+    if trackers := open_trackers(cfg, run.path):
+        trackers.files(run.loss_curve)
+        trackers.close()
+    before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r["val_perplexity"]]
+    after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r["val_perplexity"]]
+    return TrainSummary(
+        run_dir=run.path, final_dir=final_dir, steps=max((r["step"] for r in rows), default=0),
+        total_steps=total_steps, val_perplexity_before=before[0] if before else None,
+        val_perplexity_after=min(after, default=None),
+        samples=_last_samples(run.samples), start_model=model_path,
+    )
+
+
 def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
               start_from: str | None = None) -> TrainSummary:
     """Fit a `TorchTrainer` from the config; resumes when `run.name` already has checkpoints.
@@ -117,9 +163,6 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     prints the run's progress lines on this console; `start_from` is a checkpoint folder to
     start from when the run has none of its own (Tune's PBT: the trial it exploits).
     """
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     from aigc_ray.cluster import start_ray
     from aigc_ray.config import redacted_dump, to_yaml
     from aigc_ray.data.cache import training_split
@@ -161,33 +204,13 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     sample_prompts = (cfg.train.sample_prompts if cfg.train.sample_prompts is not None
                       else validation_prompts(cfg, source))
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
     loop = LoopConfig(
         # Workers never serve: the API key stays out of Ray (its dashboard shows these).
         config=Config.model_validate(redacted_dump(cfg)), model_path=model_path,
         run_dir=run_dir, total_steps=total_steps, epochs_bound=epochs_bound,
         has_val="val" in datasets, cached_blocks=cached_blocks, sample_prompts=sample_prompts,
         start_from=start_from)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop.as_train_loop_config(),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
-                                     use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=cfg.scaling.placement_strategy),
-        run_config=RunConfig(
-            name=cfg.run.name, storage_path=str(run_dir.parent), callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=cfg.train.keep_checkpoints,
-                checkpoint_score_attribute="val_loss" if "val" in datasets else "step",
-                checkpoint_score_order="min" if "val" in datasets else "max"),
-        ),
-        datasets=datasets,
-        dataset_config=exact_validation_config(),
-    )
+    trainer = torch_trainer(cfg, loop, datasets, callbacks)
     try:
         with Follower(run_dir, total_steps) if follow else contextlib.nullcontext():
             result = trainer.fit()
@@ -203,19 +226,7 @@ def run_train(cfg: Config, callbacks: list | None = None, follow: bool = True,
     final_dir = run.final
     export_checkpoint(_best_checkpoint(result, "val" in datasets).path, final_dir)
 
-    rows = read_jsonl(run.metrics)
-    plot_loss_curve(rows, run.loss_curve)
-    if trackers := open_trackers(cfg, run_dir):
-        trackers.files(run.loss_curve)
-        trackers.close()
-    before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r["val_perplexity"]]
-    after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r["val_perplexity"]]
-    return TrainSummary(
-        run_dir=run_dir, final_dir=final_dir, steps=max((r["step"] for r in rows), default=0),
-        total_steps=total_steps, val_perplexity_before=before[0] if before else None,
-        val_perplexity_after=min(after, default=None),
-        samples=_last_samples(run.samples), start_model=model_path,
-    )
+    return finish_run(cfg, run, final_dir, total_steps, model_path)
 
 
 def preflight(cfg: Config) -> list[str]:
