@@ -1,8 +1,7 @@
 """The decode wing: batched generation in pure PyTorch, shared by serve/ and generate.
 
     request   the contract between the HTTP side and the engine: GenerationRequest, Chunk,
-              TokenLogprob, the request checks, the context length (handed on from
-              aigc_ray.tokenizer; no torch: the ingress imports it)
+              TokenLogprob, the request checks (no torch: the ingress imports it)
     sampling  logits → the next token per row: penalties, temperature, top-k/top-p, logprobs
     engine    BatchDecoder: the KV cache, continuous batching, one forward per step
     graphs    SlotDecoder: fixed slots and captured CUDA graphs on a GPU

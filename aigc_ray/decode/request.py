@@ -1,6 +1,7 @@
 """The contract between the HTTP side and the decode engine: what a request asks for
 (`GenerationRequest`), what comes back (`Chunk`, `TokenLogprob`), the checks every request
-passes before it joins a batch, and the model's context length (`aigc_ray.tokenizer`'s).
+passes before it joins a batch. (The context length prompts are checked against is
+`aigc_ray.tokenizer.context_length`, below this wing, since training checks it too.)
 
 No torch here: the serving ingress imports this module, and it runs without a model.
 """
@@ -10,10 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-
-# Handed on as part of the contract (prompts are checked against it); it lives in tokenizer.py,
-# below the decode and train wings alike, since training checks data.block_size against it.
-from aigc_ray.tokenizer import context_length as context_length
 
 # Temperatures below this sample greedily, as vLLM's do (its _SAMPLING_EPS). Below it sampling is
 # greedy anyway (a logit gap of 0.001 becomes 100 nats), and a temperature that float32 holds

@@ -18,10 +18,10 @@ import yaml
 from ray import serve
 
 from aigc_ray.checkpoint import checkpoint_config
-from aigc_ray.config import Config
+from aigc_ray.config import API_KEY_ENV, Config
 from aigc_ray.errors import ConfigError
 from aigc_ray.run_folder import BEST_DIR, FINAL_DIR
-from aigc_ray.serve.ingress import API_KEY_ENV, INGRESS_MAX_ONGOING, OpenAIIngress, key_digest
+from aigc_ray.serve.ingress import INGRESS_MAX_ONGOING, OpenAIIngress, key_digest
 from aigc_ray.serve.replica import GenerationReplica
 
 # Keys a served checkpoint may override; the rest of its config describes how it was trained.

@@ -43,7 +43,6 @@ from aigc_ray.serve.api import (
 )
 from aigc_ray.tokenizer import context_length
 
-API_KEY_ENV = "AIGC_RAY_API_KEY"
 # Requests the ingress holds at once: it only awaits replicas, so far more than they batch.
 INGRESS_MAX_ONGOING = 1000
 # The context assumed for a model that states none (no position table, no tokenizer limit):

@@ -143,6 +143,10 @@ def test_the_wire_format_loads_no_torch_and_the_cli_no_ray():
               "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
-    script = "import sys, aigc_ray.cli; print('ray' in sys.modules or 'torch' in sys.modules)"
+    script = ("import contextlib, io, sys\n"
+              "from aigc_ray.cli import main\n"
+              "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+              "    main(['--help'])\n"
+              "print('ray' in sys.modules or 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -71,15 +71,11 @@ def test_a_spec_without_a_backend_loads_the_tokenizer_by_path(tmp_path):
     assert encoder(spec)(TEXTS, True) == reference(TEXTS)["input_ids"]
 
 
-def test_context_length_needs_no_tokenizer_and_has_one_home():
-    """Training checks data.block_size with the model's config alone; the decode wing's
-    contract hands on the same function rather than a copy."""
+def test_context_length_needs_no_tokenizer():
+    """Training checks data.block_size with the model's config alone."""
     from types import SimpleNamespace
-
-    from aigc_ray.decode import request
 
     assert context_length(SimpleNamespace(max_position_embeddings=2048)) == 2048
     assert context_length(SimpleNamespace(n_positions=1024),
                           SimpleNamespace(model_max_length=512)) == 1024  # the model's first
     assert context_length(SimpleNamespace()) is None
-    assert request.context_length is context_length

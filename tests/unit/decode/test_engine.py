@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from aigc_ray.decode.engine import BatchDecoder, decode_all
-from aigc_ray.decode.request import GenerationRequest, context_length
-from aigc_ray.tokenizer import load_tokenizer
+from aigc_ray.decode.request import GenerationRequest
+from aigc_ray.tokenizer import context_length, load_tokenizer
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",
            "Customer: How do I reset my password for Nimbus Drive? It keeps failing.\nAgent:"]
