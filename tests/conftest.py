@@ -2,7 +2,7 @@
 
 All three are session-scoped and reusable by any test (data, training, serving): Ray starts once
 per test session, the corpus is written once and the tiny model folder is built once. So is one
-short `aigc-ray train` that more than one module reads (test_eval, test_trackers).
+short `aigc-ray train` that more than one module reads (test_eval, test_trackers, test_secrets).
 """
 
 from __future__ import annotations
@@ -97,22 +97,31 @@ def tiny_chat_model_dir(tmp_path_factory, sample_corpus) -> str:
 
 @pytest.fixture(scope="session")
 def tracked_train_run(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory) -> dict:
-    """`aigc-ray train` as the CLI runs it: 4 steps on one worker, an evaluation every 2, every
-    tracker on (TensorBoard, MLflow in its default store beside the run folder, W&B offline)
-    and the evaluation after training. test_eval reads what it printed, test_trackers what
-    each tracker holds: {'out': output folder, 'dir': run folder, 'stdout': what it printed}."""
+    """`aigc-ray train` as the CLI runs it from a shell: 4 steps on one worker, an evaluation
+    every 2, every tracker on (TensorBoard, MLflow in its default store beside the run folder,
+    W&B offline), the evaluation after training, and a serving API key on the command line (the
+    worst case: W&B records the command line too). test_eval reads what it printed,
+    test_trackers what each tracker holds, test_secrets that no file holds the key:
+    {'out': output folder, 'dir': run folder, 'stdout': what it printed, 'key': the key}."""
+    import secrets
+    import sys
+
     from aigc_ray.cli import main
 
     out = tmp_path_factory.mktemp("tracked")
+    key = f"sk-aigc-test-{secrets.token_hex(8)}"  # bytes no file would hold by chance
+    argv = ["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
+            f"data.path={sample_corpus['jsonl']}", "train.seed=0", "train.max_steps=4",
+            "train.eval_every=2", "train.log_every=2", "scaling.num_workers=1",
+            "run.trackers=[tensorboard, mlflow, wandb]", f"run.output_dir={out}",
+            "run.name=tracked", "eval.generate_rows=4", "eval.max_tokens=4",
+            f"serve.api_key={key}"]
     printed = io.StringIO()  # what capsys would hold: sys.stdout while it ran, Ray's echoes too
-    with contextlib.redirect_stdout(printed):
-        code = main(["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
-                     f"data.path={sample_corpus['jsonl']}", "train.seed=0", "train.max_steps=4",
-                     "train.eval_every=2", "train.log_every=2", "scaling.num_workers=1",
-                     "run.trackers=[tensorboard, mlflow, wandb]", f"run.output_dir={out}",
-                     "run.name=tracked", "eval.generate_rows=4", "eval.max_tokens=4"])
+    with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["aigc-ray", *argv])  # what the trackers see as the command
+        code = main(argv)
     assert code == 0, printed.getvalue()[-3000:]
-    return {"out": out, "dir": out / "tracked", "stdout": printed.getvalue()}
+    return {"out": out, "dir": out / "tracked", "stdout": printed.getvalue(), "key": key}
 
 
 @pytest.fixture(scope="session")

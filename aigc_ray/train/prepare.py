@@ -75,3 +75,14 @@ def compiled(model, device) -> tuple[object, str | None]:
                        f"here ({type(exc).__name__}: {str(exc).splitlines()[0][:160]}); "
                        "training without it")
     return torch.compile(model), None
+
+
+def mark_length_dynamic(batch: dict) -> None:
+    """Tell `torch.compile` that a batch's sequence length varies: the feed trims each batch to
+    its longest row, so lengths differ from step to step. Marked from the first step, the model
+    compiles once; unmarked, it compiles for the first length and again, dynamic, at the second."""
+    import torch
+
+    for key in ("input_ids", "attention_mask", "labels", "position_ids"):
+        if key in batch:
+            torch._dynamo.maybe_mark_dynamic(batch[key], 1)

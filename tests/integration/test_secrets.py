@@ -1,50 +1,24 @@
 """The serving API key is never written to disk: one short `aigc-ray train` with the key on its
-command line (the worst case: that is where W&B looks too) and every tracker on, then its final/
-served with the key given again through a key file. The served API asks for the key, and no file
+command line (the worst case: that is where W&B looks too) and every tracker on (conftest's
+tracked_train_run, shared with test_eval and test_trackers), then its final/ served with the
+key given again through a key file. The served API asks for the key, and no file
 under the output folder (run folder, checkpoints, final/, the trackers' files and the MLflow
 store) holds the key's bytes."""
 
 from __future__ import annotations
 
-import secrets
 import socket
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from aigc_ray.cli import main
 from aigc_ray.config import REDACTED
 from aigc_ray.errors import ConfigError
 from aigc_ray.run_folder import CheckpointFolder, RunFolder
 from aigc_ray.serve import build_app, load_serve_config
 
 pytestmark = pytest.mark.slow
-
-KEY = f"sk-aigc-test-{secrets.token_hex(8)}"  # bytes no file would hold by chance
-
-
-@pytest.fixture(scope="module")
-def trained(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory, monkeypatch_module):
-    out = tmp_path_factory.mktemp("secrets")
-    argv = ["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
-            f"data.path={sample_corpus['jsonl']}", "data.block_size=64", "train.batch_size=4",
-            "train.max_steps=1", "train.eval_every=1", "train.eval_batches=1",
-            "train.log_every=1", "scaling.num_workers=1", "eval.after_training=false",
-            "run.trackers=[tensorboard, mlflow, wandb]", f"run.mlflow_uri={out}/mlflow",
-            f"run.output_dir={out}", "run.name=keyed", f"serve.api_key={KEY}"]
-    # What the driver's trackers see as the command line, as when run from a shell.
-    monkeypatch_module.setattr(sys, "argv", ["aigc-ray", *argv])
-    assert main(argv) == 0
-    return {"out": out, "final": RunFolder(out / "keyed").final}
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    with pytest.MonkeyPatch.context() as patch:
-        yield patch
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -57,10 +31,12 @@ def files_holding(folder: Path, needle: bytes) -> list[str]:
                   if path.is_file() and needle in path.read_bytes())
 
 
-def test_serving_a_run_trained_with_a_key_asks_for_it_and_no_file_holds_it(trained, tmp_path):
+def test_serving_a_run_trained_with_a_key_asks_for_it_and_no_file_holds_it(tracked_train_run,
+                                                                           tmp_path):
     from ray import serve
 
-    out, final = trained["out"], trained["final"]
+    out, key = tracked_train_run["out"], tracked_train_run["key"]
+    final = RunFolder(tracked_train_run["dir"]).final
     # The saved config says a key was set, without the key: serving it asks for the key again
     # rather than serving without one.
     assert f"api_key: {REDACTED}" in CheckpointFolder(final).config.read_text()
@@ -68,7 +44,7 @@ def test_serving_a_run_trained_with_a_key_asks_for_it_and_no_file_holds_it(train
         build_app(*load_serve_config(str(final)))
 
     key_file = tmp_path / "api_key"  # outside the output folder
-    key_file.write_text(KEY + "\n")  # as `echo KEY > FILE` writes it
+    key_file.write_text(key + "\n")  # as `echo KEY > FILE` writes it
     port = free_port()
     path, cfg = load_serve_config(str(final), [
         f"serve.api_key_file={key_file}", f"serve.port={port}", "serve.app_name=keyed",
@@ -81,7 +57,7 @@ def test_serving_a_run_trained_with_a_key_asks_for_it_and_no_file_holds_it(train
                 "temperature": 0}
         without = httpx.post(url, json=body, timeout=60)
         wrong = httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=60)
-        right = httpx.post(url, json=body, headers={"Authorization": f"Bearer {KEY}"},
+        right = httpx.post(url, json=body, headers={"Authorization": f"Bearer {key}"},
                            timeout=60)
     finally:
         serve.shutdown()
@@ -92,6 +68,7 @@ def test_serving_a_run_trained_with_a_key_asks_for_it_and_no_file_holds_it(train
     # Every writer had its chance: config.yaml of the run, each checkpoint and final/, the
     # trackers (TensorBoard events, the MLflow store and its artifacts, W&B's offline files).
     written = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
-    assert "mlflow/mlflow.db" in written and any(p.startswith("keyed/tensorboard/") for p in written)
-    assert any(p.startswith("keyed/wandb/") for p in written)
-    assert files_holding(out, KEY.encode()) == []
+    assert "mlflow.db" in written and any(p.startswith("tracked/tensorboard/") for p in written)
+    assert any(p.startswith("tracked/wandb/") for p in written)
+    assert "tracked/eval.json" in written
+    assert files_holding(out, key.encode()) == []
