@@ -409,9 +409,15 @@ def planned_trials(cfg: Config) -> int:
 
 def unfinished_trials(results) -> int:
     """Trials neither finished nor failed: Tune returns normally after Ctrl-C, and only its
-    trial list (not the public ResultGrid) says which trials were cut off."""
+    trial list (not the public ResultGrid) says which trials were cut off. A trial cut off
+    before its first report may not be in that list, and has no history (nor config) in the
+    grid: it counts too."""
     trials = getattr(getattr(results, "_experiment_analysis", None), "trials", None) or []
-    return sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
+    cut = sum(trial.status not in ("TERMINATED", "ERROR") for trial in trials)
+    never_reported = sum(result.error is None and (result.config is None
+                                                   or result.metrics_dataframe is None)
+                         for result in results)
+    return max(cut, never_reported)
 
 
 def remove_tune_checkpoints(results) -> None:

@@ -37,6 +37,7 @@ from aigc_ray.train.prepare import (
     compiled,
     decay_groups,
     freeze_bottom,
+    mark_length_dynamic,
     transformer_blocks,
     unwrap,
 )
@@ -354,8 +355,6 @@ class TrainingLoop:
                     raise DataError(too_few_blocks(cfg, None, self.world_size))
                 state.epoch, state.batches_in_epoch = state.epoch + 1, 0
                 finished = self.loop.epochs_bound and state.epoch >= cfg.train.epochs
-        if self.trackers and math.isfinite(state.best_val_loss):
-            self.trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
 
     def _train_epoch(self, batches) -> bool:
         """Steps through one epoch's batches; True when the run is finished, False when the
@@ -399,6 +398,8 @@ class TrainingLoop:
         scale = loss_scale(micro, self.world_size)
         for position, micro_batch in enumerate(micro):
             last = position == len(micro) - 1
+            if self.cfg.train.compile:
+                mark_length_dynamic(micro_batch)
             with gradient_sync(self.step_model, self.model if self.sharded else None, last,
                                self.world_size):
                 with self.autocast:
@@ -447,6 +448,9 @@ class TrainingLoop:
                 state.note_eval(row["val_loss"])
             self._write_samples()
         self._write_metrics(row)
+        if evaluating and self.trackers and math.isfinite(state.best_val_loss):
+            # At every evaluation, not only at the end: a trial Tune stops early has it too.
+            self.trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
         if evaluating:
             self.save_checkpoint(row)
         self.clock.pause()  # evaluation time is not training time

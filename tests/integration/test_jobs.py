@@ -75,7 +75,10 @@ def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="aigcjob-", dir="/tmp")  # short: socket paths are capped
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
-    head, address, log = start_head(temp_dir, env)
+    # On SIGTERM a `ray start` node first drains (30 s by default) so Serve proxies can stop
+    # taking traffic; this head serves nothing, so it stops at once.
+    head_env = {**env, "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0"}
+    head, address, log = start_head(temp_dir, head_env)
     try:
         yield address, env
     finally:

@@ -9,8 +9,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -422,19 +420,6 @@ def test_killing_a_replica_under_load_recovers(serve_port, chat_model_dir):
         assert complete(app["url"], prompt="Hi", max_tokens=3).status_code == 200
     finally:
         serve.delete("kill")
-
-
-@pytest.mark.slow
-def test_cli_once_deploys_answers_over_http_and_shuts_down(chat_model_dir, tmp_path):
-    """`aigc-ray serve CHECKPOINT --once PROMPT`, what `make demo` runs, in its own process."""
-    env = {**os.environ, "RAY_ADDRESS": ""}
-    env.pop("RAY_ADDRESS")
-    result = subprocess.run(
-        [sys.executable, "-m", "aigc_ray", "serve", str(chat_model_dir), f"serve.port={free_port()}",
-         "serve.cpus_per_replica=0.5", "serve.default_max_tokens=5", "--once", "Hi"],
-        capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "→" in result.stdout and "tokens from" in result.stdout
 
 
 # --- the rest of the OpenAI surface: logprobs, echo, penalties, lengths, refused fields ------

@@ -105,15 +105,16 @@ def test_sigterm_stops_serve_like_ctrl_c(tiny_model_dir, tmp_path):
 
 
 def test_serve_once_ends_without_alarming_lines(tiny_model_dir, tmp_path):
-    """What `make demo` ends with: answer one prompt, then shut Serve down in the order Ray
-    expects, so no "(raylet) Task ServeController.graceful_shutdown failed" follows success."""
+    """What `make demo` ends with, in its own process and its own local Ray: deploy, answer one
+    prompt over HTTP, then shut Serve down in the order Ray expects, so no "(raylet) Task
+    ServeController.graceful_shutdown failed" follows success."""
     done = subprocess.run(
         [sys.executable, "-m", "aigc_ray", "serve", tiny_model_dir, f"serve.port={free_port()}",
          "serve.cpus_per_replica=0.5", "serve.default_max_tokens=4", "--once", "Hi"],
         cwd=tmp_path, env=local_ray_env(), capture_output=True, text=True, timeout=300)
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-3000:]
-    assert "tokens from" in done.stdout
+    assert "→" in done.stdout and "tokens from" in done.stdout
     assert_nothing_alarming(output)
 
 
@@ -128,9 +129,10 @@ def checkpointed_steps(run_dir: Path) -> list[int]:
 
 
 @pytest.mark.slow
-def test_sigterm_stops_training_resumably(sample_corpus, tiny_model_dir, tmp_path):
+def test_sigterm_stops_training_resumably(ray_cluster, sample_corpus, tiny_model_dir, tmp_path):
     """SIGTERM mid-run: exit 130 with the command that resumes it, nothing alarming; running
-    that command again resumes from the last checkpoint rather than from step 0."""
+    that command again resumes from the last checkpoint rather than from step 0 (on the test
+    session's cluster: the run folder holds all it needs, whichever cluster runs it)."""
     args = ["train", "tiny_cpu", f"model.name_or_path={tiny_model_dir}",
             f"data.path={sample_corpus['jsonl']}", "train.seed=0", "train.log_every=5",
             "train.eval_every=5", "scaling.num_workers=1", f"run.output_dir={tmp_path}",
@@ -144,9 +146,9 @@ def test_sigterm_stops_training_resumably(sample_corpus, tiny_model_dir, tmp_pat
 
     # The same run, told to end a few steps after its last checkpoint.
     last = max(checkpointed_steps(run_dir))
+    session = {**local_ray_env(), "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     again = subprocess.run([sys.executable, "-m", "aigc_ray", *args, f"train.max_steps={last + 5}"],
-                           cwd=tmp_path, env=local_ray_env(), capture_output=True, text=True,
-                           timeout=300)
+                           cwd=tmp_path, env=session, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     resumed = [line for line in again.stdout.splitlines() if "resuming at step" in line]
     assert resumed and f"resuming at step {last}" in resumed[0], again.stdout[-3000:]

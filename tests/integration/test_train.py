@@ -219,26 +219,53 @@ def test_a_corpus_whose_every_row_is_skipped_says_why_training_has_no_blocks(
     assert "300 rows were skipped (wrong_type 300)" in message, message
 
 
-def test_freeze_layers_keeps_the_bottom_bit_identical(ray_cluster, train_args, tiny_model_dir):
-    cfg = load_config("tiny_cpu", [*train_args, "train.freeze_layers=1", "train.max_steps=10",
-                                   "train.eval_every=10", "run.name=frozen"])
-    before, after = weights(tiny_model_dir), weights(run_train(cfg).final_dir)
-    frozen = [k for k in before if k.startswith(("transformer.wte", "transformer.wpe",
-                                                 "transformer.h.0."))]
-    trained = [k for k in before if k.startswith(("transformer.h.1.", "transformer.ln_f"))]
-    assert frozen and trained
-    assert all(torch.equal(before[k], after[k]) for k in frozen)
-    changed = [k for k in trained if not torch.equal(before[k], after[k])]
-    assert len(changed) == len(trained), set(trained) - set(changed)
+LORA = ["train.lora.enabled=true", "train.lora.r=4"]
+
+
+@pytest.fixture(scope="module")
+def killed_lora_fsdp_run(ray_cluster, sample_corpus, tiny_model_dir, tmp_path_factory) -> dict:
+    """LoRA under fsdp, 40 steps with a checkpoint every 10, and rank 1 killed (SIGKILL) once
+    the first checkpoint is registered, so Ray Train restarts the group from it: every rank
+    reloads its own shard of the adapters and their optimizer state. Read by the LoRA test (what
+    was trained and exported) and the restart test (how it came back).
+    {'summary': TrainSummary, 'run_dir': Path, 'error': what run_train raised, if anything}."""
+    args = base_args(sample_corpus, tiny_model_dir, tmp_path_factory.mktemp("killed"))
+    cfg = load_config("tiny_cpu", [*args, *LORA, "train.max_steps=40", "train.eval_every=10",
+                                   "scaling.max_failures=1", "scaling.strategy=fsdp",
+                                   "run.name=lora-fsdp-killed"])
+    run_dir = cfg.run.dir
+    outcome: dict = {"run_dir": run_dir}
+
+    def fit():
+        try:
+            outcome["summary"] = run_train(cfg)
+        except BaseException as exc:  # surfaced by the tests' assertions
+            outcome["error"] = exc
+
+    trainer = threading.Thread(target=fit)
+    trainer.start()
+    # Ray Train registers a reported checkpoint asynchronously; a worker killed before that
+    # loses it (the restart would rightly begin at step 0), so wait for the registration.
+    wait_for(lambda: checkpointed_steps(run_dir) or not trainer.is_alive(), 240,
+             "the first registered checkpoint")
+    rank1 = [s for s in worker_starts(run_dir) if s["rank"] == 1][-1]
+    os.kill(rank1["pid"], signal.SIGKILL)
+    trainer.join(timeout=300)
+    return outcome
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
-def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster, train_args,
+def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(request, train_args,
                                                                     tiny_model_dir, strategy):
-    cfg = load_config("tiny_cpu", [*train_args, "train.lora.enabled=true", "train.lora.r=4",
-                                   "train.max_steps=10", "train.eval_every=10",
-                                   f"scaling.strategy={strategy}", f"run.name=lora-{strategy}"])
-    summary = run_train(cfg)
+    """With ddp a run of its own; with fsdp the run whose worker the next test kills."""
+    if strategy == "fsdp":
+        outcome = request.getfixturevalue("killed_lora_fsdp_run")
+        assert "error" not in outcome, outcome.get("error")
+        summary = outcome["summary"]
+    else:
+        request.getfixturevalue("ray_cluster")
+        summary = run_train(load_config("tiny_cpu", [*train_args, *LORA, "train.max_steps=10",
+                                                     "train.eval_every=10", "run.name=lora"]))
     final = summary.final_dir
     assert not (final / "adapter_config.json").exists()
     assert not CheckpointFolder(final).adapter.exists()
@@ -252,8 +279,8 @@ def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster,
     assert summary.val_perplexity_after < summary.val_perplexity_before
     # Only the adapters train: AdamW holds two moments for them alone (r=4: under 5% of the
     # model), on each rank its share of them.
-    held = worker_memory(summary.run_dir)
-    assert len(held) == 2
+    held = worker_memory(summary.run_dir)  # each start's (the killed run started twice)
+    assert {row["rank"] for row in held} == {0, 1}
     for row in held:
         assert row["trainable_parameters"] < 0.05 * sum(t.numel() for t in before.values())
         assert row["optimizer_bytes"] == pytest.approx(
@@ -266,34 +293,14 @@ def test_lora_trains_only_adapters_and_exports_a_merged_plain_model(ray_cluster,
     assert loaded.stdout.strip() == "loaded", loaded.stderr[-2000:]
 
 
-@pytest.mark.parametrize("strategy", ["fsdp"])
-def test_killed_worker_restarts_from_the_last_checkpoint(ray_cluster, train_args, strategy):
-    """With fsdp, every rank reloads its own shard of the weights and optimizer state. (With
-    ddp the restart is Ray Train's same machinery, and loading a ddp checkpoint is what the
-    mid-epoch resume test below does: one kill test keeps the suite's time.)"""
-    cfg = load_config("tiny_cpu", [*train_args, "train.max_steps=40", "train.eval_every=10",
-                                   "scaling.max_failures=1", f"scaling.strategy={strategy}",
-                                   f"run.name=fault-{strategy}"])
-    run_dir = cfg.run.dir
-    outcome: dict = {}
-
-    def fit():
-        try:
-            outcome["summary"] = run_train(cfg)
-        except BaseException as exc:  # surfaced by the assertions below
-            outcome["error"] = exc
-
-    trainer = threading.Thread(target=fit)
-    trainer.start()
-    # Ray Train registers a reported checkpoint asynchronously; a worker killed before that
-    # loses it (the restart would rightly begin at step 0), so wait for the registration.
-    wait_for(lambda: checkpointed_steps(run_dir) or not trainer.is_alive(), 240,
-             "the first registered checkpoint")
-    rank1 = [s for s in worker_starts(run_dir) if s["rank"] == 1][-1]
-    os.kill(rank1["pid"], signal.SIGKILL)
-    trainer.join(timeout=300)
-
+def test_killed_worker_restarts_from_the_last_checkpoint(killed_lora_fsdp_run):
+    """With fsdp, every rank reloads its own shard of the weights and optimizer state (here
+    LoRA's: the adapters are added to the base, then filled from the shards). (With ddp the
+    restart is Ray Train's same machinery, and loading a ddp checkpoint is what the mid-epoch
+    resume test below does: one kill test keeps the suite's time.)"""
+    outcome = killed_lora_fsdp_run
     assert "error" not in outcome, outcome.get("error")
+    run_dir = outcome["run_dir"]
     assert outcome["summary"].steps == 40
     starts = [s for s in worker_starts(run_dir) if s["rank"] == 0]
     assert len(starts) == 2, starts  # the first group, and the one Ray Train restarted
@@ -306,7 +313,7 @@ def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tiny_model_
     """Kill `aigc-ray train` mid-run (SIGKILL, no clean-up), run the same command again. With
     fsdp (ddp resumes through the same Ray Train checkpoint, tested by the worker kill above):
     the checkpoints hold shards, and final/ is gathered from them into a plain HF folder."""
-    command = cli("train", "tiny_cpu", *train_args, "train.max_steps=40", "train.eval_every=10",
+    command = cli("train", "tiny_cpu", *train_args, "train.max_steps=20", "train.eval_every=10",
                   "scaling.strategy=fsdp", "run.name=restart")
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
     run_dir = tmp_path / "restart"
@@ -321,10 +328,10 @@ def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tiny_model_
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     resumed = [line for line in second.stdout.splitlines() if "resuming at step" in line]
     assert resumed and "resuming at step 0" not in resumed[0], second.stdout[-3000:]
-    assert "step 40/40" in second.stdout and "before training" in second.stdout
+    assert "step 20/20" in second.stdout and "before training" in second.stdout
     assert "Reporting training result" not in second.stdout  # our lines, not Ray's dict dumps
     steps = [r["step"] for r in metrics_of(run_dir)]
-    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 40
+    assert steps == sorted(set(steps)) and steps[0] == 0 and steps[-1] == 20
     checkpoints = [path for path in run_dir.glob("checkpoint_*") if path.is_dir()]
     sharded = [CheckpointFolder(c).sharded for c in checkpoints]
     assert checkpoints and all((shards / ".metadata").exists() for shards in sharded)
@@ -337,28 +344,51 @@ def test_rerunning_a_stopped_driver_resumes(ray_cluster, train_args, tiny_model_
     assert all(not torch.equal(start[k], trained[k].detach()) for k in start if k in trained)
 
 
-def test_two_node_cluster_spreads_the_workers(train_args, tmp_path):
-    """Two Ray nodes on this machine (one CPU each); STRICT_SPREAD puts one worker on each."""
+@pytest.fixture(scope="module")
+def two_node_run(sample_corpus, tiny_model_dir, tmp_path_factory) -> dict:
+    """`aigc-ray train` on two Ray nodes on this machine (one CPU each), 10 steps with the
+    bottom block frozen (train.freeze_layers=1). {'done': the finished process, 'run_dir',
+    'node_ids': the two nodes}."""
     from ray.cluster_utils import Cluster
 
+    out = tmp_path_factory.mktemp("two-node")
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
     try:
         cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         node_ids = {node.node_id for node in cluster.list_all_nodes()}
-        command = cli("train", "tiny_cpu", *train_args, "train.max_steps=10",
-                      "train.eval_every=10", "scaling.cpus_per_worker=0.5",
-                      "scaling.placement_strategy=STRICT_SPREAD", "run.name=two-node")
+        command = cli("train", "tiny_cpu", *base_args(sample_corpus, tiny_model_dir, out),
+                      "train.max_steps=10", "train.eval_every=10", "train.freeze_layers=1",
+                      "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD",
+                      "run.name=two-node")
         done = subprocess.run(command, env={**os.environ, "RAY_ADDRESS": cluster.address},
                               capture_output=True, text=True, timeout=400)
     finally:
         cluster.shutdown()
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    starts = worker_starts(tmp_path / "two-node")
+    return {"done": done, "run_dir": out / "two-node", "node_ids": node_ids}
+
+
+def test_two_node_cluster_spreads_the_workers(two_node_run):
+    """STRICT_SPREAD puts one worker on each node."""
+    starts = worker_starts(two_node_run["run_dir"])
     assert sorted(s["rank"] for s in starts) == [0, 1]
-    assert {s["node_id"] for s in starts} == node_ids  # one worker on each of the two nodes
-    assert "2 worker(s) on 2 node(s)" in done.stdout
-    assert (RunFolder(tmp_path / "two-node").final / "model.safetensors").exists()
+    # one worker on each of the two nodes
+    assert {s["node_id"] for s in starts} == two_node_run["node_ids"]
+    assert "2 worker(s) on 2 node(s)" in two_node_run["done"].stdout
+    assert (RunFolder(two_node_run["run_dir"]).final / "model.safetensors").exists()
+
+
+def test_freeze_layers_keeps_the_bottom_bit_identical(two_node_run, tiny_model_dir):
+    before = weights(tiny_model_dir)
+    after = weights(RunFolder(two_node_run["run_dir"]).final)
+    frozen = [k for k in before if k.startswith(("transformer.wte", "transformer.wpe",
+                                                 "transformer.h.0."))]
+    trained = [k for k in before if k.startswith(("transformer.h.1.", "transformer.ln_f"))]
+    assert frozen and trained
+    assert all(torch.equal(before[k], after[k]) for k in frozen)
+    changed = [k for k in trained if not torch.equal(before[k], after[k])]
+    assert len(changed) == len(trained), set(trained) - set(changed)
 
 
 # ── several epochs: tokenize once, feed from the object store ───────────────────────────────

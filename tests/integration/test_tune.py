@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from aigc_ray.config import load_config
 from aigc_ray.run_folder import CheckpointFolder, RunFolder
-from aigc_ray.train.driver import run_train
+from aigc_ray.train.driver import preflight
 from aigc_ray.train.metrics import read_jsonl, worker_starts
 from aigc_ray.tune import PBT_STAGING, run_tune
 
@@ -39,15 +39,19 @@ def results_of(run: RunFolder) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args):
+def test_asha_stops_losers_exports_the_best_and_logs_each_trial_to_mlflow(ray_cluster,
+                                                                        tune_args):
     """Two trials, one at a time, in grid order: a learning rate that learns (3e-3), then one
     too small to (1e-5). The second is behind the first at the first rung (measured: val_loss
     6.25 against 5.29 at step 10; 1e-5 barely moves it), so ASHA stops it there; the first
     runs to the end and is the best, exported to best/. The warmup is drawn, so
-    best_config.yaml holds a sampled value too."""
+    best_config.yaml holds a sampled value too. The grid runs exactly its points, and each trial
+    is its own MLflow run under the search's name."""
+    from mlflow.tracking import MlflowClient
+
     cfg = load_config("tiny_tune", [
         *tune_args, "train.max_steps=30", "train.eval_every=10", "tune.num_samples=1",
-        "tune.max_concurrent_trials=1", "run.name=asha",
+        "tune.max_concurrent_trials=1", "run.name=asha", "run.trackers=[mlflow]",
         "tune.search_space={train.lr: {grid: [3.0e-3, 1.0e-5]}, "
         "train.warmup_steps: {randint: [0, 10]}}"])
     summary = run_tune(cfg)
@@ -55,6 +59,7 @@ def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args):
 
     rows = results_of(run)
     assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
+    assert sorted(float(row["train.lr"]) for row in rows) == [1.0e-5, 3.0e-3]
     learns, stalls = sorted(rows, key=lambda row: -float(row["train.lr"]))
     assert (learns["stopped_early"], int(learns["steps"])) == ("False", 30), rows
     assert (stalls["stopped_early"], int(stalls["steps"])) == ("True", 10), rows  # ASHA cut it
@@ -62,6 +67,19 @@ def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args):
     assert summary.best.best == pytest.approx(float(learns["best_val_loss"]))
     assert summary.best.best < float(stalls["best_val_loss"])
     assert run.tune_curves.stat().st_size > 1000
+
+    # Each trial is its own MLflow run, grouped under the search's name, in the store beside it,
+    # with the values it ran with, its losses and its best loss, the stopped trial's too.
+    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.run.dir.parent}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("asha").experiment_id])
+    by_trial = {row["trial"]: row for row in rows}
+    assert sorted(r.info.run_name for r in runs) == sorted(by_trial)
+    for mlflow_run in runs:
+        row = by_trial[mlflow_run.info.run_name]
+        assert float(mlflow_run.data.params["train.lr"]) == pytest.approx(float(row["train.lr"]))
+        assert "val_loss" in mlflow_run.data.metrics
+        assert mlflow_run.data.metrics["best_val_loss"] == pytest.approx(
+            float(row["best_val_loss"]), rel=1e-5)
 
     best = CheckpointFolder(run.best)
     assert not best.training_state.exists()
@@ -71,20 +89,24 @@ def test_asha_stops_losers_and_exports_the_best(ray_cluster, tune_args):
     assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] > ids[
         "input_ids"].shape[1]
 
-    # best_config.yaml is a complete config that `aigc-ray train` takes as it is.
+    # best_config.yaml is a complete config that `aigc-ray train` takes as it is: it validates,
+    # and passes every check training makes before Ray starts (model, data files, trackers).
     again = load_config(str(run.best_config), ["train.max_steps=10"])
     assert again.train.lr == pytest.approx(float(learns["train.lr"]))
     assert again.train.warmup_steps == int(learns["train.warmup_steps"])
     assert again.run.name == "asha-best"
-    assert run_train(again).final_dir.joinpath("model.safetensors").exists()
+    assert len(preflight(again)) == 1  # the corpus file, found
 
 
 def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_cluster, tune_args):
     """Two trials, one at a learning rate too small to learn: at a perturbation it continues
     from the other's checkpoint (its steps and loss carry on from the donor's step) with a
-    perturbed learning rate, which the restored optimizer really uses."""
+    perturbed learning rate, which the restored optimizer really uses. Perturbations every 20
+    steps, evaluations every 10: each exploit restarts a trial's workers (the costly part), and
+    the evaluation after it shows the donor's weights."""
     cfg = load_config("tiny_tune", [
-        *tune_args, "train.max_steps=65", "train.eval_every=10", "train.warmup_steps=0",
+        *tune_args, "train.max_steps=50", "train.eval_every=10", "train.warmup_steps=0",
+        "tune.pbt.perturbation_interval=20",
         "tune.scheduler=pbt", "run.name=pbt", "tune.search_space={train.lr: {grid: [1.0e-5, 3.0e-3]}}",
         # PBT trains its population side by side: two trials in 2 CPUs, long enough to overlap
         # however far apart they start.
@@ -105,7 +127,7 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
         assert step in [start["start_step"] for start in worker_starts(trial.path)]
         metrics = [r for r in read_jsonl(trial.metrics) if r["val_loss"] is not None]
         steps = [r["step"] for r in metrics]
-        assert steps == sorted(set(steps)) and steps[-1] == 65
+        assert steps == sorted(set(steps)) and steps[-1] == 50
         before = [r["val_loss"] for r in metrics if 0 < r["step"] <= step]
         after = [r["val_loss"] for r in metrics if r["step"] > step]
         assert after and after[0] < before[-1]  # the donor's weights, not its own
@@ -120,25 +142,6 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
     assert model.config.n_layer == 2
 
 
-def test_grid_runs_exactly_its_points_each_an_mlflow_run_under_the_search(ray_cluster,
-                                                                          tune_args):
-    from mlflow.tracking import MlflowClient
-
-    cfg = load_config("tiny_tune", [*tune_args, "train.max_steps=10", "train.eval_every=10",
-                                    "tune.scheduler=fifo", "run.name=grid",
-                                    "tune.search_space={train.lr: {grid: [0.001, 0.004]}}",
-                                    "run.trackers=[mlflow]"])
-    run_tune(cfg)
-    rows = results_of(RunFolder(cfg.run.dir))
-    assert sorted(float(row["train.lr"]) for row in rows) == [0.001, 0.004]
-    # Each trial is its own MLflow run, grouped under the search's name, in the store beside it.
-    client = MlflowClient(tracking_uri=f"sqlite:///{cfg.run.dir.parent}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("grid").experiment_id])
-    assert sorted(r.info.run_name for r in runs) == sorted(row["trial"] for row in rows)
-    assert sorted(float(r.data.params["train.lr"]) for r in runs) == [0.001, 0.004]
-    assert all("val_loss" in r.data.metrics and "best_val_loss" in r.data.metrics for r in runs)
-
-
 SPACE = {"train.lr": (1.0e-4, 1.0e-2), "train.warmup_steps": (0, 40), "train.batch_size": (4, 8)}
 
 
@@ -148,7 +151,7 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
     """Ctrl-C after a trial has finished, then --resume: the sampler (optuna's included) picks up
     where it stopped, every trial's values lie in the declared space, none runs twice."""
     args = ["tiny_tune", *tune_args, "train.max_steps=10", "train.eval_every=10",
-            "tune.scheduler=fifo", "tune.num_samples=3", "tune.max_concurrent_trials=1",
+            "tune.scheduler=fifo", "tune.num_samples=2", "tune.max_concurrent_trials=1",
             f"tune.search_alg={search_alg}", "run.name=resume",
             "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, "
             "train.warmup_steps: {randint: [0, 40]}, train.batch_size: {choice: [4, 8]}}"]
@@ -176,13 +179,13 @@ def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluste
                             env=env, capture_output=True, text=True, timeout=400)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = results_of(run)
-    assert len(rows) == 3 and all(row["status"] == "done" for row in rows)
+    assert len(rows) == 2 and all(row["status"] == "done" for row in rows)
     for row in rows:  # what the sampler drew follows the search space
         assert SPACE["train.lr"][0] <= float(row["train.lr"]) <= SPACE["train.lr"][1]
         low, high = SPACE["train.warmup_steps"]
         assert low <= int(row["train.warmup_steps"]) <= high
         assert int(row["train.batch_size"]) in SPACE["train.batch_size"]
-    assert len({row["train.lr"] for row in rows}) == 3  # three draws, not one trial thrice
+    assert len({row["train.lr"] for row in rows}) == 2  # two draws, not one trial twice
     for trial in finished:  # trained once: one start per rank, never restarted
         assert len(worker_starts(run.trial(trial).path)) == 1
         assert [r["step"] for r in read_jsonl(run.trial(trial).metrics)] == [0, 10]

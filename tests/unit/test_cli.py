@@ -1,7 +1,8 @@
-"""Every `aigc-ray` command, run as a user runs it (a subprocess), with bad input: an unknown key,
-a bad value, a missing file or checkpoint, a missing argument. Each must fail before Ray starts,
-with exit code 2, one line on stderr naming what to change and no traceback. No cluster starts:
-Ray would print its own lines, which the one-line check catches."""
+"""Every `aigc-ray` command with bad input: an unknown key, a bad value, a missing file or
+checkpoint, a missing argument. Each must fail before Ray starts (Ray is not initialized after
+it), with exit code 2, one line on stderr naming what to change and no traceback. The table runs
+through `main` in this process (a subprocess per case cost a second or three of imports each);
+the installed `aigc-ray` entry point is run as a user runs it, in a subprocess, for a few."""
 
 from __future__ import annotations
 
@@ -132,13 +133,31 @@ def aigc(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.mark.parametrize("argv, words", [
     pytest.param(argv, words, id=" ".join(argv) or "(none)") for argv, words in BAD_INPUTS])
-def test_bad_input_fails_with_one_line_and_exit_2(places, argv, words):
-    done = aigc(*[arg.format(**places) for arg in argv])
+def test_bad_input_fails_with_one_line_and_exit_2(places, argv, words, capsys, monkeypatch):
+    import ray
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    try:
+        code = main([arg.format(**places) for arg in argv])
+    except SystemExit as exit:  # argparse's errors leave this way
+        code = exit.code
+    printed = capsys.readouterr()
+    lines = printed.err.strip().splitlines()
+    assert code == 2, printed.err[-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), printed.err[-3000:]
+    assert words.format(**places) in lines[0]
+    assert not ray.is_initialized()  # it failed before Ray started
+
+
+@pytest.mark.parametrize("argv", [["config", "train.lrr=1"], ["trian"],
+                                  ["serve", "/nonexistent/final"]], ids=" ".join)
+def test_the_installed_command_exits_2_with_one_line(argv):
+    """What a shell sees: the entry point's exit status, one line on stderr, no traceback."""
+    done = aigc(*argv)
     lines = done.stderr.strip().splitlines()
     assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
     assert done.returncode == 2, done.stderr[-3000:]
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr[-3000:]
-    assert words.format(**places) in lines[0]
 
 
 def test_every_command_has_a_bad_input_case():
