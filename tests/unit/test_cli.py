@@ -1,11 +1,14 @@
 """Every `aigc-ray` command with bad input: an unknown key, a bad value, a missing file or
 checkpoint, a missing argument. Each must fail before Ray starts (Ray is not initialized after
-it), with exit code 2, one line on stderr naming what to change and no traceback. The table runs
-through `main` in this process (a subprocess per case cost a second or three of imports each);
-the installed `aigc-ray` entry point is run as a user runs it, in a subprocess, for a few."""
+it), with exit code 2, one line on stderr naming what to change and no traceback. The whole
+table runs through `main` in one separate process (a process per case cost a second or three of
+imports each; in this process the commands would leave state behind, such as logging handlers
+bound to a closed capture stream); the installed `aigc-ray` entry point is run as a user runs
+it, in a process of its own, for a few."""
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -102,9 +105,10 @@ BAD_INPUTS = [
 
 
 
-@pytest.fixture
-def places(tmp_path) -> dict[str, str]:
-    """What the {placeholders} in BAD_INPUTS name, made fresh for each case."""
+@pytest.fixture(scope="module")
+def places(tmp_path_factory) -> dict[str, str]:
+    """What the {placeholders} in BAD_INPUTS name (every case fails before writing anything)."""
+    tmp_path = tmp_path_factory.mktemp("places")
     checkpoint = CheckpointFolder(RunFolder(tmp_path).final)
     checkpoint.path.mkdir()  # enough for the checks that run before the model loads
     checkpoint.model_config.write_text('{"model_type": "gpt2"}')
@@ -131,22 +135,52 @@ def aigc(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
 
 
-@pytest.mark.parametrize("argv, words", [
-    pytest.param(argv, words, id=" ".join(argv) or "(none)") for argv, words in BAD_INPUTS])
-def test_bad_input_fails_with_one_line_and_exit_2(places, argv, words, capsys, monkeypatch):
-    import ray
+# Runs each argv (JSON on stdin) through `main` with its own stdout and stderr; prints one JSON
+# line after the marker: per case the exit code, what it printed, whether Ray was initialized.
+TABLE_RUNNER = """
+import contextlib, io, json, sys, traceback
+import ray
+from aigc_ray.cli import main
+results = []
+for argv in json.loads(sys.stdin.read()):
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as exit:  # argparse's errors leave this way
+            code = exit.code
+        except Exception:  # what a user would see as a traceback
+            traceback.print_exc(file=err)
+            code = None
+    results.append({"code": code, "out": out.getvalue(), "err": err.getvalue(),
+                    "ray": ray.is_initialized()})
+print("@@results@@" + json.dumps(results))
+"""
 
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    try:
-        code = main([arg.format(**places) for arg in argv])
-    except SystemExit as exit:  # argparse's errors leave this way
-        code = exit.code
-    printed = capsys.readouterr()
-    lines = printed.err.strip().splitlines()
-    assert code == 2, printed.err[-3000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), printed.err[-3000:]
+
+@pytest.fixture(scope="module")
+def bad_input_results(places) -> list[dict]:
+    """BAD_INPUTS, each run through `main` in one process of their own, in table order."""
+    env = {name: value for name, value in os.environ.items() if name != "RAY_ADDRESS"}
+    cases = [[arg.format(**places) for arg in argv] for argv, _ in BAD_INPUTS]
+    done = subprocess.run([sys.executable, "-c", TABLE_RUNNER], input=json.dumps(cases),
+                          cwd=REPO, env=env, text=True, capture_output=True, timeout=300)
+    marked = [line for line in done.stdout.splitlines() if line.startswith("@@results@@")]
+    assert done.returncode == 0 and marked, done.stdout[-3000:] + done.stderr[-3000:]
+    return json.loads(marked[0].removeprefix("@@results@@"))
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(i, id=" ".join(argv) or "(none)") for i, (argv, _) in enumerate(BAD_INPUTS)])
+def test_bad_input_fails_with_one_line_and_exit_2(bad_input_results, places, case):
+    words = BAD_INPUTS[case][1]
+    result = bad_input_results[case]
+    lines = result["err"].strip().splitlines()
+    assert "Traceback" not in result["out"] + result["err"], result["err"][-3000:]
+    assert result["code"] == 2, result["err"][-3000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result["err"][-3000:]
     assert words.format(**places) in lines[0]
-    assert not ray.is_initialized()  # it failed before Ray started
+    assert not result["ray"]  # it failed before Ray started
 
 
 @pytest.mark.parametrize("argv", [["config", "train.lrr=1"], ["trian"],
