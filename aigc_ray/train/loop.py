@@ -398,7 +398,7 @@ class TrainingLoop:
         scale = loss_scale(micro, self.world_size)
         for position, micro_batch in enumerate(micro):
             last = position == len(micro) - 1
-            if self.cfg.train.compile:
+            if self.cfg.train.compile and not self.cfg.data.packing:
                 mark_length_dynamic(micro_batch)
             with gradient_sync(self.step_model, self.model if self.sharded else None, last,
                                self.world_size):

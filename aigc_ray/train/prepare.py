@@ -78,9 +78,10 @@ def compiled(model, device) -> tuple[object, str | None]:
 
 
 def mark_length_dynamic(batch: dict) -> None:
-    """Tell `torch.compile` that a batch's sequence length varies: the feed trims each batch to
-    its longest row, so lengths differ from step to step. Marked from the first step, the model
-    compiles once; unmarked, it compiles for the first length and again, dynamic, at the second."""
+    """Tell `torch.compile` that a batch's sequence length varies: unpacked, the feed trims each
+    batch to its longest row, so lengths differ from step to step. Marked from the first step,
+    the model compiles once; unmarked, it compiles for the first length and again, dynamic, at
+    the second. (Packed batches are nearly all full blocks: there a static graph serves them.)"""
     import torch
 
     for key in ("input_ids", "attention_mask", "labels", "position_ids"):
