@@ -448,10 +448,10 @@ class TrainingLoop:
                 state.note_eval(row["val_loss"])
             self._write_samples()
         self._write_metrics(row)
-        if evaluating and self.trackers and math.isfinite(state.best_val_loss):
-            # At every evaluation, not only at the end: a trial Tune stops early has it too.
-            self.trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
         if evaluating:
+            if self.trackers and math.isfinite(state.best_val_loss):
+                # At every evaluation, not only at the end: a trial Tune stops early has it too.
+                self.trackers.metrics({"step": state.step, "best_val_loss": state.best_val_loss})
             self.save_checkpoint(row)
         self.clock.pause()  # evaluation time is not training time
 

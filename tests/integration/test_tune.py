@@ -145,16 +145,15 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
 SPACE = {"train.lr": (1.0e-4, 1.0e-2), "train.warmup_steps": (0, 40), "train.batch_size": (4, 8)}
 
 
-@pytest.mark.parametrize("search_alg", ["optuna"])
 def test_interrupted_search_resumes_without_rerunning_finished_trials(ray_cluster, tune_args,
-                                                                      tmp_path, search_alg):
+                                                                      tmp_path):
     """Ctrl-C after a trial has finished, then --resume: the sampler picks up where it stopped,
     every trial's values lie in the declared space, none runs twice. With optuna, whose sampler
     has state to lose; `random` resumes through the same aigc-ray path (Tune pickles whichever
     searcher it has), so the suite runs it once, not twice (~80 s)."""
     args = ["tiny_tune", *tune_args, "train.max_steps=10", "train.eval_every=10",
             "tune.scheduler=fifo", "tune.num_samples=2", "tune.max_concurrent_trials=1",
-            f"tune.search_alg={search_alg}", "run.name=resume",
+            "tune.search_alg=optuna", "run.name=resume",
             "tune.search_space={train.lr: {loguniform: [1.0e-4, 1.0e-2]}, "
             "train.warmup_steps: {randint: [0, 40]}, train.batch_size: {choice: [4, 8]}}"]
     env = {**os.environ, "RAY_ADDRESS": ray_cluster.get_runtime_context().gcs_address}
