@@ -162,7 +162,9 @@ def cmd_sample_data(ns: argparse.Namespace) -> int:
 
     written = write_sample_corpus(ns.dir, num_pairs=ns.pairs, seed=ns.seed)
     print(f"wrote {written['pairs']} support question/answer pairs to {written['jsonl']} "
-          f"and {written['text']}, and as many multi-turn conversations to {written['chat']}")
+          f"and {written['text']}, as many multi-turn conversations to {written['chat']}, and "
+          f"two lm-evaluation-harness tasks on held-out questions: {written['harness']['choice']}"
+          f" (multiple choice) and {written['harness']['text']} (perplexity)")
     return 0
 
 
@@ -226,6 +228,15 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a model folder or hub id to score on the same rows, side by side")
     parser.add_argument("--output", metavar="FILE",
                         help="where to write the report (default: CHECKPOINT/eval.json)")
+    parser.add_argument("--harness", metavar="TASKS",
+                        help="lm-evaluation-harness tasks, comma-separated: names (arc_easy, "
+                        "hellaswag; from the hub, so a network) or local task YAML files or "
+                        "folders; scored through the served model")
+    parser.add_argument("--limit", type=float, metavar="N",
+                        help="with --harness: at most N documents per task (below 1: a fraction)")
+    parser.add_argument("--url", metavar="URL",
+                        help="with --harness: score CHECKPOINT as served at URL (e.g. "
+                        "http://127.0.0.1:8000) instead of serving it here")
 
 
 def cmd_eval(ns: argparse.Namespace) -> int:
@@ -239,12 +250,23 @@ def cmd_eval(ns: argparse.Namespace) -> int:
     baseline = ns.baseline
     if baseline and Path(baseline).expanduser().exists():
         baseline = str(resolve_checkpoint(baseline))
-    if ns.data is None and not CheckpointFolder(path).config.is_file():
+    if ns.harness is None and (ns.limit is not None or ns.url is not None):
+        raise ConfigError("--limit and --url go with --harness TASKS; add it or drop them")
+    harness = None
+    if ns.harness is not None:  # the tasks exist and lm-eval is installed: before Ray starts
+        from aigc_ray.harness import harness_spec
+
+        harness = harness_spec(ns.harness, ns.limit, ns.url)
+    # Perplexity, ROUGE-L and BLEU need rows: --data, or the data the checkpoint was trained on
+    # (its config.yaml). With --harness alone they are left out.
+    data = ns.data is not None or CheckpointFolder(path).config.is_file()
+    if not data and harness is None:
         raise ConfigError(f"{path} has no config.yaml naming the data it was trained on; pass "
-                          "--data FILE with the rows to score")
-    eval_data(cfg, ns.data)  # a missing validation split fails before Ray starts
+                          "--data FILE with the rows to score (or --harness TASKS)")
+    if data:
+        eval_data(cfg, ns.data)  # a missing validation split fails before Ray starts
     output = Path(ns.output) if ns.output else CheckpointFolder(path).eval_report
-    print(format_report(run_eval(str(path), cfg, ns.data, baseline, output)))
+    print(format_report(run_eval(str(path), cfg, ns.data, baseline, output, harness, data)))
     return 0
 
 
@@ -353,15 +375,18 @@ COMMANDS = (
         "generate.batch_size=32 generate.max_tokens=128 generate.temperature=0.7 "
         "generate.output_format=jsonl generate.prompt_field=question generate.id_field=sku"),
     Command(
-        "eval", "perplexity, ROUGE-L and BLEU of a checkpoint, optionally against a baseline",
+        "eval", "perplexity, ROUGE-L, BLEU and lm-evaluation-harness benchmarks of a "
+        "checkpoint, optionally against a baseline",
         add_eval_arguments, cmd_eval,
         description="Score a model on held-out rows with Ray Data: perplexity (over completion "
         "tokens for prompt/completion data) and, for prompt/completion data, ROUGE-L and BLEU "
         "of greedy completions against the references. Without --data: the validation split "
-        "of the corpus in the checkpoint's config.yaml. Prints a table and writes eval.json.",
-        epilog="key=value pairs override eval.*, data.* and generate.* settings, e.g. "
+        "of the corpus in the checkpoint's config.yaml. With --harness: lm-evaluation-harness "
+        "tasks (pip install 'aigc-ray[harness]'), scored through the model served here by "
+        "`aigc-ray serve`'s app, or at --url. Prints a table and writes eval.json.",
+        epilog="key=value pairs override eval.*, data.*, generate.* and serve.* settings, e.g. "
         "eval.generate_rows=500 eval.max_tokens=128 data.prompt_field=question "
-        "generate.concurrency=2"),
+        "generate.concurrency=2 eval.harness_concurrency=16 serve.max_batch_size=32"),
     Command(
         "submit", "submit a job spec (jobs/*.yaml) to a Ray cluster through its job API",
         add_submit_arguments, cmd_submit,

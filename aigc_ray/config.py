@@ -410,6 +410,9 @@ class Eval(Section):
     generate_rows: int | None = Field(200, ge=1)
     max_tokens: int = Field(64, ge=1)  # greedy tokens generated per prompt
     batch_size: int = Field(8, ge=1)  # sequences per scoring forward pass
+    # `--harness`: requests lm-evaluation-harness keeps in flight. None: serve.max_batch_size,
+    # enough to fill one replica's batch (continuous batching runs them in one forward pass).
+    harness_concurrency: int | None = Field(None, ge=1)
 
 
 class Run(Section):

@@ -33,9 +33,11 @@ from aigc_ray.train.metrics import read_jsonl
 from aigc_ray.train.trackers import open_trackers
 
 if TYPE_CHECKING:
+    from aigc_ray.harness import Harness
     from aigc_ray.train.driver import TrainSummary
 
-EVAL_KEYS = ("eval", "data", "generate", "model.trust_remote_code")
+# serve: how `--harness` serves the checkpoint for lm-evaluation-harness.
+EVAL_KEYS = ("eval", "data", "generate", "serve", "model.trust_remote_code")
 METRICS = (("perplexity", "lower is better"), ("rouge_l", "higher is better"),
            ("bleu", "higher is better"))
 
@@ -176,35 +178,66 @@ def eval_data(cfg: Config, data_path: str | None) -> tuple[Config, str | None]:
 
 
 def run_eval(checkpoint: str, cfg: Config, data_path: str | None = None,
-             baseline: str | None = None, output: Path | None = None) -> dict:
-    """Evaluate `checkpoint` (and `baseline` on the same rows); write and return the report."""
+             baseline: str | None = None, output: Path | None = None,
+             harness: Harness | None = None, data: bool = True) -> dict:
+    """Evaluate `checkpoint` (and `baseline` on the same rows and tasks); write and return the
+    report. `data`: perplexity, ROUGE-L and BLEU on the data rows; `harness`: lm-evaluation-
+    harness tasks through the served model (`aigc_ray.harness`). Either may be off, not both."""
     from aigc_ray.cluster import start_ray
 
-    cfg, split = eval_data(cfg, data_path)
-    files = check_config(cfg)  # the data exists: before Ray starts
+    if data:
+        cfg, split = eval_data(cfg, data_path)
+        files = check_config(cfg)  # the data exists: before Ray starts
     start_ray(ray_logs=cfg.run.ray_logs)
-    # Read up to three times (generation rows, the model's and the baseline's perplexity): an hf
-    # dataset is put in the object store once for all of them.
-    files = corpus_source(cfg, files)
-    report = {
-        "data": {"path": cfg.data.paths, "format": cfg.data.format,
-                 "split": split or "all", "prompt_completion": cfg.data.supervised,
-                 "chat_format": cfg.data.chat_format},
-    }
-    scored = cfg.data.supervised or cfg.data.chat
-    rows = generation_rows(cfg, split, files) if scored else None
-    report["model"] = evaluate_model(str(checkpoint), cfg, split, files, rows)
+    report: dict = {"model": {"model": str(checkpoint)}}
     if baseline:
-        report["baseline"] = evaluate_model(baseline, cfg, split, files, rows)
-        report["difference"] = {
-            name: report["model"][name] - report["baseline"][name]
-            for name, _ in METRICS
-            if report["model"].get(name) is not None and report["baseline"].get(name) is not None}
+        report["baseline"] = {"model": baseline}
+    if data:
+        # Read up to three times (generation rows, the model's and the baseline's perplexity):
+        # an hf dataset is put in the object store once for all of them.
+        files = corpus_source(cfg, files)
+        report["data"] = {"path": cfg.data.paths, "format": cfg.data.format,
+                          "split": split or "all", "prompt_completion": cfg.data.supervised,
+                          "chat_format": cfg.data.chat_format}
+        scored = cfg.data.supervised or cfg.data.chat
+        rows = generation_rows(cfg, split, files) if scored else None
+        report["model"] = evaluate_model(str(checkpoint), cfg, split, files, rows)
+        if baseline:
+            report["baseline"] = evaluate_model(baseline, cfg, split, files, rows)
+    if harness is not None:
+        from aigc_ray.harness import harness_scores
+
+        report["harness"] = {"tasks": list(harness.labels), "limit": harness.limit}
+        models = {"model": str(checkpoint), **({"baseline": baseline} if baseline else {})}
+        for side, result in harness_scores(models, cfg, harness).items():
+            report[side]["harness"] = result.pop("tasks")
+            report["harness"][side] = result  # seconds, concurrency, url
+    if baseline:
+        report["difference"] = differences(report["model"], report["baseline"])
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=2) + "\n")
         report["written_to"] = str(output)
     return report
+
+
+def differences(model: dict, baseline: dict) -> dict:
+    """Model minus baseline: each data metric both have, and under "harness" each task's
+    metrics (not their stderrs or sample counts)."""
+    out: dict = {name: model[name] - baseline[name] for name, _ in METRICS
+                 if model.get(name) is not None and baseline.get(name) is not None}
+    if "harness" in model and "harness" in baseline:
+        out["harness"] = {
+            task: {metric: value - baseline["harness"][task][metric]
+                   for metric, value in row.items()
+                   if harness_metric(metric) and metric in baseline["harness"].get(task, {})}
+            for task, row in model["harness"].items() if task in baseline["harness"]}
+    return out
+
+
+def harness_metric(name: str) -> bool:
+    """Whether a harness result column is a score (not a stderr or the sample count)."""
+    return name != "samples" and "_stderr" not in name
 
 
 def evaluate_after_training(cfg: Config, summary: TrainSummary) -> dict | None:
@@ -237,24 +270,48 @@ def _short(path: str) -> str:
 def format_report(report: dict) -> str:
     """The table `aigc-ray eval` and `aigc-ray train` print."""
     model, baseline = report["model"], report.get("baseline")
-    data = report["data"]
-    generated = model.get("generated")
-    header = (f"eval on {', '.join(data['path'])} ({data['split']} rows): "
-              f"{model['tokens']:,} tokens scored")
-    if generated is not None:
-        header += f", {generated} completions generated (greedy)"
     names = [_short(model["model"])] + ([f"baseline {_short(baseline['model'])}"]
                                         if baseline else [])
+    # (label, which way is better, model, baseline, difference, decimals)
+    rows = [(name, better, model.get(name), (baseline or {}).get(name),
+             report.get("difference", {}).get(name), 2) for name, better in METRICS]
+    lines = []
+    if "data" in report:
+        data = report["data"]
+        header = (f"eval on {', '.join(data['path'])} ({data['split']} rows): "
+                  f"{model['tokens']:,} tokens scored")
+        if model.get("generated") is not None:
+            header += f", {model['generated']} completions generated (greedy)"
+        lines.append(header)
+    if "harness" in report:
+        harness = report["harness"]
+        limit = "" if harness["limit"] is None else f", at most {harness['limit']:g} documents each"
+        lines.append(f"lm-evaluation-harness on {', '.join(harness['tasks'])}{limit} "
+                     f"({harness['model']['seconds']:.0f} s)")
+        differences = report.get("difference", {}).get("harness", {})
+        for task, scores in model["harness"].items():
+            base = (baseline or {}).get("harness", {}).get(task, {})
+            rows += [(f"{task} {metric}", HARNESS_BETTER.get(metric, ""), value, base.get(metric),
+                      differences.get(task, {}).get(metric), 4 if abs(value) < 10 else 2)
+                     for metric, value in scores.items() if harness_metric(metric)]
+    label = max(12, *(len(row[0]) for row in rows)) + 2
     width = max(12, *(len(n) for n in names)) + 2
-    lines = [header, f"{'metric':<12}" + "".join(f"{n:>{width}}" for n in names)
-             + ("  difference" if baseline else "")]
-    for name, better in METRICS:
-        if model.get(name) is None:
+    lines.append(f"{'metric':<{label}}" + "".join(f"{n:>{width}}" for n in names)
+                 + ("  difference" if baseline else ""))
+    for name, better, value, base, difference, digits in rows:
+        if value is None:
             continue
-        line = f"{name:<12}{model[name]:>{width}.2f}"
-        if baseline and baseline.get(name) is not None:
-            line += f"{baseline[name]:>{width}.2f}  {report['difference'][name]:+.2f}"
-        lines.append(f"{line}   ({better})")
+        line = f"{name:<{label}}{value:>{width}.{digits}f}"
+        if base is not None and difference is not None:
+            line += f"{base:>{width}.{digits}f}  {difference:+.{digits}f}"
+        lines.append(f"{line}   ({better})" if better else line)
     if "written_to" in report:
         lines.append(f"written to {report['written_to']}")
     return "\n".join(lines)
+
+
+# How lm-eval's usual metrics read; a task's own metric shows without a note.
+HARNESS_BETTER = {metric: "higher is better" for metric in (
+    "acc", "acc_norm", "exact_match", "f1", "mcc", "bleu", "rouge1", "rouge2", "rougeL")} | {
+    metric: "lower is better" for metric in ("word_perplexity", "byte_perplexity",
+                                             "bits_per_byte", "perplexity")}

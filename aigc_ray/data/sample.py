@@ -125,9 +125,92 @@ def make_conversations(num_conversations: int, seed: int = 0) -> list[dict]:
     return chats
 
 
+# lm-evaluation-harness tasks over held-out support questions (`aigc-ray eval --harness`):
+# a multiple-choice task (the right answer among three from other topics) and a rolling
+# log-likelihood (perplexity) task. The data files are named by absolute path, so the YAMLs work
+# from any folder, with `aigc-ray eval --harness` and with plain `lm_eval` alike.
+HARNESS_DOCS = 200
+CHOICE_TASK = """task: support_choice
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: prompt
+doc_to_choice: choices
+doc_to_target: answer
+target_delimiter: ""
+metric_list:
+  - metric: acc
+    aggregation: mean
+    higher_is_better: true
+  - metric: acc_norm
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1.0
+"""
+TEXT_TASK = """task: support_text
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: text
+metric_list:
+  - metric: word_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: byte_perplexity
+    aggregation: weighted_perplexity
+    higher_is_better: false
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+metadata:
+  version: 1.0
+"""
+
+
+def make_choice_docs(num_docs: int, seed: int) -> list[dict]:
+    """Held-out questions, each with its answer among three answers to other topics (same
+    product), the right one at a seeded position."""
+    rng = random.Random(seed)
+    docs = []
+    for pair in make_pairs(num_docs, seed):
+        product = next(p for p in PRODUCTS if p in pair["prompt"])
+        others = rng.sample([t for t in TOPICS if t != pair["topic"]], 3)
+        wrong = [" " + TOPICS[t][1].format(p=product, app=PRODUCTS[product]) for t in others]
+        answer = rng.randrange(4)
+        choices = wrong[:answer] + [pair["completion"]] + wrong[answer:]
+        docs.append({"prompt": pair["prompt"], "choices": choices, "answer": answer})
+    return docs
+
+
+def write_harness_tasks(out: Path, seed: int) -> dict:
+    """The two task YAMLs and their JSONL files in `out`; {'choice': yaml, 'text': yaml}."""
+    out.mkdir(parents=True, exist_ok=True)
+    held_out = seed + 1_000_003  # not the training pairs' seed
+    docs = {"choice": make_choice_docs(HARNESS_DOCS, held_out),
+            "text": [{"text": (p["prompt"] + p["completion"]).replace("\n", " ")}
+                     for p in make_pairs(HARNESS_DOCS // 2, held_out + 1)]}
+    written = {}
+    for name, template in (("choice", CHOICE_TASK), ("text", TEXT_TASK)):
+        data = out / f"support_{name}.jsonl"
+        data.write_text("".join(json.dumps(doc) + "\n" for doc in docs[name]))
+        yaml_file = out / f"support_{name}.yaml"
+        yaml_file.write_text(template.format(data=json.dumps(str(data.resolve()))))
+        written[name] = str(yaml_file)
+    return written
+
+
 def write_sample_corpus(out_dir: str | Path, num_pairs: int = 4000, seed: int = 0) -> dict:
-    """Write `support.jsonl` (prompt/completion pairs), `support.txt` (one document a line)
-    and `support_chat.jsonl` (as many multi-turn conversations, OpenAI messages)."""
+    """Write `support.jsonl` (prompt/completion pairs), `support.txt` (one document a line),
+    `support_chat.jsonl` (as many multi-turn conversations, OpenAI messages), and two
+    lm-evaluation-harness tasks on held-out questions under `harness/`."""
     if num_pairs < 1:
         raise ConfigError(f"--pairs must be at least 1, got {num_pairs}")
     out = Path(out_dir)
@@ -144,7 +227,9 @@ def write_sample_corpus(out_dir: str | Path, num_pairs: int = 4000, seed: int = 
         with chat.open("w") as f:
             for conversation in make_conversations(num_pairs, seed):
                 f.write(json.dumps(conversation) + "\n")
+        tasks = write_harness_tasks(out / "harness", seed)
     except OSError as exc:  # DIR is a file, or a folder we may not write to
         raise ConfigError(f"cannot write the sample corpus to {out_dir}: "
                           f"{exc.strerror or exc}; pass a folder you can write to") from None
-    return {"jsonl": str(jsonl), "text": str(text), "chat": str(chat), "pairs": len(pairs)}
+    return {"jsonl": str(jsonl), "text": str(text), "chat": str(chat), "pairs": len(pairs),
+            "harness": tasks}

@@ -330,6 +330,8 @@ class BatchDecoder:
             return {}
         self.waiting = self.waiting[len(newcomers):]
         results: dict[int, Chunk] = {}
+        if any(self.rows[i].request.max_tokens == 0 for i in newcomers):
+            newcomers = self._score_prompts(newcomers, results)
         # Prefilled first, in caches of their own: the running rows' cache is touched only once
         # every newcomer that can join has been prefilled.
         groups = self._prefill_groups(newcomers, results) if newcomers else []
@@ -338,7 +340,7 @@ class BatchDecoder:
             self._join_prefilled(indices, mask, cache)
             self.active += indices
             logits.append(group_logits)
-        if not logits:  # every newcomer failed and no row was running
+        if not logits:  # no row was running, and every newcomer failed or only scored
             return results
         logits = torch.cat(logits) if len(logits) > 1 else logits[0]
         chosen = self._choose(logits).tolist()  # the step's one read from the device
@@ -384,6 +386,23 @@ class BatchDecoder:
             except Exception as exc:
                 results[index] = self._drop_failed(index, exc)
         return groups
+
+    def _score_prompts(self, newcomers: list[int], results: dict[int, Chunk]) -> list[int]:
+        """The newcomers that generate. Those with max_tokens 0 only score their prompt: they
+        are prefilled on their own (one bad prompt failing none of the others, as in
+        `_prefill_groups`), leave with their prompt logprobs in one final chunk, and never join
+        the batch or hold a row of its cache."""
+        scoring = [i for i in newcomers if self.rows[i].request.max_tokens == 0]
+        generating = [i for i in newcomers if i not in scoring]
+        for indices, _ in self._prefill_groups(scoring, results):
+            for index in indices:
+                row = self.rows.pop(index)
+                results[index] = Chunk(
+                    text="", token_ids=[], completion_tokens=0,
+                    prompt_tokens=len(row.request.prompt_ids), finish_reason="length",
+                    logprobs=None if row.request.logprobs is None else [],
+                    prompt_logprobs=row.prompt_logprobs)
+        return generating
 
     def _drop_failed(self, index: int, exc: BaseException) -> Chunk:
         """A newcomer that failed before it joined: gone from the decoder; its error chunk."""
@@ -498,8 +517,8 @@ class BatchDecoder:
             row.stop_floor = row.emitted
         chunk = Chunk(text=new_text, token_ids=new_ids, completion_tokens=len(row.generated),
                       prompt_tokens=len(req.prompt_ids), finish_reason=row.finish_reason)
-        if req.logprobs is not None:
-            chunk.logprobs = [logprob] if new_ids and logprob is not None else []
+        if req.logprobs is not None:  # the EOS that ended it too (see `Chunk.logprobs`)
+            chunk.logprobs = [logprob] if logprob is not None else []
         if row.prompt_logprobs is not None:
             chunk.prompt_logprobs, row.prompt_logprobs = row.prompt_logprobs, None
         return chunk

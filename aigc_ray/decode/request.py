@@ -32,7 +32,7 @@ class GenerationRequest:
     """One completion to produce: what the HTTP layer hands a model replica."""
 
     prompt_ids: list[int]
-    max_tokens: int
+    max_tokens: int  # 0: score the prompt only (needs prompt_logprobs); it never joins a batch
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     stop: list[str] = field(default_factory=list)
@@ -79,7 +79,10 @@ class Chunk:
     prompt_tokens: int
     finish_reason: str | None = None  # "stop" (EOS or a stop string), "length" or "error"
     error: str | None = None  # with finish_reason "error": why this request failed
-    logprobs: list[TokenLogprob] | None = None  # one per token_ids entry, when asked
+    # When asked: one per token_ids entry, then the EOS that ended the completion (it is no
+    # text and no token id, yet the model chose it: OpenAI and vLLM list it, and a scorer that
+    # echoes the prompt with max_tokens 1 counts on the last entry being the generated one).
+    logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None  # first chunk only; [0] is None
 
 
@@ -110,8 +113,9 @@ def check_request(request: GenerationRequest, vocab_size: int, context: int | No
         bad = next(t for t in prompt if not 0 <= t < vocab_size)
         raise RequestError(f"prompt_ids holds token id {bad}, outside the model's vocabulary "
                            f"(0 to {vocab_size - 1})")
-    if request.max_tokens < 1:
-        raise RequestError(f"max_tokens must be at least 1, got {request.max_tokens}")
+    if request.max_tokens < 0 or (request.max_tokens == 0 and request.prompt_logprobs is None):
+        raise RequestError(f"max_tokens must be at least 1 (0 only to score the prompt, with "
+                           f"prompt_logprobs), got {request.max_tokens}")
     if context is not None and len(prompt) + request.max_tokens > context:
         raise RequestError(f"prompt ({len(prompt)} tokens) + max_tokens ({request.max_tokens}) "
                            f"is more than the model's context of {context} tokens")

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from aigc_ray.decode.request import GenerationRequest, TokenLogprob
 
@@ -145,9 +145,23 @@ class Sampling(BaseModel):
 
 
 class CompletionRequest(Sampling):
-    prompt: str | list[str]
+    # Text, texts, token ids, or lists of token ids (as OpenAI's and vLLM's completions take:
+    # lm-evaluation-harness scores with token ids, so token boundaries stay exactly its own).
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]
     logprobs: int | None = None  # OpenAI completions: the n likeliest per token (0: only its own)
-    echo: bool = False  # the prompt comes back in front of the completion
+    echo: bool = False  # the prompt comes back in front of the completion (max_tokens 0: alone)
+
+    def prompts(self) -> list[str] | list[list[int]]:
+        """The prompts as a list: of texts or of token-id lists."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+    @property
+    def indexed(self) -> bool:
+        """Whether the prompt is a list of prompts (errors then name prompt[i])."""
+        return bool(isinstance(self.prompt, list) and self.prompt
+                    and isinstance(self.prompt[0], (str, list)))
 
     def top_logprobs_asked(self) -> int | None:
         return self.logprobs
@@ -273,9 +287,11 @@ def check_sampling(req: Sampling, default_max_tokens: int, max_tokens_limit: int
     """Range checks a user can fix (400); returns the max_tokens to use."""
     max_tokens = req.max_tokens if req.max_tokens is not None else req.max_completion_tokens
     max_tokens = default_max_tokens if max_tokens is None else max_tokens
-    if not 1 <= max_tokens <= max_tokens_limit:
+    scoring = max_tokens == 0 and getattr(req, "echo", False)  # the prompt's logprobs alone
+    if not (1 <= max_tokens <= max_tokens_limit or scoring):
         raise ApiError(400, f"max_tokens must be between 1 and {max_tokens_limit}, got "
-                            f"{max_tokens}", param="max_tokens")
+                            f"{max_tokens}" + (" (0 only with echo: true, to score the prompt)"
+                                               if max_tokens == 0 else ""), param="max_tokens")
     if not 0 <= req.temperature <= 2:
         raise ApiError(400, f"temperature must be between 0 and 2, got {req.temperature}",
                        param="temperature")
@@ -322,12 +338,21 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
     return [stop] if isinstance(stop, str) else list(stop)
 
 
+def check_token_ids(ids: list[int], vocab_size: int, index: int | None = None) -> None:
+    """400 when a token-id prompt holds an id the model's embedding cannot take."""
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        which = "prompt" if index is None else f"prompt[{index}]"
+        raise ApiError(400, f"{which} holds token id {bad}, outside the model's vocabulary (0 to "
+                            f"{vocab_size - 1})", param="prompt", code="invalid_value")
+
+
 def check_prompt_fits(prompt_tokens: int, max_tokens: int, context_length: int,
                       index: int | None = None) -> None:
     """400 when a prompt is empty or prompt + max_tokens exceeds the model's context."""
     which = "prompt" if index is None else f"prompt[{index}]"
     if prompt_tokens == 0:
-        raise ApiError(400, f"{which} is empty; send at least one token of text", param="prompt")
+        raise ApiError(400, f"{which} is empty; send at least one token", param="prompt")
     if prompt_tokens + max_tokens > context_length:
         raise ApiError(400, f"{which} has {prompt_tokens} tokens and max_tokens is {max_tokens}: "
                             f"{prompt_tokens + max_tokens} is more than the model's context of "
@@ -339,6 +364,11 @@ def generation_requests(prompt_ids: list[list[int]], req: Sampling, max_tokens: 
                         arrival_time: float) -> list[GenerationRequest]:
     """One GenerationRequest per choice, in OpenAI's order (prompt-major, then n)."""
     out = []
+    asked = req.top_logprobs_asked()
+    # Echo: the prompt's logprobs too; max_tokens 0 (scoring) always computes them, as the
+    # decoder asks (the response still shows them only when `logprobs` asked).
+    prompt_logprobs = None if not getattr(req, "echo", False) else (
+        asked if asked is not None or max_tokens > 0 else 0)
     for ids in prompt_ids:
         for j in range(req.n):
             # n choices of one seeded request must differ from each other yet repeat run to run.
@@ -349,9 +379,7 @@ def generation_requests(prompt_ids: list[list[int]], req: Sampling, max_tokens: 
                 top_k=max(0, req.top_k), presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty,
                 repetition_penalty=req.repetition_penalty, min_tokens=req.min_tokens,
-                ignore_eos=req.ignore_eos, logprobs=req.top_logprobs_asked(),
-                prompt_logprobs=(req.top_logprobs_asked()
-                                 if getattr(req, "echo", False) else None)))
+                ignore_eos=req.ignore_eos, logprobs=asked, prompt_logprobs=prompt_logprobs))
     return out
 
 

@@ -32,6 +32,7 @@ from aigc_ray.serve.api import (
     TokenStrings,
     check_prompt_fits,
     check_sampling,
+    check_token_ids,
     choice_logprobs,
     completion_response,
     generation_requests,
@@ -119,9 +120,10 @@ class OpenAIIngress:
         self.model_name = model_name
         self.tokenizer = load_tokenizer(checkpoint, trust_remote_code)
         self.token_strings = TokenStrings(self.tokenizer)  # tokens as logprobs show them
-        self.context_length = context_length(
-            AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code),
-            self.tokenizer) or ASSUMED_CONTEXT_LENGTH
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
+        self.context_length = context_length(config, self.tokenizer) or ASSUMED_CONTEXT_LENGTH
+        # Token-id prompts are checked against it here, so the error can name prompt[i].
+        self.vocab_size = getattr(config, "vocab_size", None) or len(self.tokenizer)
         self.api_key_sha256 = api_key_sha256  # None: no key asked for (see build_app)
 
     @fastapi_app.get("/healthz")
@@ -154,12 +156,18 @@ class OpenAIIngress:
     async def completions(self, request: Request):
         self._authorize(request)
         req = parse_body(await self._read_body(request), CompletionRequest)
-        prompts = [req.prompt] if isinstance(req.prompt, str) else req.prompt
-        if not prompts:
-            raise ApiError(400, "prompt is an empty list; send a string or a list of strings",
-                           param="prompt")
-        ids = [self.tokenizer(p)["input_ids"] for p in prompts]
-        indexed = not isinstance(req.prompt, str)
+        if req.prompt == []:
+            raise ApiError(400, "prompt is an empty list; send a string, a list of strings, "
+                                "token ids or a list of token-id lists", param="prompt")
+        prompts, indexed = req.prompts(), req.indexed
+        if isinstance(prompts[0], str):
+            ids = [self.tokenizer(p)["input_ids"] for p in prompts]
+        else:  # token ids, taken as they are: the caller's token boundaries are kept
+            ids = prompts
+            for index, prompt in enumerate(ids):
+                check_token_ids(prompt, self.vocab_size, index if indexed else None)
+            prompts = [self.tokenizer.decode(p, skip_special_tokens=True) if req.echo else ""
+                       for p in ids]  # what echo shows; special tokens add no text
         echo = [(p, i) for p, i in zip(prompts, ids) for _ in range(req.n)] if req.echo else None
         return await self._generate(req, ids, chat=False, indexed=indexed, echo=echo)
 

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoModelForCausalLM
 
 from aigc_ray.decode.engine import BatchDecoder, decode_all
-from aigc_ray.decode.request import GenerationRequest
+from aigc_ray.decode.request import GenerationRequest, RequestError
 from aigc_ray.tokenizer import context_length, load_tokenizer
 
 PROMPTS = ["Customer: I want a refund for my Orbit Watch.\nAgent:", "Hi",
@@ -252,6 +252,55 @@ def test_prompt_logprobs_are_log_softmax_over_the_prompt(model_and_tokenizer):
             assert abs(entry.logprob - float(want[j, prompt[j + 1]])) < 1e-4
             assert [t for t, _ in entry.top] == torch.topk(want[j], 2).indices.tolist()
         assert [e.top for e in result["logprobs"]] == [[], []]  # logprobs=0: the token's own
+
+
+def test_max_tokens_0_scores_the_prompt_alone_and_never_joins_the_batch(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    echoed = decode_all(model, tokenizer, [
+        GenerationRequest(ids[0], 1, temperature=0, logprobs=1, prompt_logprobs=1)])[0]
+    alone = [decode_all(model, tokenizer, [GenerationRequest(ids[i], n, temperature=0)])[0]
+             for i, n in ((1, 6), (2, 3))]
+
+    decoder = BatchDecoder(model, tokenizer)
+    running = decoder.add([GenerationRequest(ids[1], 6, temperature=0)])[0]
+    chunks = {running: list(decoder.step().values())}
+    scored, joining = decoder.add([
+        GenerationRequest(ids[0], 0, temperature=0, logprobs=1, prompt_logprobs=1),
+        GenerationRequest(ids[2], 3, temperature=0)])
+    step = decoder.step()
+    assert decoder.active == [running, joining]  # the scored prompt holds no row
+    score = step.pop(scored)
+    assert (score.finish_reason, score.token_ids, score.logprobs, score.completion_tokens) == \
+        ("length", [], [], 0)
+    got, want = score.prompt_logprobs, echoed["prompt_logprobs"]
+    assert [e and (e.token_id, e.top[0][0]) for e in got] == \
+        [e and (e.token_id, e.top[0][0]) for e in want]
+    assert [e and e.logprob for e in got] == pytest.approx([e and e.logprob for e in want])
+    while True:  # the batch decodes on as if the scored prompt had never come
+        for index, chunk in step.items():
+            chunks.setdefault(index, []).append(chunk)
+        if decoder.done:
+            break
+        step = decoder.step()
+    assert [[t for c in chunks[i] for t in c.token_ids] for i in (running, joining)] == \
+        [a["token_ids"] for a in alone]
+    # Refused where nothing asks for the scores: max_tokens 0 is for scoring only.
+    with pytest.raises(RequestError, match="0 only to score the prompt"):
+        decoder.add([GenerationRequest(ids[0], 0)])
+
+
+def test_the_eos_that_ends_a_completion_has_its_logprob(model_and_tokenizer):
+    model, tokenizer = model_and_tokenizer
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    first = decode_all(model, tokenizer, [GenerationRequest(ids, 1, temperature=0)])[0]
+    decoder = BatchDecoder(model, tokenizer)
+    decoder.eos_ids = set(first["token_ids"])  # the greedy first token now ends it
+    result = decode_all(model, tokenizer, [GenerationRequest(ids, 4, temperature=0, logprobs=1)],
+                        decoder=decoder)[0]
+    assert (result["finish_reason"], result["token_ids"], result["text"]) == ("stop", [], "")
+    [entry] = result["logprobs"]  # no text, no token id, but the model chose it: listed
+    assert entry.token_id == first["token_ids"][0] and entry.top[0][0] == entry.token_id
 
 
 def test_the_kv_cache_writes_into_spare_room_instead_of_reallocating(model_and_tokenizer):

@@ -115,6 +115,38 @@ def test_request_fields_reach_the_decoder():
                                0.0)[0].logprobs == 4
 
 
+@pytest.mark.parametrize("prompt, prompts, indexed", [
+    ("Hi", ["Hi"], False),
+    (["Hi", "there"], ["Hi", "there"], True),
+    ([5, 7, 9], [[5, 7, 9]], False),
+    ([[5, 7], [9]], [[5, 7], [9]], True),
+])
+def test_prompts_are_text_or_token_ids_one_or_many(prompt, prompts, indexed):
+    req = parse(prompt=prompt)
+    assert req.prompts() == prompts and req.indexed is indexed
+
+
+@pytest.mark.parametrize("prompt", [["1", 2], [1.5, 2], [True, 3], [[1], 2], [[1, "a"]]])
+def test_token_ids_are_whole_numbers_never_coerced(prompt):
+    with pytest.raises(ApiError) as error:
+        parse(prompt=prompt)
+    assert error.value.status == 422 and error.value.param.startswith("prompt")
+
+
+def test_max_tokens_0_scores_the_prompt_only_with_echo():
+    req = parse(max_tokens=0, echo=True)
+    assert check_sampling(req, 16, 1024) == 0
+    [scoring] = generation_requests([[1, 2]], req, 0, 0.0)
+    # The decoder needs the prompt's scores to have anything to do; the reply shows them only
+    # when `logprobs` asked (scoring.logprobs is None).
+    assert (scoring.max_tokens, scoring.prompt_logprobs, scoring.logprobs) == (0, 0, None)
+    assert generation_requests([[1, 2]], parse(max_tokens=0, echo=True, logprobs=3), 0,
+                               0.0)[0].prompt_logprobs == 3
+    error = refused(max_tokens=0)
+    assert error.param == "max_tokens" and "0 only with echo: true" in error.message
+    assert refused(ChatRequest, max_tokens=0).param == "max_tokens"
+
+
 def test_logprobs_in_openais_completion_and_chat_shapes(tiny_model_dir):
     tokenizer = load_tokenizer(tiny_model_dir)
     strings = TokenStrings(tokenizer)
