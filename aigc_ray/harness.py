@@ -237,19 +237,19 @@ def serve_running() -> Iterator[int]:
 
 
 @contextmanager
-def served(checkpoint: str, cfg: Config, port: int) -> Iterator[str]:
+def served(checkpoint: str, cfg: Config, port: int, name: str = HARNESS_APP) -> Iterator[str]:
     """`checkpoint` served through the same app `aigc-ray serve` runs, on the running Serve
-    (`serve_running`), for as long as the block lasts; yields its base URL."""
+    (`serve_running`), as app `name` under /`name`, for as long as the block lasts; yields its
+    base URL."""
     from ray import serve
 
     from aigc_ray.serve.app import build_app
 
-    route = f"/{HARNESS_APP}"
     try:
-        serve.run(build_app(checkpoint, cfg), name=HARNESS_APP, route_prefix=route)
-        yield f"http://127.0.0.1:{port}{route}"
+        serve.run(build_app(checkpoint, cfg), name=name, route_prefix=f"/{name}")
+        yield f"http://127.0.0.1:{port}/{name}"
     finally:
-        serve.delete(HARNESS_APP)
+        serve.delete(name)
 
 
 def free_port() -> int:

@@ -494,6 +494,49 @@ def test_completion_logprobs_equal_the_models_batched_streamed_and_echoed(app, l
     assert [t for c in chunks for t in c["logprobs"]["text_offset"]] == lp["text_offset"]
 
 
+def test_token_id_prompts_are_scored_as_given_and_max_tokens_0_scores_them_alone(app,
+                                                                                  local_model):
+    """What lm-evaluation-harness sends: token ids (its own tokenization, kept exactly), echo,
+    logprobs 1, and max_tokens 1 (or 0: the prompt alone)."""
+    model, tokenizer = local_model
+    ids = [tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    scored = complete(app["url"], prompt=ids, echo=True, max_tokens=0, logprobs=1,
+                      temperature=0).json()
+    one_more = complete(app["url"], prompt=ids, echo=True, max_tokens=1, logprobs=1,
+                        temperature=0).json()
+    assert scored["usage"] == {"prompt_tokens": sum(map(len, ids)), "completion_tokens": 0,
+                               "total_tokens": sum(map(len, ids))}
+    for prompt, choice, longer in zip(ids, scored["choices"], one_more["choices"]):
+        lp = choice["logprobs"]
+        assert choice["text"] == tokenizer.decode(prompt, skip_special_tokens=True)
+        assert choice["finish_reason"] == "length" and len(lp["tokens"]) == len(prompt)
+        want = model_logprobs(model, prompt)
+        assert lp["token_logprobs"][0] is None
+        for j, token in enumerate(prompt[1:]):
+            assert abs(lp["token_logprobs"][j + 1] - float(want[j, token])) < 1e-4
+            assert max(lp["top_logprobs"][j + 1].values()) == pytest.approx(
+                float(want[j].max()), abs=1e-4)
+        # max_tokens 1 adds exactly one entry, the generated token's (EOS included), last.
+        assert len(longer["logprobs"]["tokens"]) == len(prompt) + 1
+        assert longer["logprobs"]["token_logprobs"][1:len(prompt)] == \
+            pytest.approx(lp["token_logprobs"][1:], abs=1e-5)
+    # One prompt of ids, streamed: one chunk, the prompt and its scores, then [DONE].
+    with httpx.stream("POST", app["url"] + "/v1/completions", headers=AUTH, timeout=60,
+                      json={"prompt": ids[0], "echo": True, "max_tokens": 0, "logprobs": 0,
+                            "stream": True}) as response:
+        chunks = [json.loads(line[6:])["choices"][0] for line in response.iter_lines()
+                  if line.startswith("data: {")]
+    assert len(chunks) == 1 and chunks[0]["finish_reason"] == "length"
+    assert chunks[0]["text"] == scored["choices"][0]["text"]
+
+    bad = complete(app["url"], prompt=[ids[0], [1, 10**6]], echo=True, max_tokens=1)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+    assert "prompt[1] holds token id 1000000" in bad.json()["error"]["message"]
+    no_echo = complete(app["url"], prompt=ids[0], max_tokens=0)
+    assert no_echo.status_code == 400 and "0 only with echo" in no_echo.json()["error"]["message"]
+    assert complete(app["url"], prompt=ids[0], max_tokens=2).status_code == 200  # still serving
+
+
 def test_chat_logprobs_in_openais_shape_through_the_client(app, local_model):
     from openai import OpenAI
 
