@@ -125,9 +125,10 @@ def make_conversations(num_conversations: int, seed: int = 0) -> list[dict]:
     return chats
 
 
-# lm-evaluation-harness tasks over held-out support questions (`aigc-ray eval --harness`):
-# a multiple-choice task (the right answer among three from other topics) and a rolling
-# log-likelihood (perplexity) task. The data files are named by absolute path, so the YAMLs work
+# lm-evaluation-harness tasks over held-out support questions (`aigc-ray eval --harness`), one
+# of each kind of request it makes: multiple choice (the right answer among three from other
+# topics; log-likelihoods), a rolling log-likelihood (perplexity), and the greedy reply (exact
+# match; generation with stop strings). The data files are named by absolute path, so the YAMLs work
 # from any folder, with `aigc-ray eval --harness` and with plain `lm_eval` alike.
 HARNESS_DOCS = 200
 CHOICE_TASK = """task: support_choice
@@ -175,6 +176,29 @@ metadata:
 """
 
 
+REPLY_TASK = """task: support_reply
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: prompt
+doc_to_target: completion
+generation_kwargs:
+  until: ["\\n", "Customer:"]
+  max_gen_toks: 64
+  do_sample: false
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+    regexes_to_ignore: ["^ +", " +$"]
+metadata:
+  version: 1.0
+"""
+
+
 def make_choice_docs(num_docs: int, seed: int) -> list[dict]:
     """Held-out questions, each with its answer among three answers to other topics (same
     product), the right one at a seeded position."""
@@ -191,14 +215,17 @@ def make_choice_docs(num_docs: int, seed: int) -> list[dict]:
 
 
 def write_harness_tasks(out: Path, seed: int) -> dict:
-    """The two task YAMLs and their JSONL files in `out`; {'choice': yaml, 'text': yaml}."""
+    """The task YAMLs and their JSONL files in `out`; {'choice', 'text', 'reply': yaml path}."""
     out.mkdir(parents=True, exist_ok=True)
     held_out = seed + 1_000_003  # not the training pairs' seed
     docs = {"choice": make_choice_docs(HARNESS_DOCS, held_out),
             "text": [{"text": (p["prompt"] + p["completion"]).replace("\n", " ")}
-                     for p in make_pairs(HARNESS_DOCS // 2, held_out + 1)]}
+                     for p in make_pairs(HARNESS_DOCS // 2, held_out + 1)],
+            "reply": [{"prompt": p["prompt"], "completion": p["completion"]}
+                      for p in make_pairs(HARNESS_DOCS // 2, held_out + 2)]}
     written = {}
-    for name, template in (("choice", CHOICE_TASK), ("text", TEXT_TASK)):
+    for name, template in (("choice", CHOICE_TASK), ("text", TEXT_TASK),
+                           ("reply", REPLY_TASK)):
         data = out / f"support_{name}.jsonl"
         data.write_text("".join(json.dumps(doc) + "\n" for doc in docs[name]))
         yaml_file = out / f"support_{name}.yaml"

@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, StrictInt, ValidationError
 
 from aigc_ray.decode.request import GenerationRequest, TokenLogprob
 
-MAX_STOP_STRINGS = 4  # as OpenAI allows
+# Stop strings per request. OpenAI allows 4, vLLM any number; lm-evaluation-harness sends a
+# task's `until` list plus the EOS text, often 5 or more. Each costs a search per step.
+MAX_STOP_STRINGS = 16
 MAX_CHOICES = 64  # prompts x n in one request; more belongs in batch generation
 MAX_LOGPROBS = 20  # top alternatives per token: OpenAI's chat limit, vLLM's default max_logprobs
 # Levels of arrays and objects a body may nest. OpenAI's requests go about 6 deep (messages[].

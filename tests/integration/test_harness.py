@@ -1,7 +1,8 @@
 """lm-evaluation-harness through our served model: the log-likelihoods it gets equal those its own
 Hugging Face backend computes on the same checkpoint, and `aigc-ray eval --harness` puts the
-scores in eval.json beside the baseline's. The tasks are the two `aigc-ray sample-data` writes
-(conftest's sample corpus): multiple choice, and a rolling log-likelihood (perplexity)."""
+scores in eval.json beside the baseline's. The tasks are the three `aigc-ray sample-data` writes
+(conftest's sample corpus): multiple choice, a rolling log-likelihood (perplexity), and greedy
+replies cut at stop strings."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from aigc_ray.harness import harness_spec, run_harness, serve_running, served
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 40  # documents per task: 160 multiple-choice requests, 40 rolling ones
+LIMIT = 40  # documents per task: 160 multiple-choice requests, 40 rolling, 40 generations
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def server(ray_cluster, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def tasks(sample_corpus) -> str:
-    return f"{sample_corpus['harness']['choice']},{sample_corpus['harness']['text']}"
+    return ",".join(sample_corpus["harness"][name] for name in ("choice", "text", "reply"))
 
 
 def by_doc(out: dict, task: str) -> list[dict]:
@@ -66,6 +67,13 @@ def test_scores_through_our_server_equal_lm_evals_own_hf_backend(server, tiny_mo
     for metric in ("word_perplexity,none", "byte_perplexity,none", "bits_per_byte,none"):
         assert ours["results"]["support_text"][metric] == pytest.approx(
             theirs["results"]["support_text"][metric], rel=1e-4)
+
+    # Generation (greedy, cut at the task's stop strings plus the EOS text): the same replies.
+    replies = [(mine["filtered_resps"], hf["filtered_resps"]) for mine, hf in
+               zip(by_doc(ours, "support_reply"), by_doc(theirs, "support_reply"), strict=True)]
+    assert len(replies) == LIMIT and all(mine == hf for mine, hf in replies), replies[:3]
+    assert ours["results"]["support_reply"]["exact_match,none"] == \
+        theirs["results"]["support_reply"]["exact_match,none"]
 
 
 def test_cli_scores_a_running_server_and_serves_the_baseline_beside_it(server, tiny_model_dir,
