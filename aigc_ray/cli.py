@@ -163,7 +163,7 @@ def cmd_sample_data(ns: argparse.Namespace) -> int:
     written = write_sample_corpus(ns.dir, num_pairs=ns.pairs, seed=ns.seed)
     print(f"wrote {written['pairs']} support question/answer pairs to {written['jsonl']} "
           f"and {written['text']}, as many multi-turn conversations to {written['chat']}, and "
-          f"three lm-evaluation-harness tasks on held-out questions: "
+          f"three lm-evaluation-harness tasks on support questions: "
           f"{written['harness']['choice']} (multiple choice), {written['harness']['text']} "
           f"(perplexity) and {written['harness']['reply']} (the greedy reply)")
     return 0
