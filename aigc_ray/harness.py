@@ -4,8 +4,9 @@
 The harness sends token-id prompts (its own tokenization, so token boundaries are exactly what
 its Hugging Face backend scores) with `echo`, `logprobs` and `max_tokens` 1, and reads each
 prompt token's logprob and whether it was the likeliest; generation tasks send prompts with
-`stop` strings. Many requests are in flight at once (`eval.harness_concurrency`), and the
-replica's continuous batching puts them in one forward pass: that is where the speed comes from.
+`stop` strings. Several prompts go in each request (`eval.harness_batch_size`) and several
+requests are in flight (`eval.harness_concurrency`); the replica's continuous batching puts them
+in one forward pass (benchmarks/harness_concurrency.py measures both).
 
 `aigc-ray eval CHECKPOINT --harness TASKS` serves the checkpoint (and its baseline) on the local
 Ray cluster for the run, or scores a server already running (`--url`). lm-eval is an optional
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import sys
 import time
 import urllib.request
@@ -144,7 +146,8 @@ def server_info(url: str, api_key: str | None = None, timeout_s: float = 30.0) -
 
 
 def run_harness(url: str, tokenizer: str, harness: Harness, concurrency: int,
-                api_key: str | None = None, log_samples: bool = False) -> dict:
+                api_key: str | None = None, log_samples: bool = False,
+                batch_size: int = 1) -> dict:
     """lm-eval's tasks scored through the completions API at `url` (prompts tokenized with
     `tokenizer`, a model folder or hub id). Returns lm-eval's own result dict (with
     "samples" when `log_samples`) plus "seconds"."""
@@ -153,21 +156,46 @@ def run_harness(url: str, tokenizer: str, harness: Harness, concurrency: int,
     from lm_eval.tasks import TaskManager
 
     class Client(LocalCompletionsAPI):
-        """local-completions with our API key (it reads only OPENAI_API_KEY otherwise)."""
+        """local-completions with our API key (it reads only OPENAI_API_KEY otherwise), and
+        rolling log-likelihoods scored concurrently."""
 
         @property
         def api_key(self):
             return api_key or ""
+
+        def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+            """lm-eval's own windows (the same utilities, the same sizes), but every window
+            of every document in one call, so `num_concurrent` applies: lm-eval's API model
+            sends one document's windows at a time, and a perplexity task went no faster with
+            8 requests in flight than with 1."""
+            from lm_eval import utils
+
+            windows, owner = [], []
+            for index, (text,) in enumerate(request.args for request in requests):
+                for window in utils.get_rolling_token_windows(
+                        token_list=self.tok_encode(text), prefix_token=self.prefix_token_id,
+                        max_seq_len=self.max_length - 1, context_len=1):
+                    windows.append((None, *utils.make_disjoint_window(window)))
+                    owner.append(index)
+            totals = [0.0] * len(requests)
+            for index, (loglikelihood, _) in zip(owner, self._loglikelihood_tokens(
+                    windows, disable_tqdm=True)):
+                totals[index] += loglikelihood
+            for request, total in zip(requests, totals):
+                self.cache_hook.add_partial("loglikelihood_rolling", request.args, total)
+            return totals
 
     info = server_info(url, api_key)
     client = Client(
         base_url=f"{url}/v1/completions", model=info["id"], tokenizer=tokenizer,
         tokenizer_backend="huggingface", tokenized_requests=True, num_concurrent=concurrency,
         # The model's context: lm-eval truncates prompts (and rolling windows) to fit it.
-        max_length=info.get("max_model_len") or 2048, max_retries=3, timeout=600)
+        max_length=info.get("max_model_len") or 2048, max_retries=3, timeout=600,
+        batch_size=batch_size)
     started = time.perf_counter()
     print(f"[aigc-ray] lm-evaluation-harness: {', '.join(harness.labels)} on {info['id']} at "
-          f"{url}, {concurrency} requests in flight", flush=True)
+          f"{url}, {batch_size} prompts per request, {concurrency} requests in flight",
+          flush=True)
     manager = TaskManager(include_defaults=any(isinstance(t, str) for t in harness.tasks))
     # Its progress bars go (a rolling task draws one per document); its warnings stay.
     with contextlib.redirect_stderr(_WithoutBars(sys.stderr)):
@@ -261,10 +289,13 @@ def free_port() -> int:
 
 
 def harness_scores(models: dict[str, str], cfg: Config, harness: Harness) -> dict:
-    """{name: {'tasks': `scores`, 'seconds', 'concurrency', 'url'}} for each of `models` (name →
-    model folder or hub id) on the harness tasks, one after the other. The one named "model"
-    is scored through `harness.url` when given; the others are served here, each for its run."""
-    concurrency = cfg.eval.harness_concurrency or cfg.serve.max_batch_size
+    """{name: {'tasks': `scores`, 'seconds', 'batch_size', 'concurrency', 'url'}} for each of
+    `models` (name → model folder or hub id) on the harness tasks, one after the other. The
+    one named "model" is scored through `harness.url` when given; the others are served here,
+    each for its run."""
+    batch = cfg.eval.harness_batch_size
+    concurrency = cfg.eval.harness_concurrency or max(1, math.ceil(
+        2 * cfg.serve.max_batch_size / batch))
     key = cfg.serve.resolve_api_key()
     results, port = {}, None
     with contextlib.ExitStack() as stack:  # Serve, started once for all the models served here
@@ -274,9 +305,9 @@ def harness_scores(models: dict[str, str], cfg: Config, harness: Harness) -> dic
                 if port is None:
                     port = stack.enter_context(serve_running())
                 with served(model, cfg, port) as local:
-                    out = run_harness(local, model, harness, concurrency, key)
+                    out = run_harness(local, model, harness, concurrency, key, batch_size=batch)
             else:
-                out = run_harness(url, model, harness, concurrency, key)
+                out = run_harness(url, model, harness, concurrency, key, batch_size=batch)
             results[name] = {"tasks": scores(out), "seconds": round(out["seconds"], 1),
-                             "concurrency": concurrency, "url": url}
+                             "batch_size": batch, "concurrency": concurrency, "url": url}
     return results

@@ -207,7 +207,7 @@ class OpenAIIngress:
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return await self._stream(work, prompt_tokens, chat, include_usage, echo)
-        results = await self._all(self._complete_one(w) for w in work)
+        results = await self._retry_once(lambda: self.replicas.complete_all.remote(work))
         return completion_response(self.model_name, results, prompt_tokens, chat,
                                    req.return_token_ids, self.token_strings, echo)
 
@@ -239,9 +239,6 @@ class OpenAIIngress:
                                    headers={"Retry-After": str(self.cfg.retry_after_s)}) from None
             except Exception as exc:  # raised in the replica: this request's (or batch's) error
                 raise replica_error(exc) from None
-
-    async def _complete_one(self, work):
-        return await self._retry_once(lambda: self.replicas.complete.remote(work))
 
     async def _first_chunk(self, work):
         """Open a stream and read its first chunk, so overload still becomes a 503 status."""

@@ -339,6 +339,19 @@ class GenerationReplica:
                 "completion_tokens": whole.completion_tokens, "logprobs": whole.logprobs,
                 "prompt_logprobs": whole.prompt_logprobs}
 
+    async def complete_all(self, requests: list[GenerationRequest]) -> list[dict]:
+        """`complete` for each of a request's choices, in one call: they join the batch
+        together, and the handle counts one ongoing request, not one per choice (a request of
+        64 prompts would otherwise fill `max_ongoing_requests` and wait in the router's
+        backoff). The first failure fails them all, as it fails their HTTP request."""
+        tasks = [asyncio.ensure_future(self.complete(request)) for request in requests]
+        try:
+            return list(await asyncio.gather(*tasks))
+        except BaseException:  # the others stop costing rows
+            for task in tasks:
+                task.cancel()
+            raise
+
     async def stream(self, request: GenerationRequest) -> AsyncIterator[Chunk]:
         """The completion step by step; a step that produced no visible text rides along with
         the next one that does (its tokens and logprobs are not lost)."""
