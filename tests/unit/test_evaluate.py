@@ -7,7 +7,7 @@ import pytest
 from aigc_ray.cli import main
 from aigc_ray.config import load_config
 from aigc_ray.errors import ConfigError
-from aigc_ray.evaluate import eval_data, evaluate_after_training, format_report
+from aigc_ray.evaluate import differences, eval_data, evaluate_after_training, format_report
 from aigc_ray.run_folder import RunFolder
 from aigc_ray.train.driver import TrainSummary
 
@@ -34,6 +34,30 @@ def test_report_table_shows_both_models_and_the_difference():
     assert "run/final" in table and "baseline m/base" in table
     assert "-797.50" in table and "+39.00" in table and "+12.40" in table
     assert json.dumps(report)  # eval.json is this dict
+
+
+def test_harness_scores_sit_beside_the_baselines_with_their_differences():
+    """--harness alone: no data rows, a row per task metric (stderrs and counts in eval.json
+    only), the baseline and the difference beside each."""
+    model = {"support_choice": {"acc": 0.9, "acc_stderr": 0.02, "samples": 200},
+             "support_text": {"word_perplexity": 12.5, "bits_per_byte": 0.5, "samples": 100}}
+    base = {"support_choice": {"acc": 0.25, "acc_stderr": 0.03, "samples": 200},
+            "support_text": {"word_perplexity": 5000.0, "bits_per_byte": 3.0, "samples": 100}}
+    report = {"model": {"model": "/r/run/final", "harness": model},
+              "baseline": {"model": "/m/base", "harness": base},
+              "harness": {"tasks": ["support.yaml"], "limit": None,
+                          "model": {"seconds": 7.0}, "baseline": {"seconds": 7.5}}}
+    report["difference"] = differences(report["model"], report["baseline"])
+    assert report["difference"] == {"harness": {
+        "support_choice": {"acc": pytest.approx(0.65)},
+        "support_text": {"word_perplexity": -4987.5, "bits_per_byte": -2.5}}}
+    lines = format_report(report).splitlines()
+    assert lines[0] == "lm-evaluation-harness on support.yaml (7 s)"
+    acc = next(line for line in lines if line.startswith("support_choice acc "))
+    assert acc.split()[2:] == ["0.9000", "0.2500", "+0.6500", "(higher", "is", "better)"]
+    ppl = next(line for line in lines if line.startswith("support_text word_perplexity"))
+    assert "12.50" in ppl and "-4987.50" in ppl and "lower is better" in ppl
+    assert not any("stderr" in line or "samples" in line for line in lines)
 
 
 def test_evaluation_after_training_scores_final_against_the_start_into_the_run_folder(
