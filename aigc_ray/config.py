@@ -169,6 +169,11 @@ class Train(Section):
     # Replies to these are generated at each evaluation and written to the log. None: two
     # prompts from the run's own validation split (its data, not the sample corpus's); []: none.
     sample_prompts: list[str] | None = None
+    # The next-token loss: plain (the model's logits, then cross-entropy), chunked (from the
+    # last hidden states a slice of target tokens at a time, gradients in the same pass: no full
+    # logits tensor, the same loss and gradients), or auto: chunked from a 65,536-token
+    # vocabulary up (Llama 3, Qwen, Gemma), where the fp32 logits are the step's largest tensor.
+    loss_impl: Literal["auto", "plain", "chunked"] = "auto"
     # torch.compile the model: faster steps on a GPU once compiled (a minute or two at start).
     compile: bool = False
     # Batches collated and pinned ahead of the step, so the GPU never waits for the next one.

@@ -47,6 +47,7 @@ from aigc_ray.train.sharding import (
     is_sharded,
     load_sharded,
     lockstep,
+    reshard,
     save_sharded,
     shard_model,
     state_bytes,
@@ -227,6 +228,7 @@ class TrainingLoop:
 
         from aigc_ray.model import load_model
         from aigc_ray.tokenizer import load_tokenizer
+        from aigc_ray.train.chunked_loss import check_chunked_loss, loss_impl_for, use_chunked_loss
         from aigc_ray.train.loss import check_packed_attention
 
         cfg, device, sharded = self.cfg, self.device, self.sharded
@@ -245,6 +247,10 @@ class TrainingLoop:
             unwrap(model).gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
         self.flops = flops_per_token(model, cfg.data.block_size)  # the whole model, unsharded
+        vocabulary = model.get_output_embeddings().weight.shape[0]
+        self.chunked_loss = loss_impl_for(cfg.train.loss_impl, vocabulary) == "chunked"
+        if self.chunked_loss:
+            use_chunked_loss(model)
         # `model` stays the module itself (sharded in place with fsdp): evaluation, samples and
         # checkpoints use it; `step_model` is what the training step calls.
         if sharded:
@@ -254,6 +260,10 @@ class TrainingLoop:
             model.to(device)
         if cfg.data.packing:
             check_packed_attention(model, device)
+        if self.chunked_loss:
+            check_chunked_loss(model, device)
+        if sharded and (cfg.data.packing or self.chunked_loss):
+            reshard(model)  # the probes' forwards left the root's parameters gathered
         step_model, warning = model, None
         if cfg.train.compile:
             step_model, warning = compiled(model, device)
@@ -403,7 +413,8 @@ class TrainingLoop:
             with gradient_sync(self.step_model, self.model if self.sharded else None, last,
                                self.world_size):
                 with self.autocast:
-                    loss_sum, _ = token_loss_sum(self.step_model, micro_batch)
+                    loss_sum, _ = token_loss_sum(self.step_model, micro_batch,
+                                                 self.chunked_loss)
                 (loss_sum * scale).backward()
             self.interval_loss += loss_sum.detach()
             self.interval_targets += micro_batch["targets"]
@@ -475,7 +486,7 @@ class TrainingLoop:
                    else ((batch, True) for batch in batches))
         with torch.no_grad(), self.autocast:
             for batch, real in batches:
-                batch_loss, batch_tokens = token_loss_sum(model, batch)
+                batch_loss, batch_tokens = token_loss_sum(model, batch, self.chunked_loss)
                 if real:
                     loss_sum, tokens = loss_sum + batch_loss, tokens + batch_tokens
         model.train()

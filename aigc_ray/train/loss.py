@@ -7,8 +7,10 @@ from aigc_ray.tokenizer import IGNORE_INDEX
 PAD_MULTIPLE = 8  # trimmed lengths round up to this: tensor-core friendly, fewer distinct shapes
 
 
-def token_loss_sum(model, batch: dict):
+def token_loss_sum(model, batch: dict, chunked: bool = False):
     """(sum of next-token cross-entropy over target tokens, number of target tokens).
+    `chunked`: the model computes it from its hidden states without full logits
+    (`chunked_loss.use_chunked_loss`).
 
     The model gets no attention mask: our blocks are padded only on the right, so under causal
     attention no real token ever sees padding, and padding positions carry IGNORE_INDEX labels.
@@ -24,8 +26,10 @@ def token_loss_sum(model, batch: dict):
     inputs = {"input_ids": batch["input_ids"], "use_cache": False}
     if "position_ids" in batch:
         inputs["position_ids"] = batch["position_ids"]
-    logits = model(**inputs).logits
     targets = batch["labels"][:, 1:]
+    if chunked:
+        return model(**inputs, labels=batch["labels"]).loss, (targets != IGNORE_INDEX).sum()
+    logits = model(**inputs).logits
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
                            targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, (targets != IGNORE_INDEX).sum()

@@ -43,6 +43,18 @@ def shard_model(model, blocks, device, bf16: bool, cpu_offload: bool):
     return model
 
 
+def reshard(model) -> None:
+    """Put every FSDP2 module's parameters back into their shards. A forward without a backward
+    (a probe before training) leaves the root's unsharded (FSDP2 keeps the root's gathered from
+    forward to backward), and an optimizer made then would hold those gathered tensors instead
+    of the model's parameters: its checkpoint then fails (`get_state_dict`: KeyError)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def gradient_sync(step_model, sharded_model, sync: bool, world_size: int):
     """A context for one micro-step of gradient accumulation: gradients are reduced across
     workers only on the last one (`sync`)."""

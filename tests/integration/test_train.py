@@ -155,14 +155,17 @@ def test_one_and_two_workers_and_fsdp_follow_the_same_curve(ray_cluster, train_a
     """Same global batch (8 sequences) and seed: 1×8 and 2×4 give the same losses, within the
     noise of dropout masks (each rank draws its own) and of the streamed split (20 steps read
     under one epoch, so the split streams: each rank mixes its blocks through its own shuffle
-    buffer). FSDP on 2 workers computes what DDP computes, from half the state per worker."""
+    buffer). FSDP on 2 workers computes what DDP computes, from half the state per worker, and
+    with train.loss_impl=chunked (no logits tensor) the loss and gradients of the plain one."""
     runs = {}
     for name, workers, batch, strategy in (("ddp1", 1, 8, "ddp"), ("ddp2", 2, 4, "ddp"),
                                            ("fsdp2", 2, 4, "fsdp")):
+        # The fsdp run also takes the chunked loss: its curve and weights are DDP's plain ones.
+        loss = "chunked" if strategy == "fsdp" else "plain"
         cfg = load_config("tiny_cpu", [*train_args, f"scaling.num_workers={workers}",
                                        f"train.batch_size={batch}", "train.max_steps=20",
                                        "train.eval_every=10", f"scaling.strategy={strategy}",
-                                       f"run.name={name}"])
+                                       f"train.loss_impl={loss}", f"run.name={name}"])
         runs[name] = run_train(cfg)
     one, two, fsdp = (metrics_of(runs[name].run_dir) for name in ("ddp1", "ddp2", "fsdp2"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 5, 10, 15, 20]
