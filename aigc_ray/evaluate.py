@@ -62,6 +62,7 @@ class LossSum:
                                            trust_remote_code=trust_remote_code,
                                            threads=gen.cpus_per_actor)
         self.device = next(self.model.parameters()).device
+        self.chunked = chunk_loss_if_large(self.model, self.device)
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
@@ -73,8 +74,24 @@ class LossSum:
         tensors = {k: v.to(self.device) for k, v in trim_padding(
             {k: torch.from_numpy(np.array(v)) for k, v in batch.items()}).items()}
         with torch.inference_mode():
-            loss, tokens = token_loss_sum(self.model, tensors)
+            loss, tokens = token_loss_sum(self.model, tensors, self.chunked)
         return {"loss_sum": np.array([float(loss)]), "tokens": np.array([int(tokens)])}
+
+
+def chunk_loss_if_large(model, device) -> bool:
+    """Score with the chunked loss (no full logits tensor) where training's `auto` would: a
+    large vocabulary, and a model whose logits are its output layer's (else plain)."""
+    from aigc_ray.errors import UserError
+    from aigc_ray.train.chunked_loss import check_chunked_loss, loss_impl_for, use_chunked_loss
+
+    if loss_impl_for("auto", model.get_output_embeddings().weight.shape[0]) != "chunked":
+        return False
+    use_chunked_loss(model)
+    try:
+        check_chunked_loss(model, device)
+    except UserError:
+        return False  # its labels-free forward is its own: the plain loss still works
+    return True
 
 
 def perplexity(model_path: str, cfg: Config, split: str | None, files: list[str]) -> dict:

@@ -120,3 +120,17 @@ def test_auto_chunks_large_vocabularies_only():
     assert loss_impl_for("auto", 50_257) == "plain"
     assert loss_impl_for("plain", QWEN_VOCABULARY) == "plain"
     assert loss_impl_for("chunked", 512) == "chunked"
+
+
+def test_evaluation_scores_large_vocabularies_chunked_and_the_same():
+    from aigc_ray.evaluate import chunk_loss_if_large
+
+    model = qwen2().eval()
+    data = batch(QWEN_VOCABULARY)
+    with torch.inference_mode():
+        plain, _ = token_loss_sum(model, data)
+    assert chunk_loss_if_large(model, "cpu")
+    with torch.inference_mode():
+        chunked, _ = token_loss_sum(model, data, chunked=True)
+    assert torch.allclose(chunked, plain, rtol=1e-5)
+    assert not chunk_loss_if_large(qwen2(4096), "cpu")  # a small vocabulary: plain
