@@ -82,7 +82,7 @@ def chunk_loss_if_large(model, device) -> bool:
     """Score with the chunked loss (no full logits tensor) where training's `auto` would: a
     large vocabulary, and a model whose logits are its output layer's (else plain)."""
     from aigc_ray.errors import UserError
-    from aigc_ray.train.chunked_loss import check_chunked_loss, loss_impl_for, use_chunked_loss
+    from aigc_ray.train.loss import check_chunked_loss, loss_impl_for, use_chunked_loss
 
     if loss_impl_for("auto", model.get_output_embeddings().weight.shape[0]) != "chunked":
         return False

@@ -228,8 +228,12 @@ class TrainingLoop:
 
         from aigc_ray.model import load_model
         from aigc_ray.tokenizer import load_tokenizer
-        from aigc_ray.train.chunked_loss import check_chunked_loss, loss_impl_for, use_chunked_loss
-        from aigc_ray.train.loss import check_packed_attention
+        from aigc_ray.train.loss import (
+            check_chunked_loss,
+            check_packed_attention,
+            loss_impl_for,
+            use_chunked_loss,
+        )
 
         cfg, device, sharded = self.cfg, self.device, self.sharded
         self.tokenizer = load_tokenizer(self.loop.model_path, cfg.model.trust_remote_code)
