@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU figures issues 13, 15 and 16 still need, in four device calls (each may run 600 s).
+# The GPU figures issues 13, 15, 16 and 29 still need, in five device calls (each may run 600 s).
 # Run ON the device machine from the project root after `source .gpu/setup.sh` (see
 # ../shared/gpu/README.md); results land in $OUT (or /tmp/gpu_check).
 #   bash benchmarks/gpu_check.sh decode   (~8 minutes)
@@ -25,6 +25,10 @@
 #     8. train_throughput.py --gpu --profile, eager and compiled: the same 5 steps of ours and
 #        of the plain loop under torch.profiler; gpu_busy says whether ours keeps the GPU as
 #        busy as plain does, and the traces in $OUT say what it waited for where it does not
+#   bash benchmarks/gpu_check.sh loss     (~2 minutes)
+#     9. loss_memory.py --shape qwen0.5b: peak GPU memory and tokens/s of train.loss_impl plain
+#        against chunked on a Qwen2.5-0.5B-shaped model at 8 x 2,048 tokens, bf16 autocast
+#        (issue 29: >= 8 GB less peak memory, >= 1.0x tokens/s; fused is not implemented yet)
 # Each step has its own time limit, so one that hangs does not lose the others. Each pipes
 # into tail, so pipefail is what makes a failed (or timed-out) step fail this script: the
 # steps still all run, and the exit status says whether any failed.
@@ -64,8 +68,12 @@ elif [ "$part" = profile ]; then
   el profiled steps, ours and plain, eager then compiled
   timeout 400 python3 benchmarks/train_throughput.py --gpu --steps 60 --compile both --profile \
     --out "$OUT" 2>&1 | tail -12 || fail $?
+elif [ "$part" = loss ]; then
+  el loss memory, plain against chunked
+  timeout 300 python3 benchmarks/loss_memory.py --shape qwen0.5b \
+    --out "$OUT/loss_memory_gpu.json" 2>&1 | tail -12 || fail $?
 else
-  echo "usage: bash benchmarks/gpu_check.sh decode|generate|train|profile" >&2
+  echo "usage: bash benchmarks/gpu_check.sh decode|generate|train|profile|loss" >&2
   exit 2
 fi
 el done

@@ -43,8 +43,10 @@ from aigc_ray.train.prepare import (
 )
 from aigc_ray.train.profile import StepProfiler
 from aigc_ray.train.sharding import (
+    empty_model,
     gradient_sync,
     is_sharded,
+    load_from_rank0,
     load_sharded,
     lockstep,
     reshard,
@@ -240,8 +242,16 @@ class TrainingLoop:
         lora = cfg.train.lora.enabled
         # Full fine-tuning with ddp resumes from the checkpoint's own weights; LoRA from the base
         # model plus the saved adapters; fsdp from the base model, then its shards (`_restore`).
-        model = load_model(restore_dir if restore_dir and not lora and not sharded
-                           else self.loop.model_path, cfg.model.trust_remote_code)
+        # fsdp on several workers: rank 0 reads the weights; the others build the model's shape
+        # on the meta device and receive their shards from it (`load_from_rank0`), so a node
+        # holds one host copy of the weights, not one per rank.
+        from_rank0 = sharded and self.world_size > 1
+        self.read_weights = not from_rank0 or self.rank == 0
+        if not self.read_weights:
+            model = empty_model(self.loop.model_path, cfg.model.trust_remote_code)
+        else:
+            model = load_model(restore_dir if restore_dir and not lora and not sharded
+                               else self.loop.model_path, cfg.model.trust_remote_code)
         if cfg.train.freeze_layers:
             freeze_bottom(model, cfg.train.freeze_layers)
         if lora:
@@ -258,8 +268,14 @@ class TrainingLoop:
         # `model` stays the module itself (sharded in place with fsdp): evaluation, samples and
         # checkpoints use it; `step_model` is what the training step calls.
         if sharded:
+            # Rank 0's whole state (frozen layers and fresh LoRA adapters included), kept only
+            # until the shards are out; the module itself is sharded in place.
+            whole = model.state_dict() if from_rank0 and self.read_weights else None
             shard_model(model, transformer_blocks(model, "scaling.strategy=ddp"), device,
                         use_bf16, cfg.scaling.cpu_offload)
+            if from_rank0:
+                load_from_rank0(model, whole)
+                del whole
         else:
             model.to(device)
         if cfg.data.packing:
@@ -321,7 +337,7 @@ class TrainingLoop:
         note_start(run_dir, self.rank, self.world_size, self.device, state.step,
                    self.loop.total_steps,
                    global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * self.world_size,
-                   strategy=cfg.scaling.strategy)
+                   strategy=cfg.scaling.strategy, read_weights=self.read_weights)
         if warning and self.rank == 0:
             note_console(run_dir, state.step, warning)
         self.trackers = open_trackers(cfg, run_dir, state.step) if self.rank == 0 else None
@@ -584,9 +600,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 
 def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: int,
-               total_steps: int, global_batch: int, strategy: str = "ddp") -> None:
+               total_steps: int, global_batch: int, strategy: str = "ddp",
+               read_weights: bool = True) -> None:
     """Append this worker's start to `workers/rank-N.jsonl`: where each rank ran, as which
-    process, and from which step (a restart after a failure shows up as a second line)."""
+    process, and from which step (a restart after a failure shows up as a second line), and
+    whether it read the model's weights itself (fsdp: rank 0 only)."""
     import socket
 
     import ray
@@ -602,7 +620,7 @@ def note_start(run_dir: Path, rank: int, world_size: int, device, start_step: in
         "device": str(device), "torch_threads": torch.get_num_threads(),
         "start_step": start_step, "world_size": world_size, "num_nodes": len(set(nodes)),
         "total_steps": total_steps, "global_batch": global_batch, "strategy": strategy,
-        "time": time.time()})
+        "read_weights": read_weights, "time": time.time()})
 
 
 def note_console(run_dir: Path, step: int, line: str) -> None:

@@ -43,6 +43,57 @@ def shard_model(model, blocks, device, bf16: bool, cpu_offload: bool):
     return model
 
 
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (shapes, no memory) and
+    their buffers as usual: buffers are small and many are not in a checkpoint (rotary
+    frequencies), so they are computed here as in any model."""
+    import torch
+
+    register = torch.nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        # One already on meta is registered as it is: tied weights stay one parameter.
+        if param is not None and not param.is_meta:
+            param = torch.nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+
+    torch.nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = register
+
+
+def empty_model(path: str, trust_remote_code: bool = False):
+    """The causal LM of `path`'s config.json with its parameters on the meta device: what the
+    ranks but the first build under fsdp, to receive their shards from rank 0."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with parameters_on_meta():
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+
+
+def load_from_rank0(model, full_state: dict | None) -> None:
+    """Fill a sharded model from rank 0's whole state dict (`full_state`; None on the other
+    ranks, whose parameters are still on the meta device): rank 0 broadcasts each tensor and
+    every rank keeps its own shard. A node's host memory then holds one copy of the weights,
+    rank 0's, instead of one per rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
+
+    set_model_state_dict(model, full_state or {}, options=StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True))
+    # Loading assigned each name its own tensor: a tied pair (embeddings and output layer) came
+    # apart on the meta ranks. Gathering and resharding sets every module's attributes from
+    # FSDP's own parameters again, one per tied pair, before an optimizer sees them.
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.unshard()
+            module.reshard()
+
+
 def reshard(model) -> None:
     """Put every FSDP2 module's parameters back into their shards. A forward without a backward
     (a probe before training) leaves the root's unsharded (FSDP2 keeps the root's gathered from

@@ -155,8 +155,9 @@ def test_one_and_two_workers_and_fsdp_follow_the_same_curve(ray_cluster, train_a
     """Same global batch (8 sequences) and seed: 1×8 and 2×4 give the same losses, within the
     noise of dropout masks (each rank draws its own) and of the streamed split (20 steps read
     under one epoch, so the split streams: each rank mixes its blocks through its own shuffle
-    buffer). FSDP on 2 workers computes what DDP computes, from half the state per worker, and
-    with train.loss_impl=chunked (no logits tensor) the loss and gradients of the plain one."""
+    buffer). FSDP on 2 workers computes what DDP computes, from half the state per worker (rank
+    1 never reading the weights: it gets its shards from rank 0), and with
+    train.loss_impl=chunked (no logits tensor) the loss and gradients of the plain one."""
     runs = {}
     for name, workers, batch, strategy in (("ddp1", 1, 8, "ddp"), ("ddp2", 2, 4, "ddp"),
                                            ("fsdp2", 2, 4, "fsdp")):
@@ -199,7 +200,11 @@ def test_one_and_two_workers_and_fsdp_follow_the_same_curve(ray_cluster, train_a
         for key in ("parameter_bytes", "gradient_bytes", "optimizer_bytes"):
             assert row[key] == pytest.approx(held["ddp2"][rank][key] / 2, rel=0.01), (key, row)
         assert row["optimizer_bytes"] == 2 * row["parameter_bytes"]  # AdamW's two moments
-    assert [s["strategy"] for s in worker_starts(runs["fsdp2"].run_dir)] == ["fsdp", "fsdp"]
+    starts = {s["rank"]: s for s in worker_starts(runs["fsdp2"].run_dir)}
+    assert [starts[rank]["strategy"] for rank in (0, 1)] == ["fsdp", "fsdp"]
+    # Only rank 0 read the weights; rank 1 built the model on the meta device and received its
+    # shards from rank 0, and still followed DDP's curve above.
+    assert [starts[rank]["read_weights"] for rank in (0, 1)] == [True, False]
 
 
 @pytest.fixture(scope="module")
