@@ -11,7 +11,9 @@ from aigc_ray.config import Config
 from aigc_ray.run_folder import CheckpointFolder
 from aigc_ray.train.prepare import add_lora, unwrap
 from aigc_ray.train.sharding import (
+    allocate_meta_parameters,
     load_full_model_state,
+    parameters_on_meta,
 )
 
 
@@ -41,16 +43,20 @@ def export_checkpoint(checkpoint_dir: str, folder: Path) -> None:
 
 def gathered_model(checkpoint: CheckpointFolder):
     """The whole model of an fsdp checkpoint, in this process (LoRA merged in): built from the
-    checkpoint's own config.json, filled from its shards."""
+    checkpoint's own config.json with its parameters on the meta device, given memory without
+    a random initialization (which for billions of parameters takes minutes), filled from its
+    shards."""
     import yaml
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = Config.model_validate(yaml.safe_load(checkpoint.config.read_text()))
     trust = cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(checkpoint.path, trust_remote_code=trust)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust,
-                                             dtype=getattr(config, "dtype", None))
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust,
+                                                 dtype=getattr(config, "dtype", None))
     if cfg.train.lora.enabled:
         model = add_lora(model, cfg)
+    allocate_meta_parameters(model)
     load_full_model_state(model, checkpoint.sharded)
     return model.merge_and_unload() if cfg.train.lora.enabled else model

@@ -75,6 +75,21 @@ def empty_model(path: str, trust_remote_code: bool = False):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
+def allocate_meta_parameters(model) -> None:
+    """Parameters on the meta device become uninitialized host tensors of their shape (tied
+    ones stay one tensor): a model a checkpoint fills next, never initialized at random."""
+    import torch
+
+    made: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                if id(param) not in made:
+                    made[id(param)] = torch.nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                         requires_grad=param.requires_grad)
+                module._parameters[name] = made[id(param)]
+
+
 def load_from_rank0(model, full_state: dict | None) -> None:
     """Fill a sharded model from rank 0's whole state dict (`full_state`; None on the other
     ranks, whose parameters are still on the meta device): rank 0 broadcasts each tensor and
