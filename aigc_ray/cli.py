@@ -255,9 +255,11 @@ def cmd_eval(ns: argparse.Namespace) -> int:
         raise ConfigError("--limit and --url go with --harness TASKS; add it or drop them")
     harness = None
     if ns.harness is not None:  # the tasks exist and lm-eval is installed: before Ray starts
-        from aigc_ray.harness import harness_spec
+        from aigc_ray.harness import harness_spec, server_info
 
         harness = harness_spec(ns.harness, ns.limit, ns.url)
+        if harness.url is not None:  # it answers, with this key
+            server_info(harness.url, cfg.serve.resolve_api_key(), timeout_s=10)
     # Perplexity, ROUGE-L and BLEU need rows: --data, or the data the checkpoint was trained on
     # (its config.yaml). With --harness alone they are left out.
     data = ns.data is not None or CheckpointFolder(path).config.is_file()

@@ -16,6 +16,7 @@ extra (`pip install 'aigc-ray[harness]'`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import math
@@ -199,7 +200,7 @@ def run_harness(url: str, tokenizer: str, harness: Harness, concurrency: int,
     manager = TaskManager(include_defaults=any(isinstance(t, str) for t in harness.tasks))
     # Its progress bars go (a rolling task draws one per document); its warnings stay.
     with contextlib.redirect_stderr(_WithoutBars(sys.stderr)):
-        out = lm_eval.simple_evaluate(model=client, tasks=list(harness.tasks),
+        out = lm_eval.simple_evaluate(model=client, tasks=copy.deepcopy(list(harness.tasks)),
                                       limit=harness.limit, task_manager=manager,
                                       log_samples=log_samples)
     out["seconds"] = time.perf_counter() - started

@@ -84,6 +84,8 @@ BAD_INPUTS = [
      "--limit must be a count of documents"),
     (["eval", "{checkpoint}", "--harness", "{typo_spec}", "--url", "localhost:8000"],
      "--url must be the server's base URL"),
+    (["eval", "{checkpoint}", "--harness", "{task}", "--url", "{closed}"],
+     "cannot list the models at http://127.0.0.1:"),
     (["submit"], "the following arguments are required: JOBSPEC"),
     (["submit", "/nonexistent/spec.yaml"], "job spec /nonexistent/spec.yaml does not exist"),
     (["submit", "{typo_spec}"], "did you mean entrypoint?"),
@@ -129,6 +131,7 @@ def places(tmp_path_factory) -> dict[str, str]:
     (tmp_path / "file.txt").write_text("a file, not a folder\n")
     (tmp_path / "bad.yaml").write_text("train: {lr: [1\n")
     (tmp_path / "typo.yaml").write_text("entrypont: aigc-ray train tiny_cpu\n")
+    (tmp_path / "task.yaml").write_text("task: a_task\ndataset_path: json\n")
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         closed = f"http://127.0.0.1:{s.getsockname()[1]}"
@@ -136,7 +139,7 @@ def places(tmp_path_factory) -> dict[str, str]:
             "not_a_model": str(not_a_model),
             "prompts": str(tmp_path / "prompts.jsonl"), "file": str(tmp_path / "file.txt"),
             "bad_yaml": str(tmp_path / "bad.yaml"), "typo_spec": str(tmp_path / "typo.yaml"),
-            "closed": closed}
+            "closed": closed, "task": str(tmp_path / "task.yaml")}
 
 
 def aigc(*args: str) -> subprocess.CompletedProcess:
