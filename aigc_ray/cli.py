@@ -120,7 +120,9 @@ def cmd_data(ns: argparse.Namespace) -> int:
     files = check_config(cfg)  # before Ray starts
     check_model_path(cfg)
     start_ray(ray_logs=cfg.run.ray_logs)
-    tokenizer_path = resolve_model_path(cfg)
+    # The tokenizer is all this needs: a model.init=random run's is where model.tokenizer says.
+    tokenizer_path = (cfg.model.tokenizer or cfg.model.name_or_path
+                      if cfg.model.init == "random" else resolve_model_path(cfg))
     print(format_statistics(cfg, corpus_statistics(cfg, tokenizer_path), files))
     return 0
 

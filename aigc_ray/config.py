@@ -50,12 +50,25 @@ class Model(Section):
     builtin: BuiltinTiny = BuiltinTiny()
     # Never run code from a model repo unless the user says so.
     trust_remote_code: bool = False
+    # pretrained: name_or_path's weights. random: only its config.json (the architecture and
+    # sizes), with fresh weights seeded by train.seed: pre-training from scratch, or a model of
+    # a real shape without downloading its weights.
+    init: Literal["pretrained", "random"] = "pretrained"
+    # With init random: where the tokenizer is when name_or_path holds no tokenizer (a folder
+    # with only config.json); None: name_or_path.
+    tokenizer: str | None = None
 
     @model_validator(mode="after")
     def _known_builtin(self) -> Model:
         if self.name_or_path.startswith("builtin:") and self.name_or_path != "builtin:tiny":
             raise ValueError(f"model.name_or_path {self.name_or_path!r} is not a built-in model "
                              "(built-in: builtin:tiny)")
+        if self.tokenizer is not None and self.init != "random":
+            raise ValueError("model.tokenizer goes with model.init=random (a pretrained model "
+                             "brings its own tokenizer); set model.init=random or drop it")
+        if self.init == "random" and self.name_or_path.startswith("builtin:"):
+            raise ValueError("model.init=random: builtin:tiny is always freshly initialized; "
+                             "name a folder or hub id whose config.json gives the architecture")
         return self
 
 

@@ -96,6 +96,70 @@ def check_model_path(cfg: Config) -> None:
     if problem:
         raise ConfigError(f"model.name_or_path {name}: {problem}; name a local Hugging Face "
                           "model folder, a hub id the network can reach, or builtin:tiny")
+    if cfg.model.init == "random":
+        check_tokenizer_fits(cfg)
+
+
+# Files one of which a folder holding a tokenizer has.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_tokenizer_fits(cfg: Config) -> None:
+    """model.init=random: the tokenizer loads and its ids fit the architecture's embedding."""
+    from transformers import AutoConfig
+
+    name, source = cfg.model.name_or_path, cfg.model.tokenizer or cfg.model.name_or_path
+    trust = cfg.model.trust_remote_code
+    missing = f"model.init=random needs a tokenizer and {source} has none"
+    hint = "; set model.tokenizer to a folder or hub id with one"
+    local = Path(source).expanduser()
+    # transformers makes an empty tokenizer of a folder with a config.json and no tokenizer files.
+    if local.is_dir() and not any((local / f).exists() for f in TOKENIZER_FILES):
+        raise ConfigError(missing + hint)
+    try:
+        with hub_quiet():
+            tokenizer = load_tokenizer(source, trust)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ConfigError(f"{missing} that loads ({first[:160]}){hint}") from None
+    with hub_quiet():
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust)
+    vocabulary = getattr(config, "vocab_size", None)
+    if vocabulary is not None and len(tokenizer) > vocabulary:
+        raise ConfigError(f"model.init=random: the tokenizer of {source} has {len(tokenizer):,} "
+                          f"tokens, more than the {vocabulary:,} of {name}'s vocab_size; use a "
+                          "tokenizer that fits it (model.tokenizer) or a config with a larger "
+                          "vocab_size")
+
+
+def materialize_random(cfg: Config) -> Path:
+    """model.init=random: a folder holding name_or_path's architecture with fresh weights
+    (seeded by train.seed) and the tokenizer, built once and keyed by the config's content, the
+    tokenizer and the seed; from then on an ordinary model folder (training, the evaluation
+    against its start). It takes the model's size in memory and on disk once."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    trust = cfg.model.trust_remote_code
+    source = cfg.model.tokenizer or cfg.model.name_or_path
+    config = AutoConfig.from_pretrained(cfg.model.name_or_path, trust_remote_code=trust)
+    key = json.dumps({"config": config.to_dict(), "tokenizer": source, "seed": cfg.train.seed},
+                     sort_keys=True, default=str)
+    stem = Path(cfg.model.name_or_path.rstrip("/")).name or "model"
+    folder = (cfg.run.dir.parent / ".random" /
+              f"{stem}-{hashlib.sha256(key.encode()).hexdigest()[:12]}")
+    if CheckpointFolder(folder).model_config.exists():
+        return folder
+    torch.manual_seed(cfg.train.seed)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust)
+    staging = folder.with_name(folder.name + ".tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    load_tokenizer(source, trust).save_pretrained(staging)
+    model.save_pretrained(staging)
+    staging.rename(folder)  # atomic: a half-written folder never looks finished
+    log.info("%s with fresh weights (%.1fM parameters, seed %d) written to %s",
+             cfg.model.name_or_path, model.num_parameters() / 1e6, cfg.train.seed, folder)
+    return folder
 
 
 def model_config_problem(name: str, trust_remote_code: bool) -> str | None:
@@ -156,12 +220,15 @@ def hub_quiet():
 
 
 def resolve_model_path(cfg: Config) -> str:
-    """The HF folder or hub id to load; builds the built-in tiny model on first use (needs Ray)."""
+    """The HF folder or hub id to load; builds the built-in tiny model on first use (needs Ray),
+    and a model.init=random one (`materialize_random`)."""
     name = cfg.model.name_or_path
     if is_builtin(name):
         from aigc_ray.data.read import corpus_sample
 
         return str(materialize_builtin(cfg, corpus_sample(cfg, cfg.model.builtin.tokenizer_docs)))
+    if cfg.model.init == "random":
+        return str(materialize_random(cfg))
     local = Path(name).expanduser()
     return str(local.resolve()) if local.exists() else name
 

@@ -208,29 +208,29 @@ def test_one_and_two_workers_and_fsdp_follow_the_same_curve(ray_cluster, train_a
 
 
 @pytest.fixture(scope="module")
-def qwen_shaped_dir(tiny_model_dir, tmp_path_factory) -> str:
-    """A Qwen2-architecture model with Qwen's 151,936-token vocabulary (random weights, 2 small
-    layers) and the tiny model's tokenizer, whose ids all fit it: the logits of a real size."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+def qwen_shaped_config(tmp_path_factory) -> str:
+    """A folder with only a config.json: Qwen2's architecture with Qwen's 151,936-token
+    vocabulary, 2 small layers (the logits of a real size, the rest tiny)."""
+    from transformers import Qwen2Config
 
     folder = tmp_path_factory.mktemp("qwen_shaped")
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(Qwen2Config(
-        vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-        tie_word_embeddings=True)).save_pretrained(folder)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(folder)
+    Qwen2Config(vocab_size=151_936, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                tie_word_embeddings=True).save_pretrained(folder)
     return str(folder)
 
 
 def test_a_large_vocabulary_trains_chunked_to_the_plain_loss_at_a_fraction_of_the_memory(
-        ray_cluster, sample_corpus, qwen_shaped_dir, tmp_path):
-    """train.loss_impl auto chunks the loss at Qwen's vocabulary: the same losses step for step
-    as plain, and a peak (workers/rank-0.jsonl) well below plain's, whose step holds the fp32
-    logits (8 x 128 x 151,936: 622 MB), their softmax and their gradient."""
+        ray_cluster, sample_corpus, qwen_shaped_config, tiny_model_dir, tmp_path):
+    """model.init=random builds the Qwen2 shape from its config.json with fresh weights and the
+    tiny model's tokenizer (its ids fit), once for both runs; train.loss_impl auto chunks the
+    loss at that vocabulary: the same losses step for step as plain, and a peak
+    (workers/rank-0.jsonl) well below plain's, whose step holds the fp32 logits (8 x 128 x
+    151,936: 622 MB), their softmax and their gradient."""
     runs = {}
     for loss in ("plain", "auto"):
-        args = [*base_args(sample_corpus, qwen_shaped_dir, tmp_path), "data.block_size=128",
+        args = [*base_args(sample_corpus, qwen_shaped_config, tmp_path), "model.init=random",
+                f"model.tokenizer={tiny_model_dir}", "data.block_size=128",
                 "scaling.num_workers=1", "train.batch_size=8", "train.max_steps=4",
                 "train.eval_every=2", "train.log_every=1", f"train.loss_impl={loss}",
                 f"run.name={loss}"]
@@ -243,6 +243,8 @@ def test_a_large_vocabulary_trains_chunked_to_the_plain_loss_at_a_fraction_of_th
                 assert b[key] == pytest.approx(a[key], rel=1e-4), (key, a, b)
     [held_plain], [held_chunked] = (worker_memory(runs[name].run_dir)
                                     for name in ("plain", "auto"))
+    assert runs["plain"].start_model == runs["auto"].start_model  # one random model for both
+    assert Path(runs["auto"].start_model).parent.name == ".random"
     saved = held_plain["peak_process_bytes"] - held_chunked["peak_process_bytes"]
     print(f"peak process memory: plain {held_plain['peak_process_bytes'] / 2**20:.0f} MiB, "
           f"chunked {held_chunked['peak_process_bytes'] / 2**20:.0f} MiB")

@@ -139,3 +139,60 @@ def test_an_uncached_hub_id_offline_says_so_at_once(monkeypatch):
     message = error_for("no-such-org/no-such-model")
     assert "not in the local Hugging Face cache, and HF_HUB_OFFLINE is set" in message
     assert "a hub id the network can reach" in message
+
+
+# --- model.init: random --------------------------------------------------------------------
+
+
+def config_only_folder(tmp_path, vocabulary: int) -> str:
+    """A folder with a Qwen2 config.json and nothing else (no weights, no tokenizer)."""
+    from transformers import Qwen2Config
+
+    folder = tmp_path / f"qwen-{vocabulary}"
+    Qwen2Config(vocab_size=vocabulary, hidden_size=32, intermediate_size=64,
+                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=256).save_pretrained(folder)
+    return str(folder)
+
+
+def random_init_config(tmp_path, folder: str, tokenizer: str | None, seed: int = 0):
+    from aigc_ray.config import load_config
+
+    return load_config("tiny_cpu", [f"model.name_or_path={folder}", "model.init=random",
+                                    *([f"model.tokenizer={tokenizer}"] if tokenizer else []),
+                                    f"train.seed={seed}", f"run.output_dir={tmp_path}/runs"])
+
+
+def test_random_init_builds_the_architecture_from_its_config_with_seeded_fresh_weights(
+        tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from aigc_ray.model import check_model_path, resolve_model_path
+    from aigc_ray.tokenizer import load_tokenizer
+
+    folder = config_only_folder(tmp_path, 151_936)
+    cfg = random_init_config(tmp_path, folder, tiny_model_dir)
+    check_model_path(cfg)  # the tokenizer (512 tokens) fits the 151,936-token embedding
+    built = resolve_model_path(cfg)
+    assert resolve_model_path(cfg) == built  # built once
+    model = AutoModelForCausalLM.from_pretrained(built)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    assert model.get_input_embeddings().weight.shape == (151_936, 32)
+    assert len(load_tokenizer(built)) == len(load_tokenizer(tiny_model_dir))
+    other = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(random_init_config(tmp_path, folder, tiny_model_dir, seed=1)))
+    first = model.model.layers[0].mlp.up_proj.weight
+    assert not torch.equal(first, other.model.layers[0].mlp.up_proj.weight)  # seeded
+
+
+def test_random_init_with_a_tokenizer_the_architecture_cannot_hold_fails_in_one_line(
+        tmp_path, tiny_model_dir):
+    from aigc_ray.errors import ConfigError
+    from aigc_ray.model import check_model_path
+
+    folder = config_only_folder(tmp_path, 256)  # the tiny tokenizer has 512 tokens
+    with pytest.raises(ConfigError, match="has 512 tokens, more than the 256") as error:
+        check_model_path(random_init_config(tmp_path, folder, tiny_model_dir))
+    assert "\n" not in str(error.value)
+    with pytest.raises(ConfigError, match="set model.tokenizer"):  # no tokenizer at all
+        check_model_path(random_init_config(tmp_path, folder, None))
