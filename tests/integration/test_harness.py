@@ -18,7 +18,7 @@ from aigc_ray.harness import harness_spec, run_harness, serve_running, served
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 40  # documents per task: 160 multiple-choice requests, 40 rolling, 40 generations
+LIMIT = 24  # documents per task: 96 multiple-choice requests, 24 rolling, 24 generations
 
 
 @pytest.fixture(scope="module")

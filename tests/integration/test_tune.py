@@ -99,17 +99,18 @@ def test_asha_stops_losers_exports_the_best_and_logs_each_trial_to_mlflow(ray_cl
 
 
 def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_cluster, tune_args):
-    """Two trials, one at a learning rate too small to learn: at a perturbation it continues
+    """Two trials, one at a learning rate too small to learn: at the perturbation it continues
     from the other's checkpoint (its steps and loss carry on from the donor's step) with a
-    perturbed learning rate, which the restored optimizer really uses. Perturbations every 20
-    steps, evaluations every 10: each exploit restarts a trial's workers (the costly part), and
-    the evaluation after it shows the donor's weights."""
+    perturbed learning rate, which the restored optimizer really uses. One perturbation, at
+    step 20, evaluations every 10: each exploit restarts a trial's workers (the costly part), and
+    the evaluation after it shows the donor's weights. Synchronous PBT: the trial that gets to
+    step 20 first waits for the other, so they are compared however far apart they started
+    (asynchronous, a trial that started late met a finished one and nothing was exploited, in
+    one clean-clone run of ten)."""
     cfg = load_config("tiny_tune", [
-        *tune_args, "train.max_steps=50", "train.eval_every=10", "train.warmup_steps=0",
-        "tune.pbt.perturbation_interval=20",
+        *tune_args, "train.max_steps=30", "train.eval_every=10", "train.warmup_steps=0",
+        "tune.pbt.perturbation_interval=20", "tune.pbt.synch=true",
         "tune.scheduler=pbt", "run.name=pbt", "tune.search_space={train.lr: {grid: [1.0e-5, 3.0e-3]}}",
-        # PBT trains its population side by side: two trials in 2 CPUs, long enough to overlap
-        # however far apart they start.
         "scaling.cpus_per_worker=0.25"])
     summary = run_tune(cfg)
     run = RunFolder(summary.run_dir)
@@ -127,7 +128,7 @@ def test_pbt_continues_the_worse_trial_from_the_better_ones_checkpoint(ray_clust
         assert step in [start["start_step"] for start in worker_starts(trial.path)]
         metrics = [r for r in read_jsonl(trial.metrics) if r["val_loss"] is not None]
         steps = [r["step"] for r in metrics]
-        assert steps == sorted(set(steps)) and steps[-1] == 50
+        assert steps == sorted(set(steps)) and steps[-1] == 30
         before = [r["val_loss"] for r in metrics if 0 < r["step"] <= step]
         after = [r["val_loss"] for r in metrics if r["step"] > step]
         assert after and after[0] < before[-1]  # the donor's weights, not its own
