@@ -246,17 +246,13 @@ def serve_running() -> Iterator[int]:
     """Serve on the current Ray cluster for as long as the block lasts; yields its HTTP port.
     Serve already running (someone else's) is used and left running; otherwise it is started
     on a free local port and shut down after."""
-    import ray
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from aigc_ray.serve.app import shut_down_serve
+    from aigc_ray.serve.app import serve_is_running, shut_down_serve
 
-    try:
-        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-        own_serve = False
-    except ValueError:
-        own_serve = True
+    own_serve = not serve_is_running()
+    if own_serve:
         serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     try:
         yield _get_global_client().http_config.port

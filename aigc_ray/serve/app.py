@@ -161,16 +161,11 @@ def ask_once(cfg: Config, prompt: str, timeout_s: float = 120.0) -> dict:
 def run_serve(path: Path, cfg: Config, once: str | None = None) -> dict | None:
     """Deploy and serve until Ctrl-C or SIGTERM; with `once`, answer that one prompt over HTTP
     and stop. The app is deleted on the way out, and Serve shut down when this call started it."""
-    import ray
 
     from aigc_ray.cluster import start_ray
 
     start_ray()
-    try:  # Serve already running on this cluster belongs to someone else: leave it running
-        ray.get_actor("SERVE_CONTROLLER_ACTOR", namespace="serve")
-        own_serve = False
-    except ValueError:
-        own_serve = True
+    own_serve = not serve_is_running()  # someone else's Serve is left running
     try:
         deploy(path, cfg)
         name = model_name_for(path, cfg)
@@ -189,6 +184,19 @@ def run_serve(path: Path, cfg: Config, once: str | None = None) -> dict | None:
         serve.delete(cfg.serve.app_name)  # waits until its replicas are gone
         if own_serve:
             shut_down_serve()
+
+
+def serve_is_running() -> bool:
+    """Whether Serve's controller already runs on the connected cluster (then it is someone
+    else's, and is left running)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+    except ValueError:
+        return False
+    return True
 
 
 def shut_down_serve(timeout_s: float = 30.0) -> None:
