@@ -206,12 +206,26 @@ class Train(Section):
 
 
 class Scaling(Section):
-    num_workers: int = Field(2, ge=1)  # data-parallel training workers
+    # Data-parallel training workers (the most, with elastic). The global batch is
+    # train.batch_size × train.grad_accum_steps × num_workers, kept when fewer workers run.
+    num_workers: int = Field(2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1, gt=0)
     gpus_per_worker: float = Field(1, gt=0)  # used only when use_gpu is true
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
     max_failures: int = Field(0, ge=-1)  # worker-group restarts; -1 retries forever
+    # Spot instances. On a node's preemption notice every worker saves a checkpoint at the
+    # next step boundary and Ray Train restarts them from it once the node is reclaimed; these
+    # restarts do not count against max_failures. -1: after every preemption; 0: fail instead.
+    max_preemptions: int = Field(-1, ge=-1)
+    # true: (re)start with as many workers as the cluster can place right now, from
+    # min_workers to num_workers, instead of waiting for all num_workers (after a preemption,
+    # say), and grow back when nodes return (Ray checks every elastic_check_s; growing
+    # restarts the workers from the latest checkpoint). Gradient accumulation makes up for
+    # missing workers, so the global batch stays the same.
+    elastic: bool = False
+    min_workers: int = Field(1, ge=1)
+    elastic_check_s: float = Field(60.0, gt=0)
     # bf16 dense TFLOPS of one accelerator, for `mfu`; None: looked up by the GPU's name.
     peak_tflops: float | None = Field(None, gt=0)
     # ddp: a whole copy of the model, gradients and optimizer state per worker (fastest while it
@@ -219,6 +233,16 @@ class Scaling(Section):
     strategy: Literal["ddp", "fsdp"] = "ddp"
     # fsdp on GPUs: keep parameter shards and optimizer state in host memory between uses.
     cpu_offload: bool = False
+
+    @model_validator(mode="after")
+    def _min_workers_needs_elastic(self) -> Scaling:
+        if self.min_workers > self.num_workers:
+            raise ValueError(f"scaling.min_workers={self.min_workers} is more than "
+                             f"scaling.num_workers={self.num_workers}; lower it")
+        if self.min_workers != 1 and not self.elastic:
+            raise ValueError("scaling.min_workers applies only with scaling.elastic=true; set "
+                             "both, or leave min_workers out")
+        return self
 
     @model_validator(mode="after")
     def _offload_needs_fsdp_on_gpu(self) -> Scaling:

@@ -197,9 +197,13 @@ def report_to_trial(queue, every: int, staging: str):
     steps: the copy survives Train deleting the original before Tune has copied it."""
     from ray.train import UserCallback
 
+    from aigc_ray.train.metrics import PREEMPTED_KEY
+
     class ReportToTrial(UserCallback):
         def after_report(self, run_context, metrics, checkpoint) -> None:
             row = dict(metrics[0])
+            if row.get(PREEMPTED_KEY):  # a checkpoint for the restart, never evaluated
+                return
             if checkpoint:
                 row["checkpoint_path"] = checkpoint.path  # as Ray's TuneReportCallback has it
                 if row.get("step", 0) % every == 0:

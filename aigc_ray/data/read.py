@@ -337,8 +337,13 @@ def _stats_actor_class():
 
 
 def create_stats():
-    """A `DataStats` actor handle; pass it to `build_datasets` and read `totals()` later."""
-    return _stats_actor_class().remote()
+    """A `DataStats` actor handle; pass it to `build_datasets` and read `totals()` later. It
+    lives on the head node, which outlives the run: on a worker node a spot reclaim would take
+    the counts with it."""
+    return _stats_actor_class().options(resources={HEAD_NODE: 0.001}).remote()
+
+
+HEAD_NODE = "node:__internal_head__"  # the resource only Ray's head node has
 
 
 def corpus_source(cfg: Config, files: list) -> list:

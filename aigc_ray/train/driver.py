@@ -114,19 +114,24 @@ def torch_trainer(cfg: Config, loop: LoopConfig, datasets: dict, callbacks: list
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    resources = {"CPU": cfg.scaling.cpus_per_worker}
-    if cfg.scaling.use_gpu:
-        resources["GPU"] = cfg.scaling.gpus_per_worker
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker}
+    if scaling.use_gpu:
+        resources["GPU"] = scaling.gpus_per_worker
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop.as_train_loop_config(),
-        scaling_config=ScalingConfig(num_workers=cfg.scaling.num_workers,
-                                     use_gpu=cfg.scaling.use_gpu,
-                                     resources_per_worker=resources,
-                                     placement_strategy=cfg.scaling.placement_strategy),
+        scaling_config=ScalingConfig(
+            num_workers=((scaling.min_workers, scaling.num_workers) if scaling.elastic
+                         else scaling.num_workers),
+            elastic_resize_monitor_interval_s=scaling.elastic_check_s,
+            use_gpu=scaling.use_gpu, resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy),
         run_config=RunConfig(
             name=cfg.run.name, storage_path=str(loop.run_dir.parent), callbacks=callbacks,
-            failure_config=FailureConfig(max_failures=cfg.scaling.max_failures),
+            # Preemptions have their own budget: they never use up max_failures.
+            failure_config=FailureConfig(max_failures=scaling.max_failures,
+                                         max_preemption_failures=scaling.max_preemptions),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
                 checkpoint_score_attribute="val_loss" if "val" in datasets else "step",
@@ -145,8 +150,8 @@ def finish_run(cfg: Config, run: RunFolder, final_dir: Path, total_steps: int,
     if trackers := open_trackers(cfg, run.path):
         trackers.files(run.loss_curve)
         trackers.close()
-    before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r["val_perplexity"]]
-    after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r["val_perplexity"]]
+    before = [r["val_perplexity"] for r in rows if r["step"] == 0 and r.get("val_perplexity")]
+    after = [r["val_perplexity"] for r in rows if r["step"] > 0 and r.get("val_perplexity")]
     return TrainSummary(
         run_dir=run.path, final_dir=final_dir, steps=max((r["step"] for r in rows), default=0),
         total_steps=total_steps, val_perplexity_before=before[0] if before else None,

@@ -82,16 +82,25 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     return int(seeded_rng(seed, epoch, rank).integers(2**31))
 
 
+def rank_share(order, start: int, rank: int, world_size: int):
+    """Rank `rank`'s part of an epoch's block `order` from global position `start`: the blocks
+    dealt to it in turn, equal shares (fewer than `world_size` left over are left out)."""
+    rest = order[start:]
+    return rest[rank::world_size][: len(rest) // world_size]
+
+
 class CachedBlocks:
     """The cached training split as one worker reads it: every block of it, zero-copy from the
     object store, in an order drawn for each epoch.
 
     Each epoch is one permutation of the whole split, from `train.seed` and the epoch number
-    (or the split's own order with `data.shuffle=false`), dealt out to the ranks in turn: rank r
-    takes positions r, r + N, r + 2N, ... So the global batch at any step holds the same blocks
-    whatever the number of workers, a run repeats exactly, and a resume skips exactly the
-    batches its checkpoint consumed. Reading here instead of through a Ray Data split also
-    costs no pipeline start per epoch, and nothing is handed out as it happens to be ready."""
+    (or the split's own order with `data.shuffle=false`), dealt out to the ranks in turn from
+    where the run is in it: rank r takes positions start + r, start + r + N, ... So the global
+    batch at any step holds the same blocks whatever the number of workers, a run repeats
+    exactly, and a resume (with as many workers or, elastic, fewer) goes on from exactly the
+    block its checkpoint had reached: none twice, none skipped. Reading here instead of through
+    a Ray Data split also costs no pipeline start per epoch, and nothing is handed out as it
+    happens to be ready."""
 
     def __init__(self, refs: list, rank: int, world_size: int, seed: int, shuffle: bool):
         import numpy as np
@@ -106,22 +115,23 @@ class CachedBlocks:
         self.row_of = np.concatenate([np.arange(size) for size in sizes]) if sizes else sizes
         self.rank, self.world_size, self.seed, self.shuffle = rank, world_size, seed, shuffle
 
-    def order(self, epoch: int):
-        """This rank's blocks for `epoch`, as indices into the split (equal shares: a remainder
-        of fewer than world_size blocks is left out, as Ray's equal split does)."""
+    def order(self, epoch: int, start: int = 0):
+        """This rank's blocks for `epoch` from global position `start` (the blocks the run has
+        consumed of it), as indices into the split (equal shares: a remainder of fewer than
+        world_size blocks is left out, as Ray's equal split does)."""
         import numpy as np
 
         from aigc_ray.data.read import seeded_rng
 
         rows = len(self.table_of)
         order = seeded_rng(self.seed, epoch).permutation(rows) if self.shuffle else np.arange(rows)
-        return order[self.rank::self.world_size][: rows // self.world_size]
+        return rank_share(order, start, self.rank, self.world_size)
 
-    def batches(self, epoch: int, batch_size: int, collate):
-        """One epoch of collated host batches (full ones only)."""
+    def batches(self, epoch: int, batch_size: int, collate, start: int = 0):
+        """One epoch of collated host batches (full ones only) from global position `start`."""
         import numpy as np
 
-        order = self.order(epoch)
+        order = self.order(epoch, start)
         names = list(self.tables[0]) if self.tables else []
         for start in range(0, len(order) - batch_size + 1, batch_size):
             picked = order[start:start + batch_size]
@@ -133,28 +143,30 @@ class EpochFeed:
     """The training split epoch after epoch, read by a background thread into a small queue:
     the next epoch starts while the loop still steps through the batches queued from the
     current one. `passes(epoch)` gives one epoch's collated host batches (a `CachedBlocks`
-    permutation, or a pass over the worker's Ray Data shard); epochs count from `first_epoch`;
-    `epochs` None: until `close()`."""
+    permutation, or a pass over the worker's Ray Data shard); epochs count from `first_epoch`,
+    the first from global block position `start` (a resume mid-epoch); `epochs` None: until
+    `close()`."""
 
     END = object()  # marks the end of an epoch in the queue
 
-    def __init__(self, passes, device, first_epoch: int, epochs: int | None, depth: int = 8):
+    def __init__(self, passes, device, first_epoch: int, epochs: int | None, start: int = 0,
+                 depth: int = 8):
         import queue
         import threading
 
         self.device, self.queue, self.stop = device, queue.Queue(maxsize=depth), threading.Event()
         self.thread = threading.Thread(target=self._produce, daemon=True, name="aigc-ray-feed",
-                                       args=(passes, first_epoch, epochs))
+                                       args=(passes, first_epoch, epochs, start))
         self.thread.start()
 
-    def _produce(self, passes, first_epoch: int, epochs: int | None) -> None:
+    def _produce(self, passes, first_epoch: int, epochs: int | None, start: int) -> None:
         import itertools
 
         numbers = (range(first_epoch, first_epoch + epochs) if epochs is not None
                    else itertools.count(first_epoch))
         try:
             for epoch in numbers:
-                for batch in passes(epoch):
+                for batch in passes(epoch, start if epoch == first_epoch else 0):
                     if not self._put(batch):
                         return  # closed mid-epoch: leaving the loop ends Ray's iteration
                 if not self._put(self.END):
@@ -189,9 +201,13 @@ class EpochFeed:
 
 def training_passes(cached_blocks: list | None, cfg: Config, device, rank: int,
                     world_size: int):
-    """`passes(epoch)` for the `EpochFeed`: the cached split (`cached_blocks`, its object refs)
-    permuted per epoch, or else this rank's Ray Data shard, mixed through a local buffer when
-    `data.shuffle` is true (a global shuffle already happened in the dataset; see run_train)."""
+    """`passes(epoch, start)` for the `EpochFeed`: the cached split (`cached_blocks`, its object
+    refs) permuted per epoch, or else this rank's Ray Data shard, mixed through a local buffer
+    when `data.shuffle` is true (a global shuffle already happened in the dataset; see
+    run_train). `start` is the global block position to go on from: exact for the cached split;
+    a streamed shard skips its share of it (exact only with as many workers as before)."""
+    import itertools
+
     import ray.train
 
     batch_size = cfg.train.batch_size
@@ -199,12 +215,39 @@ def training_passes(cached_blocks: list | None, cfg: Config, device, rank: int,
         cached = CachedBlocks(cached_blocks, rank, world_size, cfg.train.seed,
                               cfg.data.shuffle is True)
         collate = batch_collator(device.type == "cuda")
-        return lambda epoch: cached.batches(epoch, batch_size, collate)
+        return lambda epoch, start: cached.batches(epoch, batch_size, collate, start)
     shard = ray.train.get_dataset_shard("train")
     buffer = (max(MIN_SHUFFLE_BLOCKS, SHUFFLE_BUFFER_STEPS * batch_size
-                  * cfg.train.grad_accum_steps) if cfg.data.shuffle is True else 0)
-    return lambda epoch: collated(shard, batch_size, device, cfg.train.prefetch_batches, True,
-                                  buffer, epoch_seed(cfg.train.seed, epoch, rank))
+                  * accumulation(cfg, world_size)) if cfg.data.shuffle is True else 0)
+    return lambda epoch, start: itertools.islice(
+        collated(shard, batch_size, device, cfg.train.prefetch_batches, True, buffer,
+                 epoch_seed(cfg.train.seed, epoch, rank)),
+        start // (world_size * batch_size), None)
+
+
+def accumulation(cfg: Config, world_size: int) -> int:
+    """Micro-batches per optimizer step on `world_size` workers: train.grad_accum_steps with all
+    scaling.num_workers, scaled up when fewer run (elastic) so that the global batch stays
+    batch_size × grad_accum_steps × num_workers; the nearest whole number (at least 1) where
+    none keeps it (`global_batch_note` says so)."""
+    return max(1, round(cfg.train.grad_accum_steps * cfg.scaling.num_workers / world_size))
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Sequences per optimizer step on `world_size` workers."""
+    return cfg.train.batch_size * accumulation(cfg, world_size) * world_size
+
+
+def global_batch_note(cfg: Config, world_size: int) -> str | None:
+    """A console line when `world_size` workers cannot keep the configured global batch."""
+    planned, actual = global_batch(cfg, cfg.scaling.num_workers), global_batch(cfg, world_size)
+    if actual == planned:
+        return None
+    return (f"[aigc-ray] the global batch of {planned} sequences cannot be kept with "
+            f"{world_size} of scaling.num_workers={cfg.scaling.num_workers} workers: "
+            f"{actual} per step ({world_size} × train.batch_size {cfg.train.batch_size} × "
+            f"{accumulation(cfg, world_size)} accumulation steps) until they are back; a "
+            "num_workers × grad_accum_steps that every worker count divides keeps it")
 
 
 class WaitClock:

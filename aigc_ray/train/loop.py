@@ -24,12 +24,23 @@ from aigc_ray.config import Config
 from aigc_ray.errors import DataError
 from aigc_ray.run_folder import CheckpointFolder, RunFolder
 from aigc_ray.train.export import export_model
-from aigc_ray.train.feed import EpochFeed, WaitClock, feed, too_few_blocks, training_passes
+from aigc_ray.train.feed import (
+    EpochFeed,
+    WaitClock,
+    accumulation,
+    feed,
+    global_batch,
+    global_batch_note,
+    too_few_blocks,
+    training_passes,
+)
 from aigc_ray.train.metrics import (
     METRIC_KEYS,
+    PREEMPTED_KEY,
     append_jsonl,
     flops_per_token,
     peak_tflops,
+    restart_row,
     truncate_after,
 )
 from aigc_ray.train.prepare import (
@@ -57,6 +68,12 @@ from aigc_ray.train.sharding import (
 from aigc_ray.train.trackers import open_trackers
 
 log = logging.getLogger(__name__)
+
+# Seconds of training between two asks for Ray Train's preemption notice. Each ask is a
+# collective through Ray (a few milliseconds on CPU): about once a second is prompt against a
+# notice of 30-120 s and costs well under 1% of a step time on any model. The first steps ask
+# at every one, until a logging interval has timed them.
+PREEMPTION_CHECK_S = 1.0
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str,
@@ -128,16 +145,24 @@ class LoopState:
 
     step: int = 0
     epoch: int = 0
-    batches_in_epoch: int = 0  # of this worker's shard, consumed by finished steps
+    # Of this epoch, by all workers' finished steps: a restart with another number of workers
+    # (elastic) goes on from the same block.
+    blocks_in_epoch: int = 0
     best_val_loss: float = math.inf
     evals_without_gain: int = 0
+    world_size: int = 0  # the workers that saved it (0: saved before this was kept)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, blocks_per_batch: int | None = None) -> None:
+        """`blocks_per_batch`: for a checkpoint that counted this worker's batches instead
+        (`batches_in_epoch`, before elastic runs), the blocks one of them held in all workers."""
+        state = dict(state)
+        if "blocks_in_epoch" not in state and blocks_per_batch:
+            state["blocks_in_epoch"] = state.pop("batches_in_epoch") * blocks_per_batch
         for field in dataclasses.fields(self):
-            setattr(self, field.name, state[field.name])
+            setattr(self, field.name, state.get(field.name, field.default))
 
     def note_eval(self, val_loss: float) -> None:
         improved = val_loss < self.best_val_loss
@@ -193,6 +218,7 @@ class TrainingLoop:
         cfg = self.cfg
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
+        self.accumulation = accumulation(cfg, self.world_size)  # keeps the global batch
         self.device = device = ray.train.torch.get_device()
         torch.manual_seed(cfg.train.seed)
         use_bf16 = cfg.train.mixed_precision == "bf16" or (
@@ -324,23 +350,45 @@ class TrainingLoop:
                          lr=cfg.train.lr * lr_factor(
                              scheduler.last_epoch, self.loop.total_steps, cfg.train.warmup_steps,
                              cfg.train.lr_schedule, cfg.train.min_lr_ratio))
-        self.state.load_state_dict(saved.get("loop", saved))  # runs before LoopState: flat keys
+        self.state.load_state_dict(  # runs before LoopState kept flat keys
+            saved.get("loop", saved), blocks_per_batch=self.world_size * cfg.train.batch_size)
         torch.set_rng_state(saved["rng"])
 
     def _setup_logs(self, resumed: bool, warning: str | None) -> None:
         """Trim the run's logs to what the checkpoint had seen, note this worker's start, open
         the trackers (rank 0)."""
         cfg, state, run_dir = self.cfg, self.state, self.loop.run_dir
+        restart = None
         if self.rank == 0:  # a fresh start keeps nothing
+            if resumed and not self.loop.start_from:
+                restart = restart_row(self.run, state.step, state.epoch, self.world_size,
+                                      global_batch(cfg, self.world_size))
             for path in (self.run.metrics, self.run.samples):
                 truncate_after(path, state.step if resumed else -1)
         note_start(run_dir, self.rank, self.world_size, self.device, state.step,
-                   self.loop.total_steps,
-                   global_batch=cfg.train.batch_size * cfg.train.grad_accum_steps * self.world_size,
+                   self.loop.total_steps, global_batch=global_batch(cfg, self.world_size),
                    strategy=cfg.scaling.strategy, read_weights=self.read_weights)
-        if warning and self.rank == 0:
-            note_console(run_dir, state.step, warning)
+        if self.rank == 0:
+            if restart:
+                append_jsonl(self.run.metrics, restart)
+            for line in (warning, global_batch_note(cfg, self.world_size),
+                         self._position_note(resumed)):
+                if line:
+                    note_console(run_dir, state.step, line)
         self.trackers = open_trackers(cfg, run_dir, state.step) if self.rank == 0 else None
+
+    def _position_note(self, resumed: bool) -> str | None:
+        """A console line when a streamed split cannot go on from the exact block position
+        (its shards depend on the number of workers, which changed since the checkpoint)."""
+        saved = self.state.world_size
+        if (not resumed or self.loop.cached_blocks is not None or not saved
+                or saved == self.world_size or not self.state.blocks_in_epoch):
+            return None
+        return (f"[aigc-ray] the streamed training split was saved by {saved} workers and goes "
+                f"on with {self.world_size}: each skips its share of the "
+                f"{self.state.blocks_in_epoch} blocks consumed, so until this epoch ends a few "
+                "blocks may be seen twice or not at all (a cached split keeps the exact "
+                "position: see data.cache)")
 
     def _setup_data(self) -> None:
         """This worker's validation shard. The training feed starts in `train()`, after the
@@ -357,7 +405,8 @@ class TrainingLoop:
         passes = training_passes(self.loop.cached_blocks, cfg, self.device, self.rank,
                                  self.world_size)
         self.epochs = EpochFeed(passes, self.device, state.epoch,
-                                cfg.train.epochs - state.epoch if self.loop.epochs_bound else None)
+                                cfg.train.epochs - state.epoch if self.loop.epochs_bound else None,
+                                start=state.blocks_in_epoch)
         self.profiler = StepProfiler(self.run.profile, self.rank, self.device,
                                      cfg.train.profile_from, cfg.train.profile_steps
                                      ) if cfg.train.profile_steps else None
@@ -376,14 +425,16 @@ class TrainingLoop:
         self.interval_loss = torch.zeros((), dtype=torch.float64, device=self.device)
         self.interval_targets = self.interval_tokens = 0
         self.measured = False  # this rank's memory, noted after its first optimizer step
+        self.check_every, self.interval_from = 1, state.step  # see `_preemption_notice`
+        self.saved_at = state.step if state.step else None  # the step of the latest checkpoint
         self._start_feed()
         finished = state.step >= self.loop.total_steps
         while not finished:
             finished = self._train_epoch(self.epochs.epoch())
             if not finished:
-                if state.batches_in_epoch == 0:  # a whole epoch without one step: it never will
+                if state.blocks_in_epoch == 0:  # a whole epoch without one step: it never will
                     raise DataError(too_few_blocks(cfg, None, self.world_size))
-                state.epoch, state.batches_in_epoch = state.epoch + 1, 0
+                state.epoch, state.blocks_in_epoch = state.epoch + 1, 0
                 finished = self.loop.epochs_bound and state.epoch >= cfg.train.epochs
 
     def _train_epoch(self, batches) -> bool:
@@ -391,8 +442,6 @@ class TrainingLoop:
         epoch ended first. Nothing in a step reads a device tensor: counts come from the host
         side of the batch, the loss sum stays on the device until a logging interval ends."""
         state, train = self.state, self.cfg.train
-        for _ in range(state.batches_in_epoch):  # resuming mid-epoch: skip what was consumed
-            next(batches, None)
         while True:
             if self.profiler:
                 self.profiler.before(state.step)
@@ -407,16 +456,20 @@ class TrainingLoop:
             if state.step >= self.loop.total_steps or (
                     patience and state.evals_without_gain >= patience):
                 return True
+            notice = self._preemption_notice()
+            if notice is not None:
+                self._save_for_preemption(notice)
 
     def _next_micro_batches(self, batches) -> list[dict] | None:
-        """The next train.grad_accum_steps batches, or None when the epoch ends before them."""
+        """The next `accumulation` batches (train.grad_accum_steps with all workers), or None
+        when the epoch ends before them."""
         micro = []
-        for _ in range(self.cfg.train.grad_accum_steps):
+        for _ in range(self.accumulation):
             batch = self.clock.next(batches)
             if batch is None:
                 break
             micro.append(batch)
-        return micro if len(micro) == self.cfg.train.grad_accum_steps else None
+        return micro if len(micro) == self.accumulation else None
 
     def _train_step(self, micro: list[dict]) -> None:
         """One optimizer step: accumulate the micro-batches' gradients, normalized by the global
@@ -450,7 +503,7 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         self.clock.mark_step()
         state.step += 1
-        state.batches_in_epoch += len(micro)
+        state.blocks_in_epoch += len(micro) * self.cfg.train.batch_size * self.world_size
         if self.profiler and self.profiler.after(state.step) and self.rank == 0:
             note_console(self.loop.run_dir, state.step, self.profiler.console_line())
 
@@ -462,11 +515,15 @@ class TrainingLoop:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)  # the interval ends when its steps have run
         share, seconds = self.clock.share()
-        loss_all, targets_all, seen_all, waited = all_reduce_sum(
-            self.interval_loss, self.interval_targets, self.interval_tokens, share,
+        loss_all, targets_all, seen_all, waited, seconds_all = all_reduce_sum(
+            self.interval_loss, self.interval_targets, self.interval_tokens, share, seconds,
             device=self.device)
         world_size, state = self.world_size, self.state
         data_wait, rate = waited / world_size, seen_all / max(seconds, 1e-9)
+        # The same on every rank (an all-reduced mean), as the preemption check needs.
+        step_s = seconds_all / world_size / max(state.step - self.interval_from, 1)
+        self.check_every = max(1, int(PREEMPTION_CHECK_S / max(step_s, 1e-6)))
+        self.interval_from = state.step
         row = {"step": state.step, "epoch": state.epoch,
                "loss": loss_all / max(targets_all, 1), "lr": self.scheduler.get_last_lr()[0],
                "tokens_per_second": rate, "data_wait": data_wait,
@@ -514,6 +571,42 @@ class TrainingLoop:
         val_loss = loss_sum / max(tokens, 1)
         return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50))}
 
+    def _preemption_notice(self):
+        """Ray Train's `PreemptionInfo` when a node of this run is about to be reclaimed, else
+        None. Asked every `check_every` steps, a number every rank derives from the same
+        all-reduced step time: the ask is a collective, and every rank asks at the same steps."""
+        import ray.train
+
+        if self.state.step % self.check_every:
+            return None
+        return ray.train.get_preemption_info()
+
+    def _save_for_preemption(self, notice) -> None:
+        """A checkpoint at this step boundary (unless this step has one), then wait: when the
+        node is reclaimed (at the notice's deadline) Ray Train restarts the workers from it, on
+        the nodes left or new ones, and counts a preemption, not a failure. Training on meanwhile
+        would be lost work: it would restart from this checkpoint all the same."""
+        step, deadline_ms = self.state.step, notice.deadline_ms
+        left = f"in {max(0.0, deadline_ms / 1000 - time.time()):.0f} s" if deadline_ms else "soon"
+        if self.saved_at != step:
+            self.save_checkpoint({"step": step, "epoch": self.state.epoch, PREEMPTED_KEY: True,
+                                  **({"val_loss": math.inf} if self.loop.has_val else {})})
+        if self.rank == 0:
+            append_jsonl(self.run.worker_log(0), {
+                "rank": 0, "preemption_checkpoint": step, "ranks": notice.preempted_ranks,
+                "deadline_ms": deadline_ms, "time": time.time()})
+            note_console(self.loop.run_dir, step, (
+                f"[aigc-ray] preemption notice: worker(s) {notice.preempted_ranks} on a node "
+                f"reclaimed {left}; checkpoint at step {step}, waiting for Ray Train to restart "
+                "the workers from it"))
+        # The controller restarts the group at the deadline (or 120 s after a notice without
+        # one); should it never, fail as a real error rather than wait forever.
+        give_up = (deadline_ms / 1000 if deadline_ms else time.time() + 120) + 600
+        while time.time() < give_up:
+            time.sleep(1)
+        raise RuntimeError(f"a preemption notice at step {step} was never followed by a "
+                           "restart of the workers")
+
     def _filler_batch(self) -> dict:
         """One short row without targets (see `lockstep`)."""
         import torch
@@ -554,6 +647,7 @@ class TrainingLoop:
         import torch
 
         model, optimizer, rank, sharded = self.model, self.optimizer, self.rank, self.sharded
+        self.saved_at, self.state.world_size = self.state.step, self.world_size
         if rank != 0 and not sharded:
             ray.train.report(metrics)
             return

@@ -18,6 +18,8 @@ from aigc_ray.train.prepare import transformer_blocks, unwrap
 
 METRIC_KEYS = ("step", "epoch", "loss", "lr", "tokens_per_second", "data_wait", "mfu", "val_loss",
                "val_perplexity")
+# Marks the report of a checkpoint saved on a preemption notice (never evaluated).
+PREEMPTED_KEY = "preempted"
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -70,8 +72,30 @@ def worker_memory(run_dir: Path) -> list[dict]:
     return [row for row in worker_rows(run_dir) if "memory_at_step" in row]
 
 
+def restart_row(run: RunFolder, step: int, epoch: int, world_size: int,
+                global_batch: int) -> dict:
+    """The `metrics.jsonl` row of a restart from the checkpoint at `step`: `event` preemption
+    (the checkpoint a notice saved, or any after a notice) or restart (a failure, a resize, a
+    rerun), and `steps_lost`: the steps trained past the checkpoint, which run again (at least
+    those the log saw; 0 when the notice's checkpoint was taken and nothing trained after).
+    Call before the log is trimmed to the checkpoint."""
+    starts = [row["time"] for row in worker_starts(run.path) if row["rank"] == 0]
+    since = starts[-1] if starts else 0.0
+    notices = [row["preemption_checkpoint"] for row in read_jsonl(run.worker_log(0))
+               if "preemption_checkpoint" in row and row["time"] > since]
+    reached = max([row["step"] for row in read_jsonl(run.metrics)] + notices + [step])
+    return {"step": step, "epoch": epoch, "event": "preemption" if notices else "restart",
+            "steps_lost": reached - step, "workers": world_size, "global_batch": global_batch}
+
+
 def progress_line(row: dict, total_steps: int | None = None) -> str:
-    """One readable line per logging interval (step 0: the model before training)."""
+    """One readable line per logging interval (step 0: the model before training), or for a
+    restart (`restart_row`)."""
+    if row.get("event"):
+        what = "a preemption" if row["event"] == "preemption" else "a restart"
+        return (f"[aigc-ray] {what} handled: step {row['step']} goes on with {row['workers']} "
+                f"worker(s), global batch {row['global_batch']}; {row['steps_lost']} step(s) of "
+                "training lost")
     if row.get("loss") is None:
         return (f"[aigc-ray] before training | val_loss {row['val_loss']:.4f} | "
                 f"val_perplexity {row['val_perplexity']:.2f}")

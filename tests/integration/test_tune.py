@@ -78,8 +78,12 @@ def test_asha_stops_losers_exports_the_best_and_logs_each_trial_to_mlflow(ray_cl
         row = by_trial[mlflow_run.info.run_name]
         assert float(mlflow_run.data.params["train.lr"]) == pytest.approx(float(row["train.lr"]))
         assert "val_loss" in mlflow_run.data.metrics
-        assert mlflow_run.data.metrics["best_val_loss"] == pytest.approx(
-            float(row["best_val_loss"]), rel=1e-5)
+        # At the step Tune last heard of. A trial ASHA stops may evaluate once more before its
+        # workers stop (the decision reaches them while they train on): MLflow has that
+        # evaluation too, so its latest best can be lower (one clean-clone run of several).
+        best_at = {metric.step: metric.value for metric in
+                   client.get_metric_history(mlflow_run.info.run_id, "best_val_loss")}
+        assert best_at[int(row["steps"])] == pytest.approx(float(row["best_val_loss"]), rel=1e-5)
 
     best = CheckpointFolder(run.best)
     assert not best.training_state.exists()

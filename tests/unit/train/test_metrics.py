@@ -18,6 +18,7 @@ from aigc_ray.train.metrics import (
     plot_loss_curve,
     progress_line,
     read_jsonl,
+    restart_row,
     start_line,
     truncate_after,
 )
@@ -97,6 +98,25 @@ def test_progress_line_shows_what_the_interval_measured():
         "[aigc-ray] step 30 | epoch 0 | loss 3.2500 | lr 1.00e-03 | 1,000 tokens/s")
     assert progress_line(BEFORE_TRAINING, 100) == (
         "[aigc-ray] before training | val_loss 6.0000 | val_perplexity 403.40")
+
+
+def test_a_restart_row_counts_the_steps_trained_past_its_checkpoint(tmp_path):
+    """A run logged to step 30 and restarts from its step-20 checkpoint: 10 steps lost. One
+    whose preemption notice saved step 34 (after its last log row) and trained no further: a
+    preemption, nothing lost. A notice from before the last start does not count."""
+    run = RunFolder(tmp_path)
+    for row in (metric(10, 3.0), metric(20, 2.5), metric(30, 2.2)):
+        append_jsonl(run.metrics, row)
+    append_jsonl(run.worker_log(0), {"rank": 0, "preemption_checkpoint": 5, "time": 0.5})
+    append_jsonl(run.worker_log(0), start(0, total_steps=40))
+    row = restart_row(run, 20, 0, world_size=1, global_batch=16)
+    assert row == {"step": 20, "epoch": 0, "event": "restart", "steps_lost": 10, "workers": 1,
+                   "global_batch": 16}
+    append_jsonl(run.worker_log(0), {"rank": 0, "preemption_checkpoint": 34, "time": 2.0})
+    row = restart_row(run, 34, 0, world_size=1, global_batch=16)
+    assert (row["event"], row["steps_lost"]) == ("preemption", 0)
+    assert progress_line(row) == ("[aigc-ray] a preemption handled: step 34 goes on with 1 "
+                                  "worker(s), global batch 16; 0 step(s) of training lost")
 
 
 def test_start_line_says_fresh_start_resume_or_nothing_left_to_train():

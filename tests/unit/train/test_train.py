@@ -17,7 +17,14 @@ from aigc_ray.errors import ConfigError, DataError, UserError
 from aigc_ray.run_folder import CheckpointFolder
 from aigc_ray.tokenizer import IGNORE_INDEX
 from aigc_ray.train.driver import training_resource_warning
-from aigc_ray.train.feed import batch_collator, count_steps
+from aigc_ray.train.feed import (
+    accumulation,
+    batch_collator,
+    count_steps,
+    global_batch,
+    global_batch_note,
+    rank_share,
+)
 from aigc_ray.train.loop import LoopState, lr_factor
 from aigc_ray.train.prepare import compiled
 
@@ -71,6 +78,57 @@ def test_count_steps_names_the_keys_when_the_split_is_too_small():
     # Train starts, instead of looping over epochs that never make a step.
     with pytest.raises(DataError, match="15 blocks"):
         count_steps(load_config("tiny_cpu", ["train.max_steps=50", "train.batch_size=8"]), 15, 2)
+
+
+# ── fewer workers after a preemption (elastic): the same blocks, the same global batch ───────
+
+
+def steps_of(order, start: int, world_size: int, per_step: int) -> list[list[int]]:
+    """The global batches (sorted block ids) `world_size` ranks make from `start`, each rank
+    taking `per_step` blocks a step, as the loop's steps consume `rank_share`s."""
+    shares = [list(rank_share(order, start, rank, world_size)) for rank in range(world_size)]
+    steps = min(len(share) for share in shares) // per_step
+    return [sorted(block for share in shares
+                   for block in share[step * per_step:(step + 1) * per_step])
+            for step in range(steps)]
+
+
+def test_a_restart_with_fewer_workers_goes_on_from_the_same_block():
+    """Two workers take 4 steps of 2 × 4 blocks (8 a step) of a 50-block epoch; one worker goes
+    on from block 32 with twice the accumulation: its steps hold exactly the blocks two workers'
+    steps would have, none twice, none skipped; so does a restart with two again."""
+    order = np.random.default_rng(0).permutation(50)
+    two = steps_of(order, 0, world_size=2, per_step=4)
+    assert len(two) == 6 and sorted(sum(two, [])) == sorted(order[:48])
+    after = steps_of(order, 32, world_size=1, per_step=8)
+    assert after == two[4:]
+    assert steps_of(order, 32, world_size=2, per_step=4) == two[4:]
+    # Three workers cannot split 8 a step: the steps change, the blocks still do not repeat.
+    three = steps_of(order, 32, world_size=3, per_step=2)
+    assert not set(sum(three, [])) & set(sum(two[:4], []))
+
+
+def test_accumulation_keeps_the_global_batch_with_fewer_workers_or_says_it_cannot():
+    cfg = load_config("tiny_cpu", ["scaling.num_workers=4", "scaling.elastic=true",
+                                   "train.batch_size=8", "train.grad_accum_steps=1"])
+    assert [accumulation(cfg, n) for n in (4, 2, 1)] == [1, 2, 4]
+    assert {global_batch(cfg, n) for n in (4, 2, 1)} == {32}
+    assert global_batch_note(cfg, 2) is None
+    assert accumulation(cfg, 3) == 1 and global_batch(cfg, 3) == 24
+    note = global_batch_note(cfg, 3)
+    assert "32 sequences cannot be kept with 3 of scaling.num_workers=4" in note
+    assert "24 per step" in note and "\n" not in note
+
+
+def test_min_workers_needs_elastic_and_at_most_num_workers():
+    assert load_config("tiny_cpu", ["scaling.elastic=true", "scaling.min_workers=2"]
+                       ).scaling.min_workers == 2
+    with pytest.raises(ConfigError, match="scaling.min_workers applies only with "
+                                          "scaling.elastic=true"):
+        load_config("tiny_cpu", ["scaling.min_workers=2"])
+    with pytest.raises(ConfigError, match="scaling.min_workers=3 is more than "
+                                          "scaling.num_workers=2"):
+        load_config("tiny_cpu", ["scaling.elastic=true", "scaling.min_workers=3"])
 
 
 # ── the object store budget for tokenized training blocks ───────────────────────────────────
@@ -159,7 +217,7 @@ def test_collate_never_cuts_a_full_block():
 
 
 def test_loop_state_round_trips_through_a_checkpoint_file(tmp_path):
-    state = LoopState(step=130, epoch=2, batches_in_epoch=17)
+    state = LoopState(step=130, epoch=2, blocks_in_epoch=17 * 16, world_size=2)
     state.note_eval(2.5)
     state.note_eval(2.7)  # no gain
     saved = CheckpointFolder(tmp_path).training_state
@@ -186,8 +244,9 @@ def test_loop_state_loads_a_checkpoint_saved_before_it_existed(tmp_path):
     torch.save(old, path)
     saved = torch.load(path, weights_only=True)
     state = LoopState()
-    state.load_state_dict(saved.get("loop", saved))  # as train_loop_per_worker reads it
-    assert state == LoopState(step=40, epoch=1, batches_in_epoch=4, best_val_loss=3.25,
+    # as the loop reads it: 4 batches of this worker, each 2 workers × 8 blocks
+    state.load_state_dict(saved.get("loop", saved), blocks_per_batch=2 * 8)
+    assert state == LoopState(step=40, epoch=1, blocks_in_epoch=64, best_val_loss=3.25,
                               evals_without_gain=2)
 
 
