@@ -337,7 +337,13 @@ class Command(NamedTuple):
 
 COMMANDS = (
     Command("train", "fine-tune a causal LM on Ray Train workers (DDP); rerun to resume",
-            add_config_arguments, cmd_train, epilog=CONFIG_HELP),
+            add_config_arguments, cmd_train,
+            description="Fine-tune on Ray Train workers (DDP or FSDP2, scaling.strategy); rerun "
+            "the same command to resume. On spot instances a node's preemption notice makes "
+            "every worker checkpoint at the next step and Ray Train restart them from it "
+            "(scaling.max_preemptions; scaling.elastic=true scaling.min_workers=N goes on with "
+            "fewer workers, keeping the global batch).",
+            epilog=CONFIG_HELP),
     Command("config", "print the resolved config as YAML (the API key redacted)",
             add_config_arguments, cmd_config,
             epilog=CONFIG_HELP),

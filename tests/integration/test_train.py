@@ -435,7 +435,8 @@ def two_node_runs(sample_corpus, tiny_model_dir, tmp_path_factory) -> dict:
 
     out = tmp_path_factory.mktemp("two-node")
     args = [*base_args(sample_corpus, tiny_model_dir, out), f"train.max_steps={SPOT_STEPS}",
-            "train.eval_every=20", "train.freeze_layers=1", "scaling.cpus_per_worker=1"]
+            "train.eval_every=20", "train.freeze_layers=1", "scaling.cpus_per_worker=1",
+            "scaling.strategy=fsdp"]
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
     runs = {}
     try:
