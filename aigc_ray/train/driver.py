@@ -94,19 +94,23 @@ def strategy_note(cfg: Config) -> str | None:
 
 def training_resource_warning(cfg: Config, cluster: dict) -> str | None:
     """A warning when the cluster (as it is now) cannot hold the workers and the data pipeline
-    together: Ray Train then waits for an autoscaler, which on a fixed cluster means forever."""
-    need_cpus = cfg.scaling.num_workers * cfg.scaling.cpus_per_worker + pipeline_cpus(cfg.data)
-    need_gpus = cfg.scaling.num_workers * cfg.scaling.gpus_per_worker if cfg.scaling.use_gpu else 0
+    together: Ray Train then waits for an autoscaler, which on a fixed cluster means forever.
+    Elastic runs start with scaling.min_workers."""
+    scaling = cfg.scaling
+    workers, key = ((scaling.min_workers, "scaling.min_workers") if scaling.elastic
+                    else (scaling.num_workers, "scaling.num_workers"))
+    need_cpus = workers * scaling.cpus_per_worker + pipeline_cpus(cfg.data)
+    need_gpus = workers * scaling.gpus_per_worker if scaling.use_gpu else 0
     have_cpus, have_gpus = cluster.get("CPU", 0), cluster.get("GPU", 0)
     if need_cpus <= have_cpus and need_gpus <= have_gpus:
         return None
-    return (f"[aigc-ray] warning: {cfg.scaling.num_workers} worker(s) × "
+    return (f"[aigc-ray] warning: {workers} worker(s) × "
             f"scaling.cpus_per_worker {cfg.scaling.cpus_per_worker} plus the data pipeline "
             f"({1 + cfg.data.tokenizer_actors} × data.cpus_per_task {cfg.data.cpus_per_task}) "
             f"need {need_cpus:g} CPUs{f' and {need_gpus:g} GPUs' if need_gpus else ''}; the "
             f"cluster has {have_cpus:g}{f' and {have_gpus:g}' if need_gpus else ''} now. Training "
-            "waits until an autoscaler adds them; on a fixed cluster lower "
-            "scaling.num_workers or scaling.cpus_per_worker")
+            f"waits until an autoscaler adds them; on a fixed cluster lower {key} or "
+            "scaling.cpus_per_worker")
 
 
 def torch_trainer(cfg: Config, loop: LoopConfig, datasets: dict, callbacks: list | None):

@@ -44,6 +44,12 @@ def test_training_resource_warning_names_the_keys_to_change():
         load_config("tiny_cpu", ["scaling.cpus_per_worker=1"]), {"CPU": 2.0})
     assert "need 2.5 CPUs" in message and "the cluster has 2 now" in message
     assert "scaling.cpus_per_worker" in message
+    # An elastic run starts with scaling.min_workers: one worker and the pipeline fit.
+    assert training_resource_warning(load_config("tiny_cpu", [
+        "scaling.cpus_per_worker=1", "scaling.elastic=true"]), {"CPU": 2.0}) is None
+    assert "lower scaling.min_workers" in training_resource_warning(load_config("tiny_cpu", [
+        "scaling.cpus_per_worker=1", "scaling.elastic=true", "scaling.min_workers=2"]),
+        {"CPU": 2.0})
 
 
 # ── how many steps a run takes ──────────────────────────────────────────────────────────────
