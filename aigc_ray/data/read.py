@@ -339,8 +339,17 @@ def _stats_actor_class():
 def create_stats():
     """A `DataStats` actor handle; pass it to `build_datasets` and read `totals()` later. It
     lives on the head node, which outlives the run: on a worker node a spot reclaim would take
-    the counts with it."""
-    return _stats_actor_class().options(resources={HEAD_NODE: 0.001}).remote()
+    the counts with it. (Placed by node, not by the head's resource: inside a Tune trial's
+    placement group a resource request must fit the group's bundles.)"""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    heads = [node["NodeID"] for node in ray.nodes()
+             if node["Alive"] and HEAD_NODE in node["Resources"]]
+    if not heads:
+        return _stats_actor_class().remote()
+    head = NodeAffinitySchedulingStrategy(heads[0], soft=False)
+    return _stats_actor_class().options(scheduling_strategy=head).remote()
 
 
 HEAD_NODE = "node:__internal_head__"  # the resource only Ray's head node has

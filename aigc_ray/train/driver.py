@@ -345,11 +345,16 @@ def write_data_record(path: Path, split, stats, shuffle: str) -> None:
 
     record = {"training_split": "cached" if split.cached_bytes is not None else "streamed",
               "cached_bytes": split.cached_bytes, "train_blocks": split.rows,
-              "shuffle": shuffle, "block_order_hash": split.order_hash,
-              "tokenize_passes": {name: ray.get(stats.passes.remote(f"tokenize:{name}:"))
-                                  for name in ("train", "val")},
-              "counts": ray.get(stats.totals.remote())}
-    ray.kill(stats)
+              "shuffle": shuffle, "block_order_hash": split.order_hash}
+    try:
+        record.update({"tokenize_passes": {name: ray.get(stats.passes.remote(
+            f"tokenize:{name}:")) for name in ("train", "val")},
+            "counts": ray.get(stats.totals.remote())})
+        ray.kill(stats)
+    except ray.exceptions.RayActorError:  # its node is gone: the model is not lost for that
+        record.update({"tokenize_passes": None, "counts": None})
+        print("[aigc-ray] data.json has no pipeline counts: the node that kept them is gone",
+              flush=True)
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
