@@ -336,6 +336,9 @@ def _stats_actor_class():
     return DataStats
 
 
+HEAD_NODE = "node:__internal_head__"  # the resource only Ray's head node has
+
+
 def create_stats():
     """A `DataStats` actor handle; pass it to `build_datasets` and read `totals()` later. It
     lives on the head node, which outlives the run: on a worker node a spot reclaim would take
@@ -344,15 +347,10 @@ def create_stats():
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    heads = [node["NodeID"] for node in ray.nodes()
-             if node["Alive"] and HEAD_NODE in node["Resources"]]
-    if not heads:
-        return _stats_actor_class().remote()
-    head = NodeAffinitySchedulingStrategy(heads[0], soft=False)
-    return _stats_actor_class().options(scheduling_strategy=head).remote()
-
-
-HEAD_NODE = "node:__internal_head__"  # the resource only Ray's head node has
+    (head,) = [node["NodeID"] for node in ray.nodes()
+               if node["Alive"] and HEAD_NODE in node["Resources"]]
+    return _stats_actor_class().options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(head, soft=False)).remote()
 
 
 def corpus_source(cfg: Config, files: list) -> list:
