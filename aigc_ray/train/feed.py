@@ -133,8 +133,8 @@ class CachedBlocks:
 
         order = self.order(epoch, start)
         names = list(self.tables[0]) if self.tables else []
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            picked = order[start:start + batch_size]
+        for first in range(0, len(order) - batch_size + 1, batch_size):
+            picked = order[first:first + batch_size]
             yield collate({name: np.stack([self.tables[self.table_of[i]][name][self.row_of[i]]
                                            for i in picked]) for name in names})
 
@@ -142,7 +142,7 @@ class CachedBlocks:
 class EpochFeed:
     """The training split epoch after epoch, read by a background thread into a small queue:
     the next epoch starts while the loop still steps through the batches queued from the
-    current one. `passes(epoch)` gives one epoch's collated host batches (a `CachedBlocks`
+    current one. `passes(epoch, start)` gives one epoch's collated host batches (a `CachedBlocks`
     permutation, or a pass over the worker's Ray Data shard); epochs count from `first_epoch`,
     the first from global block position `start` (a resume mid-epoch); `epochs` None: until
     `close()`."""

@@ -79,9 +79,9 @@ def restart_row(run: RunFolder, step: int, epoch: int, world_size: int,
     rerun), and `steps_lost`: the steps trained past the checkpoint, which run again (at least
     those the log saw; 0 when the notice's checkpoint was taken and nothing trained after).
     Call before the log is trimmed to the checkpoint."""
-    starts = [row["time"] for row in worker_starts(run.path) if row["rank"] == 0]
-    since = starts[-1] if starts else 0.0
-    notices = [row["preemption_checkpoint"] for row in read_jsonl(run.worker_log(0))
+    rank0 = read_jsonl(run.worker_log(0))  # its starts and the notices' checkpoints
+    since = max((row["time"] for row in rank0 if "start_step" in row), default=0.0)
+    notices = [row["preemption_checkpoint"] for row in rank0
                if "preemption_checkpoint" in row and row["time"] > since]
     reached = max([row["step"] for row in read_jsonl(run.metrics)] + notices + [step])
     return {"step": step, "epoch": epoch, "event": "preemption" if notices else "restart",
